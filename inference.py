@@ -1,0 +1,423 @@
+"""Compose several personalized subjects in one image from a colour layout and a JSON config (Cones 2).
+
+    python inference.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+        --inference_config configs/guidance_config_prompt0.json --num_images 4
+
+Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
+all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
+The config format is the seed's (ALGORITHM.md B5); see README.md.
+"""
+import argparse
+import difflib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline_utils import (UserError, load_model, load_tokenizer, resolve_device, resolve_dtype, run_cli,
+                            token_ids, token_texts, word_ids, encode_ids)
+from residual_utils import apply_residuals, find_sequence, load_residual
+
+# The seed's keys (all required) and the optional ones with their defaults.
+REQUIRED_KEYS = ("prompt", "residual_dict", "color_context", "guidance_steps", "guidance_weight",
+                 "weight_negative", "layout", "subject_list")
+DEFAULTS = {
+    "cfg_scale": 7.5,  # classifier-free guidance scale s
+    "cfg_schedule": "sigma",  # "sigma": s * (1 + sigma_i / sigma_max) (the seed); "constant": s (Cones 2)
+    "text_length": "adaptive",  # "adaptive": the prompt's own tokens (the seed); "max": padded to 77 (Cones 2)
+    "num_inference_steps": 50,
+    "negative_prompt": "",  # replaces "" in the unconditional branch
+}
+CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and checking a config
+
+class ConfigReader:
+    """Checks the raw JSON of one config; every complaint names the file and the key."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def fail(self, key, message):
+        raise UserError(f"{self.path}: {key}: {message}")
+
+    def read(self):
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: config file not found")
+        try:
+            data = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.path}: not valid JSON ({e})") from None
+        if isinstance(data, list):
+            if len(data) != 1:
+                raise UserError(f"{self.path}: expected a list holding one config object, got {len(data)} items")
+            data = data[0]
+        if not isinstance(data, dict):
+            raise UserError(f"{self.path}: expected a JSON object (or a list holding one)")
+        known = REQUIRED_KEYS + tuple(DEFAULTS)
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+                self.fail(key, f"unknown key{hint}")
+        for key in REQUIRED_KEYS:
+            if key not in data:
+                self.fail(key, "missing (required)")
+        self.text(data, "prompt")
+        self.text(data, "layout")
+        self.integer(data, "guidance_steps", minimum=0)
+        self.number(data, "guidance_weight")
+        self.number(data, "weight_negative")
+        if not isinstance(data["residual_dict"], dict) or not data["residual_dict"]:
+            self.fail("residual_dict", "expected an object {subject name: residual file}")
+        for name, file in data["residual_dict"].items():
+            if not isinstance(file, str) or not file:
+                self.fail(f"residual_dict.{name}", f"expected a file path, got {file!r}")
+        if not isinstance(data["color_context"], dict) or not data["color_context"]:
+            self.fail("color_context", 'expected an object {"r,g,b": [phrase, weight]}')
+        for colour, entry in data["color_context"].items():
+            parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
+            if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
+                    or not _is_number(entry[1])):
+                self.fail(f"color_context.{colour}", f"expected [phrase, weight], got {entry!r}")
+            if not entry[0].strip():
+                self.fail(f"color_context.{colour}", "the phrase is empty")
+        if not isinstance(data["subject_list"], list) or not data["subject_list"]:
+            self.fail("subject_list", 'expected a list of [name, position], [name] or "name"')
+        if "cfg_scale" in data:
+            self.number(data, "cfg_scale")
+        if "num_inference_steps" in data:
+            self.integer(data, "num_inference_steps", minimum=1)
+        if "negative_prompt" in data and not isinstance(data["negative_prompt"], str):
+            self.fail("negative_prompt", "expected a string")
+        for key, choices in CHOICES.items():
+            if key in data and data[key] not in choices:
+                self.fail(key, f"expected one of {', '.join(choices)}, got {data[key]!r}")
+        return data
+
+    def text(self, data, key):
+        if not isinstance(data[key], str) or not data[key].strip():
+            self.fail(key, f"expected a non-empty string, got {data[key]!r}")
+
+    def integer(self, data, key, minimum):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
+
+    def number(self, data, key):
+        if not _is_number(data[key]):
+            self.fail(key, f"expected a number, got {data[key]!r}")
+
+    def subject_entries(self, data):
+        """subject_list as [(name, position or None)]."""
+        entries = []
+        for entry in data["subject_list"]:
+            if isinstance(entry, str):
+                entry = [entry]
+            if (not isinstance(entry, list) or len(entry) not in (1, 2) or not isinstance(entry[0], str)
+                    or (len(entry) == 2 and (isinstance(entry[1], bool) or not isinstance(entry[1], int)))):
+                self.fail("subject_list", f'expected [name, position], [name] or "name", got {entry!r}')
+            entries.append((entry[0], entry[1] if len(entry) == 2 else None))
+        return entries
+
+    def resolve_path(self, key, value):
+        """A relative path is looked up beside the config first, then in the working directory."""
+        for candidate in (self.path.parent / value, Path(value)):
+            if candidate.exists():
+                return candidate.resolve()
+        self.fail(key, f"file not found: '{value}' (looked in {self.path.parent} and {Path.cwd()})")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_colour(text, fail):
+    """'r,g,b' or '#rrggbb' -> (r, g, b)."""
+    text = text.strip()
+    if re.fullmatch(r"#[0-9a-fA-F]{6}", text):
+        return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+    parts = text.split(",")
+    if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        return tuple(int(p) for p in parts)
+    fail(f"expected a colour 'r,g,b' (0-255 each) or '#rrggbb', got '{text}'")
+
+
+# ------------------------------------------------------------------------------------------------
+# A config, resolved against the tokenizer and the layout
+
+@dataclass
+class Subject:
+    name: str
+    residual: object  # residual_utils.Residual
+    position: int
+
+    @property
+    def rows(self):
+        return list(range(self.position, self.position + self.residual.token_num))
+
+
+@dataclass
+class Job:
+    settings: dict  # every setting after defaults, as written to config.json
+    prompt_ids: list  # [L]
+    uncond_ids: list  # [L]
+    subjects: list  # [Subject]
+    regions: list  # [(rgb, rows, w_active)]
+    layout: np.ndarray  # [H, W, 3] uint8
+
+
+def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides):
+    """Read, check and resolve one config; raises UserError before anything is generated."""
+    reader = ConfigReader(config_path)
+    data = reader.read()
+    settings = {**DEFAULTS, **{k: data[k] for k in DEFAULTS if k in data},
+                **{k: v for k, v in overrides.items() if v is not None}}
+
+    # Text length L (B1): the prompt's real token count, or the tokenizer's maximum.
+    prompt_len = len(token_ids(tokenizer, data["prompt"]))
+    negative_len = len(token_ids(tokenizer, settings["negative_prompt"]))
+    length = tokenizer.model_max_length if settings["text_length"] == "max" else max(prompt_len, negative_len)
+    prompt_ids = token_ids(tokenizer, data["prompt"], length)
+    uncond_ids = token_ids(tokenizer, settings["negative_prompt"], length)
+    tokens = token_texts(tokenizer, prompt_ids)
+    num_words = prompt_len - 2
+
+    residuals = {}
+    for name, file in data["residual_dict"].items():
+        residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
+        if residual.embedding_dim != embedding_dim:
+            reader.fail(f"residual_dict.{name}", f"{residual.path} holds {residual.embedding_dim}-d rows, but the "
+                        f"model's text encoder is {embedding_dim}-d (a residual is tied to its base model)")
+        residuals[name] = residual
+
+    subjects = []
+    for name, position in reader.subject_entries(data):
+        if name not in residuals:
+            reader.fail("subject_list", f"subject '{name}' has no entry in residual_dict "
+                        f"(it has: {', '.join(residuals)})")
+        residual = residuals[name]
+        phrase = residual.class_phrase
+        if position is None:
+            if not phrase:
+                reader.fail("subject_list", f"'{name}': {residual.path} records no class_phrase, so its position "
+                            f"cannot be found; write it as [\"{name}\", position]")
+            found = find_sequence(prompt_ids[:prompt_len - 1], word_ids(tokenizer, phrase))
+            if len(found) != 1:
+                where = ", ".join(f"{p} '{tokens[p]}'" for p in found) or "none"
+                reader.fail("subject_list", f"'{name}': its class phrase '{phrase}' must occur once in the prompt "
+                            f"to place it; positions found: {where}. Write it as [\"{name}\", position]")
+            position = found[0]
+        if not 1 <= position <= num_words or position + residual.token_num > length:
+            reader.fail("subject_list", f"'{name}': position {position} is outside the prompt's words "
+                        f"(1..{num_words}: {' '.join(f'{i}:{t}' for i, t in enumerate(tokens[1:num_words + 1], 1))})")
+        if phrase:
+            seq = word_ids(tokenizer, phrase)
+            if prompt_ids[position:position + len(seq)] != seq:
+                found = find_sequence(prompt_ids[:prompt_len - 1], seq)
+                reader.fail("subject_list", f"'{name}' at position {position} is '{tokens[position]}', but its "
+                            f"residual was learned for '{phrase}' (found at positions {found or 'none'})")
+        elif tokens[position].lower() not in name.lower():
+            print(f"warning: {config_path}: subject_list: '{name}' sits on '{tokens[position]}' (position "
+                  f"{position}), which is not part of its name; check the position", file=sys.stderr)
+        subjects.append(Subject(name, residual, position))
+    taken = [row for s in subjects for row in s.rows]
+    if len(taken) != len(set(taken)):
+        reader.fail("subject_list", f"two subjects share token rows: {[(s.name, s.rows) for s in subjects]}")
+
+    layout_path = reader.resolve_path("layout", data["layout"])
+    try:
+        with Image.open(layout_path) as image:
+            layout = np.array(image.convert("RGB").resize((width, height), Image.NEAREST))
+    except (UnidentifiedImageError, OSError) as e:
+        reader.fail("layout", f"{layout_path} is not a readable image ({e})")
+
+    by_name = {s.name: s for s in subjects}
+    regions = []
+    for colour, (phrase, w_active) in data["color_context"].items():
+        key = f"color_context.{colour}"
+        rgb = parse_colour(colour, lambda m: reader.fail(key, m))
+        if phrase in by_name:  # guidance to exactly that subject's rows
+            rows = by_name[phrase].rows
+        else:
+            seq = word_ids(tokenizer, phrase)
+            matches = find_sequence(prompt_ids[:prompt_len - 1], seq)
+            if not seq or not matches:
+                reader.fail(key, f"phrase '{phrase}' does not occur in the prompt '{data['prompt']}' "
+                            f"(nor is it a subject name)")
+            rows = [m + j for m in matches for j in range(len(seq))]
+        if not (layout == np.array(rgb, dtype=np.uint8)).all(-1).any():
+            reader.fail(key, f"colour {rgb} does not occur in the layout {layout_path} at {width}x{height} "
+                        f"(its colours: {_layout_colours(layout)})")
+        regions.append((rgb, rows, float(w_active)))
+
+    settings.update(
+        prompt=data["prompt"],
+        residual_dict={n: r.path for n, r in residuals.items()},
+        color_context={c: v for c, v in data["color_context"].items()},
+        token_rows={c: rows for c, (_, rows, _) in zip(data["color_context"], regions)},
+        guidance_steps=data["guidance_steps"], guidance_weight=data["guidance_weight"],
+        weight_negative=data["weight_negative"], layout=str(layout_path),
+        subject_list=[[s.name, s.position] for s in subjects],
+        subject_tokens={s.name: " ".join(tokens[r] for r in s.rows) for s in subjects},
+        text_tokens=length, config_file=str(config_path),
+    )
+    return Job(settings, prompt_ids, uncond_ids, subjects, regions, layout)
+
+
+def _layout_colours(layout, limit=8):
+    colours, counts = np.unique(layout.reshape(-1, 3), axis=0, return_counts=True)
+    order = np.argsort(-counts)[:limit]
+    return ", ".join(",".join(str(int(c)) for c in colours[i]) for i in order)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+def output_folder(output_dir, subjects, prompt):
+    """{output_dir}/{sorted subject names joined by _}/{prompt words joined by _}, with unsafe characters dropped."""
+    def safe(text):
+        return re.sub(r'[<>:"/\\|?*\x00-\x1f]', "", text)
+    names = "_".join(sorted(safe(s.name) for s in subjects))
+    return Path(output_dir) / names / safe("_".join(prompt.split()))
+
+
+def write_atomic(path, write):
+    """Call write(tmp_path) and rename the result into place, so no half-written file is left."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def image_grid(images):
+    """uint8 [B, H, W, 3] -> one PIL image, ceil(sqrt(B)) columns."""
+    count, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    return Image.fromarray(grid)
+
+
+def library_versions():
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+# ------------------------------------------------------------------------------------------------
+
+def check_args(args):
+    if args.height is None:
+        args.height = args.resolution
+    if args.width is None:
+        args.width = args.resolution
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{name} {value}: expected a positive multiple of 8")
+    if args.num_images < 1:
+        raise UserError(f"--num_images {args.num_images}: expected an integer >= 1")
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps}: expected an integer >= 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: expected an integer >= 1")
+
+
+def main(args):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from layout_guidance import generate, install_guidance, layout_weight_map
+
+    check_args(args)
+    model = args.pretrained_model_name_or_path
+    tokenizer = load_tokenizer(model)
+    try:  # the small config files first, so a bad config fails before gigabytes are loaded
+        embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size
+        native = UNet2DConditionModel.load_config(model, subfolder="unet")["sample_size"] * 8
+    except Exception as e:
+        raise UserError(f"cannot load model '{model}': {str(e).strip().splitlines()[0]}") from None
+    height, width = args.height or native, args.width or native
+    overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
+    job = prepare_job(args.inference_config, tokenizer, embedding_dim, height, width, overrides)
+    settings = job.settings
+    for s in job.subjects:
+        print(f"{s.name} -> position {s.position} '{settings['subject_tokens'][s.name]}'")
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    sd = load_model(model, device, dtype)
+    guidance = install_guidance(sd.unet)
+
+    embeddings = encode_ids(sd.text_encoder, [job.prompt_ids, job.uncond_ids])  # [2, L, d]
+    cond = apply_residuals(embeddings[0], [(s.residual.tensor, s.position) for s in job.subjects])
+    uncond = embeddings[1]
+    weight_map = layout_weight_map(job.layout, job.regions, len(job.prompt_ids), settings["weight_negative"])
+
+    folder = output_folder(args.output_dir, job.subjects, settings["prompt"])
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = [args.seed + j for j in range(args.num_images)]
+    images = []
+    from tqdm import tqdm
+    for start in tqdm(range(0, len(seeds), args.batch_size), desc="batches", disable=len(seeds) <= args.batch_size):
+        batch_seeds = seeds[start:start + args.batch_size]
+        batch = generate(sd, cond, uncond, batch_seeds, height, width, settings["num_inference_steps"],
+                         settings["cfg_scale"], settings["cfg_schedule"], guidance, weight_map,
+                         settings["guidance_steps"], settings["guidance_weight"])
+        for seed, image in zip(batch_seeds, batch):
+            write_atomic(folder / f"{seed}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
+        images.extend(batch)
+    write_atomic(folder / "all_images.png", lambda tmp: image_grid(np.stack(images)).save(tmp, format="PNG"))
+
+    settings.update(model=model, height=height, width=width, seed=args.seed, seeds=seeds,
+                    num_images=args.num_images, batch_size=args.batch_size, device=str(device),
+                    dtype=str(dtype).replace("torch.", ""), prediction_type=sd.prediction_type,
+                    versions=library_versions())
+    write_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
+    print(f"wrote {len(images)} images to {folder}")
+    return folder
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder")
+    p.add_argument("--inference_config", required=True, help="JSON config (README: the config format)")
+    p.add_argument("--output_dir", default="inference_results")
+    p.add_argument("--num_images", type=int, default=10, help="images per config; image j uses seed + j")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=None, help="square size; default: the model's own (768 for SD 2.1)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None, help="overrides the config (default 50)")
+    p.add_argument("--cfg_scale", type=float, default=None, help="overrides the config (default 7.5)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto: fp16 on GPUs, fp32 on the CPU")
+    p.add_argument("--batch_size", type=int, default=1, help="images per UNet call")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

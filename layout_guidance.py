@@ -1,0 +1,236 @@
+"""Layout-guided sampling (ALGORITHM.md B): the layout weight map, the guided cross-attention, the sampler.
+
+    weight map W [L, H, W]      built once per config from the colour layout (B2)
+    LayoutGuidance              what the guided processors read: W resized per attention grid, the step's
+                                guidance strength, whether this UNet call is guided (B3)
+    GuidedCrossAttnProcessor    installed on cross-attention layers only (`attn2`); self-attention keeps
+                                diffusers' fused AttnProcessor2_0
+    sample_euler_recurrent      the Euler loop with self-recurrence (B4), over a denoiser function
+    make_cfg_denoiser           the UNet with batched classifier-free guidance, as that function
+    generate                    all of the above for a list of seeds
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import LMSDiscreteScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+# Stable Diffusion's training noise schedule; the guidance strength follows its sigmas (B3).
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+# ------------------------------------------------------------------------------------------------
+# B2. The layout weight map
+
+def layout_weight_map(layout, regions, length, weight_negative):
+    """W [L, H, W] float32 from an RGB layout [H, W, 3] uint8.
+
+    regions: [(rgb, token_rows, w_active), ...]; every row listed gets w_active on the pixels of exactly that
+    colour and weight_negative everywhere else. A row listed twice (or by two regions) gets both: they add.
+    """
+    layout = torch.as_tensor(np.asarray(layout))
+    weights = torch.zeros(length, layout.shape[0], layout.shape[1])  # [L, H, W]
+    for rgb, rows, w_active in regions:
+        inside = (layout == torch.tensor(rgb, dtype=layout.dtype)).all(dim=-1)  # [H, W]
+        value = torch.where(inside, torch.tensor(float(w_active)), torch.tensor(float(weight_negative)))
+        for row in rows:
+            weights[row] += value
+    return weights
+
+
+def guidance_sigmas(guidance_steps):
+    """Sigma of each guided step: a separate Euler/LMS schedule of `guidance_steps` steps on SD's betas."""
+    scheduler = LMSDiscreteScheduler(**SD_BETAS)
+    scheduler.set_timesteps(guidance_steps)
+    return scheduler.sigmas[:guidance_steps].float()
+
+
+# ------------------------------------------------------------------------------------------------
+# B3. The guided cross-attention
+
+class LayoutGuidance:
+    """State shared by the guided processors of one UNet; the sampler sets it before each UNet call.
+
+    The UNet's batch is [unconditional (num_uncond rows); conditional]: only the conditional rows are guided.
+    """
+
+    def __init__(self):
+        self.weight_map = None  # [L, H, W]
+        self.latent_size = None  # (h, w) of the latents
+        self.strength = 0.0  # gamma * log(1 + sigma^2) of the current step
+        self.active = False
+        self.num_uncond = 0
+        self._maps = {}
+
+    def set_layout(self, weight_map, latent_size):
+        self.weight_map, self.latent_size, self._maps = weight_map, tuple(latent_size), {}
+
+    def set_step(self, active, strength=0.0, num_uncond=0):
+        self.active, self.strength, self.num_uncond = active, float(strength), num_uncond
+
+    def map_for(self, num_queries, device):
+        """W resized to the attention grid with `num_queries` = h * w cells, as [h*w, L] (bilinear, corners aligned)."""
+        key = (num_queries, device)
+        if key not in self._maps:
+            h, w = self.latent_size
+            while h * w > num_queries:  # each UNet level halves the grid (stride-2 conv: ceil)
+                h, w = (h + 1) // 2, (w + 1) // 2
+            assert h * w == num_queries, f"no UNet level of a {self.latent_size} latent has {num_queries} cells"
+            resized = F.interpolate(self.weight_map[None], size=(h, w), mode="bilinear", align_corners=True)[0]
+            self._maps[key] = resized.flatten(1).T.contiguous().to(device)  # [h*w, L]
+        return self._maps[key]
+
+
+def guided_attention(query, key, value, layout_map, strength, scale):
+    """softmax((S + bias) * scale) V with S = Q K^T and bias = strength * W * std(S), in float32 (B3).
+
+    query [B, heads, N, hd], key/value [B, heads, L, hd], layout_map [N, L]; std is over all of one image's S.
+    """
+    scores = query.float() @ key.float().transpose(-1, -2)  # [B, heads, N, L]
+    std = scores.flatten(1).std(dim=1)  # [B]
+    bias = strength * layout_map * std[:, None, None, None]  # [B, 1, N, L]
+    probs = torch.softmax((scores + bias) * scale, dim=-1)
+    return (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
+
+
+class GuidedCrossAttnProcessor:
+    """Cross-attention with the layout bias on the conditional rows during guided steps, fused SDPA otherwise."""
+
+    def __init__(self, guidance):
+        self.guidance = guidance
+        self.fused = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        g = self.guidance
+        if not g.active or encoder_hidden_states is None:
+            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        assert hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None, (
+            "guided cross-attention expects a Transformer2D attention block")
+        residual = hidden_states
+        batch, num_queries, _ = hidden_states.shape
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+
+        n = g.num_uncond
+        uncond = F.scaled_dot_product_attention(query[:n], key[:n], value[:n])
+        cond = guided_attention(query[n:], key[n:], value[n:], g.map_for(num_queries, query.device),
+                                g.strength, attn.scale)
+        out = torch.cat([uncond, cond]).transpose(1, 2).reshape(batch, num_queries, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install_guidance(unet):
+    """Put one GuidedCrossAttnProcessor on every cross-attention layer (`attn2`); fused SDPA elsewhere."""
+    guidance = LayoutGuidance()
+    guided = GuidedCrossAttnProcessor(guidance)
+    unet.set_attn_processor({name: guided if ".attn2." in name else AttnProcessor2_0()
+                             for name in unet.attn_processors})
+    return guidance
+
+
+# ------------------------------------------------------------------------------------------------
+# B4. The sampler
+
+def sample_euler_recurrent(denoise, x, sigmas, recurrent_steps, noise):
+    """Euler sampler with self-recurrence (Cones 2): step i < recurrent_steps runs twice, re-noised between.
+
+    denoise(x, i) -> x0 estimate at sigmas[i]; noise(x) -> a standard normal draw shaped like x.
+    """
+    for i in range(len(sigmas) - 1):
+        passes = 2 if i < recurrent_steps else 1
+        for k in range(passes):
+            x0 = denoise(x, i)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (x - x0) / sigmas[i]
+            if k == 0 and passes == 2:  # back from sigma_{i+1} to sigma_i
+                x = x + (sigmas[i] ** 2 - sigmas[i + 1] ** 2).sqrt() * noise(x)
+    return x
+
+
+def cfg_scales(cfg_scale, schedule, sigmas):
+    """Classifier-free guidance scale per step: 'constant' (Cones 2) or 'sigma' s * (1 + sigma_i / sigma_max)."""
+    sigmas = sigmas[:-1]
+    if schedule == "constant":
+        return torch.full_like(sigmas, cfg_scale)
+    return cfg_scale * (1 + sigmas / sigmas[0])
+
+
+def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_type,
+                      guidance=None, guided_steps=0, strengths=None):
+    """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
+
+    cond, uncond [B, L, d]; the layout guidance (if any) is switched on for steps i < guided_steps.
+    """
+    encoder_states = torch.cat([uncond, cond]).to(unet.dtype)  # [2B, L, d]
+    batch = cond.shape[0]
+
+    def denoise(x, i):
+        sigma = sigmas[i]
+        if guidance is not None:
+            active = i < guided_steps
+            guidance.set_step(active, strengths[i] if active else 0.0, num_uncond=batch)
+        x_in = (x / (sigma ** 2 + 1).sqrt()).to(unet.dtype)
+        out = unet(torch.cat([x_in, x_in]), timesteps[i], encoder_hidden_states=encoder_states).sample.float()
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + scales[i] * (out_cond - out_uncond)
+        if prediction_type == "v_prediction":
+            return out * (-sigma / (sigma ** 2 + 1).sqrt()) + x / (sigma ** 2 + 1)
+        return x - sigma * out
+
+    return denoise
+
+
+@torch.no_grad()
+def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_scale, cfg_schedule="sigma",
+             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0):
+    """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
+
+    cond, uncond [L, d] float32 (residuals already applied). With `guidance` (from install_guidance) and a
+    weight map W [L, H, W], steps i < guidance_steps are layout-guided and self-recurrent.
+    """
+    device = sd.unet.device
+    scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    sigmas = scheduler.sigmas.float().to(device)  # [N + 1], ends with 0
+    timesteps = scheduler.timesteps.to(device)
+    latent_size = (height // 8, width // 8)
+
+    # One CPU generator per image: its initial latents first, then each recurrence noise in order.
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    channels = sd.unet.config.in_channels
+
+    def noise(_x):
+        return torch.cat([torch.randn((1, channels, *latent_size), generator=g) for g in generators]).to(device)
+
+    x = noise(None) * float(scheduler.init_noise_sigma)
+
+    guided_steps = 0
+    strengths = None
+    if guidance is not None:
+        if weight_map is not None and guidance_steps > 0:
+            guidance.set_layout(weight_map, latent_size)
+            guided_steps = min(guidance_steps, num_inference_steps)
+            strengths = guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)
+        guidance.set_step(False)
+    batch = len(seeds)
+    denoise = make_cfg_denoiser(
+        sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
+        cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths)
+    x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, noise)
+    if guidance is not None:
+        guidance.set_step(False)
+    return decode_latents(sd.vae, x)
+
+
+def decode_latents(vae, latents):
+    """Latents [B, 4, h, w] -> uint8 images [B, H, W, 3] (as diffusers rounds them)."""
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (images * 255).round().astype(np.uint8)

@@ -1,0 +1,149 @@
+"""Loading a Stable Diffusion model, choosing device and dtype, tokenizing and encoding prompts.
+
+Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way.
+Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
+"""
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input a user can fix: printed as one line, exit status 2, no traceback."""
+
+
+def run_cli(main, args):
+    """Run `main(args)`; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Device and dtype
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: no MPS device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    """'auto' is fp16 on accelerators (half the memory, fused kernels) and fp32 on the CPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return DTYPES[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+
+@dataclass
+class StableDiffusion:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    scheduler_config: dict
+    name: str
+
+    @property
+    def embedding_dim(self):
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def prediction_type(self):
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def load_tokenizer(model):
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    except Exception as e:  # hub errors, missing folders and broken files all end up here
+        raise UserError(f"cannot load the tokenizer of model '{model}': {_first_line(e)}") from None
+    if tokenizer.model_max_length > 1000:  # a tokenizer saved without its length: CLIP's is 77
+        tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def load_model(model, device, dtype, text_encoder_dtype=None):
+    """Load tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion (hub id or folder).
+
+    The safety checker is not loaded: the project never runs it. Every module is frozen and in eval mode.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextModel
+
+    tokenizer = load_tokenizer(model)
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder",
+                                                     dtype=text_encoder_dtype or dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+        scheduler_config = _read_scheduler_config(model)
+    except Exception as e:
+        raise UserError(f"cannot load model '{model}': {_first_line(e)}") from None
+    unet.set_attn_processor(AttnProcessor2_0())  # fused attention everywhere; guidance replaces attn2 only
+    vae.set_attn_processor(AttnProcessor2_0())
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, str(model))
+
+
+def _read_scheduler_config(model):
+    from diffusers import LMSDiscreteScheduler
+
+    return dict(LMSDiscreteScheduler.load_config(model, subfolder="scheduler"))
+
+
+def _first_line(e):
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Text
+
+def token_ids(tokenizer, text, length=None):
+    """Ids of `text` with BOS and EOS; padded (with the tokenizer's pad id) or cut to `length` if given."""
+    if length is None:
+        return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return tokenizer(text, padding="max_length", truncation=True, max_length=length).input_ids
+
+
+def word_ids(tokenizer, text):
+    """Ids of the words of `text`, without BOS and EOS."""
+    return token_ids(tokenizer, text)[1:-1]
+
+
+def token_texts(tokenizer, ids):
+    """Readable tokens ('dog' for 'dog</w>')."""
+    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(list(ids))]
+
+
+@torch.no_grad()
+def encode_ids(text_encoder, ids):
+    """Last hidden states of the text encoder: ids [B, L] -> [B, L, d], float32."""
+    ids = torch.as_tensor(ids, device=text_encoder.device)
+    if ids.ndim == 1:
+        ids = ids[None]
+    return text_encoder(ids)[0].float()

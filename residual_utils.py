@@ -1,0 +1,127 @@
+"""Residual embeddings: the 4 KB a concept is learned into (ALGORITHM.md A.7), and where they go in a prompt.
+
+A residual is a float32 tensor [k, d]: k token rows (`token_num`), d the text encoder's width (768 for
+SD 1.x, 1024 for SD 2.x). It is added to rows p .. p+k-1 of the prompt's text embedding, where p is the
+position of the concept's class word.
+
+Files:
+- `.safetensors` (written by train.py): one tensor `residual` [k, d] and string metadata
+  `class_phrase`, `token_num`, `embedding_dim`, `base_model` (plus the training settings).
+- legacy `.pt` (the seed's files): a bare float tensor [1, d]. Read with `weights_only=True` on the CPU, so a
+  pickle holding anything else is refused, never executed.
+"""
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline_utils import UserError
+
+REQUIRED_METADATA = ("class_phrase", "token_num", "embedding_dim", "base_model")
+
+
+@dataclass
+class Residual:
+    tensor: torch.Tensor  # [k, d] float32
+    path: str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def token_num(self):
+        return self.tensor.shape[0]
+
+    @property
+    def embedding_dim(self):
+        return self.tensor.shape[1]
+
+    @property
+    def class_phrase(self):
+        return self.metadata.get("class_phrase")
+
+
+def load_residual(path):
+    """Read a residual from `.safetensors` or a legacy `.pt`; any problem is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: residual file not found")
+    if path.suffix == ".safetensors":
+        tensor, metadata = _load_safetensors(path)
+    else:
+        tensor, metadata = _load_legacy(path), {}
+    if not tensor.is_floating_point() or tensor.ndim not in (1, 2) or tensor.numel() == 0:
+        raise UserError(f"{path}: expected a float tensor [k, d], got {tensor.dtype} {list(tensor.shape)}")
+    tensor = tensor.detach().reshape(-1, tensor.shape[-1]).to(torch.float32).contiguous()
+    return Residual(tensor, str(path), metadata)
+
+
+def _load_safetensors(path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if keys != ["residual"]:
+                raise UserError(f"{path}: expected one tensor named 'residual', found {keys}")
+            return f.get_tensor("residual"), dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _load_legacy(path):
+    import pickle
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global other than tensors and plain containers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        raise UserError(f"{path}: refused to load: the pickle holds more than a tensor ({first})") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable residual file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(obj, torch.Tensor):
+        raise UserError(f"{path}: expected a tensor, found {type(obj).__name__}")
+    return obj
+
+
+def save_residual(path, tensor, metadata):
+    """Write `tensor` [k, d] and string metadata as safetensors, via a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+    assert tensor.ndim == 2, f"residual must be [k, d], got {list(tensor.shape)}"
+    metadata = {key: str(value) for key, value in metadata.items()}
+    metadata.update(token_num=str(tensor.shape[0]), embedding_dim=str(tensor.shape[1]))
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    assert not missing, f"residual metadata lacks {missing}"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"residual": tensor}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_sequence(ids, seq):
+    """Every position i with ids[i : i+len(seq)] == seq."""
+    ids, seq, n = list(ids), list(seq), len(seq)
+    if n == 0:
+        return []
+    return [i for i in range(len(ids) - n + 1) if ids[i:i + n] == seq]
+
+
+def apply_residuals(embeddings, placements):
+    """Add each residual to its rows: embeddings [..., L, d]; placements [(residual [k, d], position), ...].
+
+    Returns a new tensor; rows p .. p+k-1 get residual rows 0 .. k-1 (ALGORITHM.md B1).
+    """
+    out = embeddings.clone()
+    for residual, position in placements:
+        k = residual.shape[0]
+        out[..., position:position + k, :] += residual.to(out.device, out.dtype)
+    return out
