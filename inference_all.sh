@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run inference.py on every config in configs/, stopping at the first failure.
+#
+#   bash inference_all.sh                          # SD 2.1, 10 images per config
+#   MODEL_NAME=path/to/model bash inference_all.sh --num_images 2 --resolution 512
+#
+# Environment: MODEL_NAME (default stabilityai/stable-diffusion-2-1), CONFIG_DIR (configs),
+# OUTPUT_DIR (inference_results), PYTHON (python). Further arguments go to inference.py.
+set -uo pipefail
+cd "$(dirname "$0")"
+MODEL_NAME=${MODEL_NAME:-stabilityai/stable-diffusion-2-1}
+CONFIG_DIR=${CONFIG_DIR:-configs}
+OUTPUT_DIR=${OUTPUT_DIR:-inference_results}
+PYTHON=${PYTHON:-python}
+
+shopt -s nullglob
+configs=("$CONFIG_DIR"/*.json)
+if [ ${#configs[@]} -eq 0 ]; then
+  echo "error: no *.json config in $CONFIG_DIR" >&2
+  exit 2
+fi
+for config in "${configs[@]}"; do
+  echo "== $config"
+  "$PYTHON" inference.py --pretrained_model_name_or_path "$MODEL_NAME" --inference_config "$config" \
+    --output_dir "$OUTPUT_DIR" "$@"
+  status=$?
+  if [ $status -ne 0 ]; then
+    echo "error: inference failed on $config (exit status $status); later configs were not run" >&2
+    exit $status
+  fi
+done
+echo "done: ${#configs[@]} configs, results in $OUTPUT_DIR"

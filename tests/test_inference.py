@@ -1,0 +1,482 @@
+"""inference.py, layout_guidance.py and residual_utils.py on tiny random models and the real tokenizer."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+from benchmark import install_naive, naive_sample
+from conftest import ROOT, clip_tokenizer
+from layout_guidance import (cfg_scales, generate, guidance_sigmas, guided_attention, install_guidance,
+                             layout_weight_map)
+from pipeline_utils import encode_ids, load_model, run_cli, token_ids
+from residual_utils import apply_residuals, find_sequence, load_residual, save_residual
+
+PROMPT2 = "A dog, a pet cat and a dog near a forest."
+
+
+def write_layout(path, size=(64, 64), mode="RGB"):
+    """Left half red, right half green."""
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array[:, : size[0] // 2] = (255, 0, 0)
+    array[:, size[0] // 2:] = (0, 255, 0)
+    image = Image.fromarray(array)
+    if mode == "P":
+        image = image.quantize(colors=4)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def write_residual(path, dim, phrase="dog", rows=1, scale=1.0, seed=0):
+    tensor = torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)) * scale
+    save_residual(path, tensor, {"class_phrase": phrase, "base_model": "tiny"})
+    return path
+
+
+def write_config(folder, dim=32, **changes):
+    """A two-subject config in `folder` (residuals and layout beside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_residual(folder / "cat.safetensors", dim, "cat", seed=1)
+    write_residual(folder / "dog.safetensors", dim, "dog", seed=2)
+    write_layout(folder / "layout.png")
+    config = {
+        "prompt": "A cat on the right and a dog on the left.",
+        "residual_dict": {"<cat>": "cat.safetensors", "<dog>": "dog.safetensors"},
+        "color_context": {"255,0,0": ["dog", 2.5], "0,255,0": ["cat", 2.5]},
+        "guidance_steps": 50, "guidance_weight": 0.08, "weight_negative": -1e8,
+        "layout": "layout.png", "subject_list": [["<cat>", 2], ["<dog>", 8]],
+    }
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    path = folder / "config.json"
+    path.write_text(json.dumps([config]))
+    return path
+
+
+def run(model, config, out, *extra):
+    argv = ["--pretrained_model_name_or_path", str(model), "--inference_config", str(config),
+            "--output_dir", str(out), "--num_images", "1", "--num_inference_steps", "2", *extra]
+    return run_cli(inference.main, inference.parse_args(argv))
+
+
+def expect_error(capsys, model, config, out, *fragments, extra=()):
+    with pytest.raises(SystemExit) as exit_info:
+        run(model, config, out, *extra)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not list(out.rglob("*.png")), "no image may be written on bad input"
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokens and positions
+
+def test_token_positions_of_the_seed_prompt():
+    tokenizer = clip_tokenizer()
+    ids = token_ids(tokenizer, PROMPT2)
+    assert len(ids) == 15  # BOS, 13 tokens (the comma and the full stop are tokens), EOS
+    assert find_sequence(ids, token_ids(tokenizer, "dog")[1:-1]) == [2, 9]
+    assert find_sequence(ids, token_ids(tokenizer, "pet cat")[1:-1]) == [5]
+    assert find_sequence(ids, token_ids(tokenizer, "dog,")[1:-1]) == [2]
+    assert find_sequence(ids, token_ids(tokenizer, "forest .")[1:-1]) == [12]
+    # the adaptive length is the real count, not words + 2 = 12, which would cut "forest ."
+    padded = token_ids(tokenizer, PROMPT2, 77)
+    assert padded[:15] == ids and len(padded) == 77
+
+
+def test_subject_positions_found_from_class_phrase(tmp_path, capsys):
+    tokenizer = clip_tokenizer()
+    config = write_config(tmp_path, subject_list=["<cat>", ["<dog>"]])
+    job = inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+    assert [(s.name, s.position) for s in job.subjects] == [("<cat>", 2), ("<dog>", 8)]
+    assert job.settings["subject_tokens"] == {"<cat>": "cat", "<dog>": "dog"}
+
+
+def test_ambiguous_position_names_candidates(tmp_path):
+    tokenizer = clip_tokenizer()
+    config = write_config(tmp_path, prompt=PROMPT2, color_context={"255,0,0": ["pet cat", 2.5]},
+                          subject_list=["<dog>"])
+    with pytest.raises(inference.UserError, match=r"positions found: 2 'dog', 9 'dog'"):
+        inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+
+
+def test_class_phrase_must_match_given_position(tmp_path):
+    config = write_config(tmp_path, subject_list=[["<cat>", 2], ["<dog>", 4]])
+    with pytest.raises(inference.UserError, match=r"'<dog>' at position 4 is 'the', but its residual was "
+                                                   r"learned for 'dog' \(found at positions \[8\]\)"):
+        inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+
+
+def test_legacy_residual_on_foreign_token_warns(tmp_path, capsys):
+    config = write_config(tmp_path, subject_list=[["<cat>", 2], ["<dog>", 4]])
+    torch.save(torch.randn(1, 32), tmp_path / "dog.pt")
+    data = json.loads(config.read_text())
+    data[0]["residual_dict"]["<dog>"] = "dog.pt"
+    config.write_text(json.dumps(data))
+    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    assert job.subjects[1].position == 4
+    assert "'<dog>' sits on 'the'" in capsys.readouterr().err
+
+
+def test_subject_name_in_color_context_selects_its_rows(tmp_path):
+    folder = tmp_path
+    write_residual(folder / "dog6.safetensors", 32, "dog", seed=3)
+    config = write_config(folder, prompt=PROMPT2,
+                          residual_dict={"<dog>": "dog.safetensors", "<dog6>": "dog6.safetensors",
+                                         "<cat>": "cat.safetensors"},
+                          color_context={"255,0,0": ["<dog>", 2.5], "0,255,0": ["<dog6>", 1.5]},
+                          subject_list=[["<dog>", 2], ["<cat>", 6], ["<dog6>", 9]])
+    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    assert [rows for _, rows, _ in job.regions] == [[2], [9]]
+    # the phrase "dog" would have matched both
+    job_phrase = inference.prepare_job(write_config(folder / "b", prompt=PROMPT2,
+                                                    color_context={"255,0,0": ["dog", 2.5]},
+                                                    subject_list=[["<dog>", 2], ["<cat>", 6]]),
+                                       clip_tokenizer(), 32, 64, 64, {})
+    assert job_phrase.regions[0][1] == [2, 9]
+
+
+# ------------------------------------------------------------------------------------------------
+# B2, B3: the weight map and the guided attention
+
+def test_layout_weight_map_by_hand():
+    layout = np.array([[[255, 0, 0], [0, 255, 0], [9, 9, 9]],
+                       [[255, 0, 0], [255, 0, 0], [0, 255, 0]]], dtype=np.uint8)  # [2, 3, 3]
+    regions = [((255, 0, 0), [1, 2], 2.5), ((0, 255, 0), [2, 2, 4], 1.0)]
+    weights = layout_weight_map(layout, regions, 6, -100.0)
+    assert weights.shape == (6, 2, 3)
+    red = torch.tensor([[2.5, -100, -100], [2.5, 2.5, -100]])
+    green = torch.tensor([[-100, 1.0, -100], [-100, -100, 1.0]])
+    assert torch.equal(weights[0], torch.zeros(2, 3))
+    assert torch.equal(weights[1], red)
+    assert torch.equal(weights[2], red + 2 * green)  # listed by both regions, twice by the second
+    assert torch.equal(weights[3], torch.zeros(2, 3))
+    assert torch.equal(weights[4], green)
+    assert torch.equal(weights[5], torch.zeros(2, 3))
+
+
+def test_guided_attention_bias_by_hand():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 4, 3), torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3)
+    layout_map = torch.randn(4, 5)
+    strength, scale = 0.08 * math.log(1 + 14.6 ** 2), 3 ** -0.5
+    out = guided_attention(q, k, v, layout_map, strength, scale)
+    qn, kn, vn, wn = (t.double().numpy() for t in (q[0], k[0], v[0], layout_map))
+    scores = np.einsum("hnd,hld->hnl", qn, kn)
+    std = scores.std(ddof=1)
+    logits = (scores + strength * wn[None] * std) * scale
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("hnl,hld->hnd", probs, vn)
+    np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_guidance_sigmas_are_the_sampler_sigmas_when_steps_match(tiny_model):
+    from diffusers import LMSDiscreteScheduler
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
+    scheduler.set_timesteps(10)
+    torch.testing.assert_close(guidance_sigmas(10), scheduler.sigmas[:10].float())
+    assert float(guidance_sigmas(50)[0]) == pytest.approx(14.6146, abs=1e-3)
+    scales = cfg_scales(7.5, "sigma", scheduler.sigmas)
+    assert float(scales[0]) == pytest.approx(15.0) and len(scales) == 10
+    assert float(scales[-1]) == pytest.approx(7.5 * (1 + float(scheduler.sigmas[9] / scheduler.sigmas[0])))
+
+
+def test_guided_processor_off_or_zero_map_equals_default(tiny_model):
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    states = torch.randn(2, 7, 32)
+    reference = sd.unet(x, 500, encoder_hidden_states=states).sample
+    guidance = install_guidance(sd.unet)
+    names = {type(p).__name__ for n, p in sd.unet.attn_processors.items() if ".attn1." in n}
+    assert names == {"AttnProcessor2_0"}
+    off = sd.unet(x, 500, encoder_hidden_states=states).sample
+    assert torch.equal(off, reference)
+    guidance.set_layout(torch.zeros(7, 64, 64), (8, 8))
+    guidance.set_step(True, strength=5.0, num_uncond=1)
+    zero_map = sd.unet(x, 500, encoder_hidden_states=states).sample
+    torch.testing.assert_close(zero_map, reference, rtol=1e-4, atol=1e-5)
+    guidance.set_layout(torch.randn(7, 64, 64), (8, 8))
+    guided = sd.unet(x, 500, encoder_hidden_states=states).sample
+    assert torch.equal(guided[0], zero_map[0])  # the unconditional half is untouched
+    assert (guided[1] - reference[1]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# B4: the batched sampler against the plain step-by-step implementation
+
+@pytest.mark.parametrize("fixture,settings", [
+    ("tiny_model", dict(cfg_schedule="sigma", guidance_steps=3)),  # the seed's defaults
+    ("tiny_model", dict(cfg_schedule="constant", guidance_steps=5)),  # Cones 2: constant CFG, longer schedule
+    ("tiny_model_v", dict(cfg_schedule="sigma", guidance_steps=2)),  # v-prediction, last step unguided
+])
+def test_batched_sampler_equals_plain_implementation(request, fixture, settings):
+    model = request.getfixturevalue(fixture)
+    sd = load_model(str(model), torch.device("cpu"), torch.float32)
+    tokenizer = sd.tokenizer
+    ids = token_ids(tokenizer, "A cat on the right and a dog on the left.")
+    embeddings = encode_ids(sd.text_encoder, [ids, token_ids(tokenizer, "", len(ids))])
+    residual = torch.randn(1, 32, generator=torch.Generator().manual_seed(5))
+    cond = apply_residuals(embeddings[0], [(residual, 2)])
+    uncond = embeddings[1]
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :32] = (255, 0, 0)
+    weight_map = layout_weight_map(layout, [((255, 0, 0), [8], 2.5), ((0, 0, 0), [2], 2.5)], len(ids), -1e8)
+    common = dict(height=64, width=64, num_inference_steps=3, cfg_scale=7.5,
+                  cfg_schedule=settings["cfg_schedule"], guidance_weight=0.08)
+
+    guidance = install_guidance(sd.unet)
+    fast = generate(sd, cond, uncond, [11, 12], guidance=guidance, weight_map=weight_map,
+                    guidance_steps=settings["guidance_steps"], **common)
+
+    state = install_naive(sd.unet)
+    plain = [naive_sample(sd.unet, sd.vae, sd.scheduler_config, state, cond[None], uncond[None], weight_map, seed,
+                          common["height"], common["width"], common["num_inference_steps"], common["cfg_scale"],
+                          common["cfg_schedule"], settings["guidance_steps"], common["guidance_weight"])
+             for seed in (11, 12)]
+    diff = np.abs(fast.astype(int) - np.stack(plain).astype(int))
+    assert diff.max() <= 1, diff.max()
+    assert diff.mean() < 0.01
+    assert not np.array_equal(fast[0], fast[1])
+
+
+def test_guidance_changes_the_image(tiny_model):
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, "a dog")
+    embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :32] = 255
+    weight_map = layout_weight_map(layout, [((255, 255, 255), [2], 2.5)], len(ids), -1e8)
+    guidance = install_guidance(sd.unet)
+    kwargs = dict(height=64, width=64, num_inference_steps=2, cfg_scale=7.5, guidance=guidance)
+    plain = generate(sd, embeddings[0], embeddings[1], [0], **kwargs)
+    guided = generate(sd, embeddings[0], embeddings[1], [0], weight_map=weight_map, guidance_steps=2,
+                      guidance_weight=0.08, **kwargs)
+    again = generate(sd, embeddings[0], embeddings[1], [0], weight_map=weight_map, guidance_steps=2,
+                     guidance_weight=0.08, **kwargs)
+    assert np.abs(plain.astype(int) - guided.astype(int)).mean() > 1
+    assert np.array_equal(guided, again)
+
+
+# ------------------------------------------------------------------------------------------------
+# Residual files
+
+def test_legacy_pt_loads_on_cpu():
+    path = ROOT / "configs" / "residuals" / "dog6_colabv6.pt"
+    residual = load_residual(path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert residual.tensor.shape == (1, 1024) and residual.tensor.dtype == torch.float32
+    assert torch.equal(residual.tensor, raw.detach().reshape(1, 1024))
+    assert residual.class_phrase is None and not residual.tensor.requires_grad
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_with_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "was_executed"
+    path = tmp_path / "evil.pt"
+    torch.save({"residual": Exploit(str(marker))}, path)
+    with pytest.raises(inference.UserError, match="refused"):
+        load_residual(path)
+    assert not marker.exists()
+
+
+def test_safetensors_roundtrip_and_apply(tmp_path):
+    tensor = torch.randn(3, 768)
+    save_residual(tmp_path / "r.safetensors", tensor, {"class_phrase": "pet cat", "base_model": "m", "lr": 5e-6})
+    residual = load_residual(tmp_path / "r.safetensors")
+    assert torch.equal(residual.tensor, tensor)
+    assert residual.metadata["token_num"] == "3" and residual.metadata["embedding_dim"] == "768"
+    assert residual.class_phrase == "pet cat" and residual.metadata["lr"] == "5e-06"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temporary left behind
+    embeddings = torch.zeros(2, 10, 768)
+    out = apply_residuals(embeddings, [(tensor, 4)])
+    assert torch.equal(out[:, 4:7], tensor.expand(2, 3, 768))
+    assert out[:, :4].abs().sum() == 0 and out[:, 7:].abs().sum() == 0 and embeddings.abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, end to end
+
+def test_inference_writes_images_grid_and_config(tiny_model, tmp_path):
+    config = write_config(tmp_path / "cfg", cfg_scale=5.0, text_length="max", negative_prompt="blurry")
+    out = tmp_path / "out"
+    folder = run(tiny_model, config, out, "--num_images", "3", "--seed", "7", "--cfg_scale", "6")
+    assert folder == out / "<cat>_<dog>".replace("<", "").replace(">", "") / "A_cat_on_the_right_and_a_dog_on_the_left."
+    assert sorted(p.name for p in folder.iterdir()) == ["7.png", "8.png", "9.png", "all_images.png", "config.json"]
+    images = [np.array(Image.open(folder / f"{s}.png")) for s in (7, 8, 9)]
+    assert all(im.shape == (64, 64, 3) for im in images)
+    assert not np.array_equal(images[0], images[1])
+    grid = np.array(Image.open(folder / "all_images.png"))
+    assert grid.shape == (128, 128, 3) and np.array_equal(grid[:64, 64:], images[1])
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["seeds"] == [7, 8, 9] and saved["cfg_scale"] == 6  # the command line wins over the file
+    assert saved["text_length"] == "max" and saved["text_tokens"] == 77 and saved["negative_prompt"] == "blurry"
+    assert saved["subject_list"] == [["<cat>", 2], ["<dog>", 8]] and saved["cfg_schedule"] == "sigma"
+    assert saved["model"] == str(tiny_model) and "torch" in saved["versions"]
+
+
+def test_batch_size_gives_the_same_images(tiny_model, tmp_path):
+    config = write_config(tmp_path / "cfg")
+    one = run(tiny_model, config, tmp_path / "a", "--num_images", "3")
+    three = run(tiny_model, config, tmp_path / "b", "--num_images", "3", "--batch_size", "2")
+    for seed in range(3):
+        a = np.array(Image.open(one / f"{seed}.png")).astype(int)
+        b = np.array(Image.open(three / f"{seed}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L"])
+def test_layout_modes_and_non_square_output(tiny_model, tmp_path, mode):
+    folder = tmp_path / "cfg"
+    config = write_config(folder)
+    if mode == "L":  # grey levels: regions 76 (red's luma) and 150 (green's)
+        write_layout(folder / "layout.png", size=(300, 150), mode="L")
+        data = json.loads(config.read_text())
+        data[0]["color_context"] = {"76,76,76": ["dog", 2.5], "#969696": ["cat", 2.5]}
+        config.write_text(json.dumps(data))
+    else:
+        write_layout(folder / "layout.png", size=(300, 150), mode=mode)
+    out = run(tiny_model, config, tmp_path / "out", "--height", "64", "--width", "128")
+    assert np.array(Image.open(out / "0.png")).shape == (64, 128, 3)
+
+
+def test_all_seed_configs_run(tiny_model_1024, tmp_path, capsys):
+    expected = {0: ["<cat2> -> position 2 'cat'", "<dog6> -> position 8 'dog'"],
+                1: ["<flower> -> position 2 'flower'", "<vase> -> position 5 'vase'"],
+                2: ["<dog> -> position 2 'dog'", "<pet_cat> -> position 5 'pet'", "<dog6> -> position 9 'dog'"],
+                3: ["<cat2> -> position 2 'cat'", "<wearable_glasses> -> position 4 'wearable'",
+                    "<watercolor> -> position 8 'watercolor'"]}
+    outputs = []
+    for i, lines in expected.items():
+        folder = run(tiny_model_1024, ROOT / "configs" / f"guidance_config_prompt{i}.json", tmp_path, "--resolution", "64")
+        printed = capsys.readouterr()
+        for line in lines:
+            assert line in printed.out
+        assert "warning" not in printed.err
+        outputs.append(np.array(Image.open(folder / "0.png")))
+        assert json.loads((folder / "config.json").read_text())["guidance_steps"] == 50
+    assert len({o.tobytes() for o in outputs}) == 4
+
+
+def test_cli_runs_as_a_script(tiny_model, tmp_path):
+    config = write_config(tmp_path / "cfg")
+    done = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--pretrained_model_name_or_path",
+                           str(tiny_model), "--inference_config", str(config), "--output_dir", str(tmp_path / "out"),
+                           "--num_images", "1", "--num_inference_steps", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "<dog> -> position 8 'dog'" in done.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--pretrained_model_name_or_path",
+                          str(tiny_model), "--inference_config", str(tmp_path / "nope.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f"error: {tmp_path / 'nope.json'}: config file not found"
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written
+
+BAD_CONFIGS = [
+    ("unknown key", dict(guidance_wieght=0.1), ["guidance_wieght", "did you mean 'guidance_weight'"]),
+    ("missing key", dict(layout=None), ["layout: missing"]),
+    ("wrong type", dict(guidance_steps="50"), ["guidance_steps: expected an integer"]),
+    ("bad colour", dict(color_context={"255,0": ["dog", 2.5]}), ["color_context.255,0", "expected a colour"]),
+    ("colour > 255", dict(color_context={"256,0,0": ["dog", 2.5]}), ["expected a colour"]),
+    ("colour absent", dict(color_context={"0,0,255": ["dog", 2.5]}), ["(0, 0, 255) does not occur in the layout"]),
+    ("empty phrase", dict(color_context={"255,0,0": [" ", 2.5]}), ["phrase is empty"]),
+    ("absent phrase", dict(color_context={"255,0,0": ["horse", 2.5]}), ["'horse' does not occur in the prompt"]),
+    ("unknown subject", dict(subject_list=[["<cat>", 2], ["<horse>", 8]]), ["'<horse>' has no entry in residual_dict"]),
+    ("position outside", dict(subject_list=[["<cat>", 2], ["<dog>", 14]]), ["position 14 is outside"]),
+    ("position on BOS", dict(subject_list=[["<cat>", 0]]), ["position 0 is outside"]),
+    ("bad cfg schedule", dict(cfg_schedule="linear"), ["cfg_schedule: expected one of sigma, constant"]),
+    ("zero steps in file", dict(num_inference_steps=0), ["num_inference_steps: expected an integer >= 1"]),
+    ("residual missing", dict(residual_dict={"<cat>": "cat.safetensors", "<dog>": "nowhere.pt"}),
+     ["residual_dict.<dog>", "file not found: 'nowhere.pt'"]),
+    ("layout missing", dict(layout="nowhere.png"), ["layout: file not found"]),
+]
+
+
+@pytest.mark.parametrize("name,changes,fragments", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config(tiny_model, tmp_path, capsys, name, changes, fragments):
+    config = write_config(tmp_path / "cfg", **changes)
+    line = expect_error(capsys, tiny_model, config, tmp_path / "out", *fragments)
+    assert str(config) in line
+
+
+def test_bad_files(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cfg"
+    config = write_config(folder)
+    out = tmp_path / "out"
+    (folder / "notjson.json").write_text("[{'prompt': 1}]")
+    expect_error(capsys, tiny_model, folder / "notjson.json", out, "not valid JSON")
+    (folder / "dog.safetensors").write_bytes(b"garbage" * 10)
+    expect_error(capsys, tiny_model, config, out, "dog.safetensors", "not a readable safetensors file")
+    torch.save([1, 2, 3], folder / "list.pt")
+    write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "list.pt"})
+    expect_error(capsys, tiny_model, config, out, "list.pt", "expected a tensor, found list")
+    (folder / "corrupt.pt").write_bytes(b"\x80\x04garbage")
+    write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "corrupt.pt"})
+    expect_error(capsys, tiny_model, config, out, "corrupt.pt")
+    write_config(folder)
+    write_residual(folder / "dog.safetensors", 768, "dog")
+    expect_error(capsys, tiny_model, config, out, "holds 768-d rows, but the model's text encoder is 32-d")
+    write_config(folder)
+    (folder / "layout.png").write_text("not an image")
+    expect_error(capsys, tiny_model, config, out, "layout", "not a readable image")
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--resolution", "60"], "--height 60: expected a positive multiple of 8"),
+    (["--width", "100"], "--width 100: expected a positive multiple of 8"),
+    (["--num_inference_steps", "0"], "--num_inference_steps 0"),
+    (["--num_images", "-1"], "--num_images -1"),
+])
+def test_bad_arguments(tiny_model, tmp_path, capsys, extra, fragment):
+    config = write_config(tmp_path / "cfg")
+    expect_error(capsys, tiny_model, config, tmp_path / "out", fragment, extra=extra)
+
+
+def test_missing_model(tmp_path, capsys):
+    config = write_config(tmp_path / "cfg")
+    expect_error(capsys, tmp_path / "no_model", config, tmp_path / "out", "cannot load the tokenizer of model")
+
+
+def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("layouts", "residuals"):
+        (configs / name).symlink_to(ROOT / "configs" / name)
+    (configs / "a.json").write_text((ROOT / "configs" / "guidance_config_prompt1.json").read_text())
+    data = json.loads((ROOT / "configs" / "guidance_config_prompt0.json").read_text())
+    data[0]["guidance_wieght"] = data[0].pop("guidance_weight")
+    (configs / "b.json").write_text(json.dumps(data))
+    (configs / "c.json").write_text((ROOT / "configs" / "guidance_config_prompt3.json").read_text())
+    env = {**__import__("os").environ, "MODEL_NAME": str(tiny_model_1024), "CONFIG_DIR": str(configs),
+           "OUTPUT_DIR": str(tmp_path / "out"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "1", "--num_inference_steps", "1"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert f"error: inference failed on {configs / 'b.json'}" in done.stderr
+    written = sorted(p.parent.name for p in (tmp_path / "out").rglob("0.png"))
+    assert written == ["A_flower_in_a_vase."]  # a.json ran, c.json did not

@@ -1,0 +1,67 @@
+"""A tiny random Stable Diffusion in diffusers format, for tests and CPU smoke runs.
+
+    python tests/tiny_model.py tiny_sd              # 32-d text encoder, 64 px
+    python tests/tiny_model.py tiny_sd_1024 --text_dim 1024 --prediction_type v_prediction   # fits SD 2.1 residuals
+
+The real CLIP tokenizer (tests/fixtures/clip_tokenizer) with random 1-layer text encoder, UNet and VAE.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "clip_tokenizer"
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
+
+
+def build_tiny_sd(folder, text_dim=32, prediction_type="epsilon", seed=0):
+    """UNet (32, 64 channels), VAE with four down blocks (latents 1/8), 1-layer CLIP text model of width text_dim."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        sample_size=64)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    # written as Stable Diffusion 2.1's own file is (no timestep_spacing key: LMS then spaces linearly)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+        "prediction_type": prediction_type, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "trained_betas": None}))
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None]}))
+    return folder
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion to a folder.")
+    parser.add_argument("folder")
+    parser.add_argument("--text_dim", type=int, default=32)
+    parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build_tiny_sd(args.folder, args.text_dim, args.prediction_type, args.seed))
