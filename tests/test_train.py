@@ -1,0 +1,251 @@
+"""train.py, training_all.sh and get_dataset.sh on the tiny model and small image folders."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+import train
+from conftest import ROOT, build_tiny_sd, clip_tokenizer
+from pipeline_utils import run_cli
+from residual_utils import load_residual
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process training run starts from a clean accelerate state, as a new process would."""
+    yield
+    reset_accelerate()
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def make_images(folder, count=3, size=(80, 72), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def train_args(model, data, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
+            "--instance_prompt", "dog", "--output_dir", str(out), "--resolution", "64", "--max_train_steps", "3",
+            "--learning_rate", "1e-3", "--num_validation_images", "0", *extra]
+
+
+def run_train(*argv):
+    reset_accelerate()
+    return run_cli(train.main, train.parse_args(list(argv)))
+
+
+def test_training_writes_residual_config_and_validation(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data")
+    out = tmp_path / "out"
+    path = run_train(*train_args(tiny_model, data, out, "--token_num", "2", "--num_validation_images", "2",
+                                 "--validation_inference_steps", "2", "--checkpointing_steps", "2"))
+    residual = load_residual(path)
+    assert residual.tensor.shape == (2, 32) and residual.tensor.dtype == torch.float32
+    assert residual.tensor.abs().sum() > 0
+    meta = residual.metadata
+    assert meta["class_phrase"] == "dog" and meta["token_num"] == "2" and meta["embedding_dim"] == "32"
+    assert meta["base_model"] == str(tiny_model)
+    assert json.loads(meta["training"])["learning_rate"] == 1e-3
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["global_step"] == 3 and config["num_images"] == 3 and config["validation_prompt"] == "a photo of a dog"
+    shots = sorted((out / "validation" / "step-3").glob("*.png"))
+    assert [p.name for p in shots] == ["0.png", "1.png"]
+    assert np.array(Image.open(shots[0])).shape == (64, 64, 3)
+    assert (out / "checkpoint-2" / "step.json").is_file()
+    assert not (out / "pipeline").exists()
+    assert path.stat().st_size < 8192
+
+
+def test_zero_learning_rate_gives_zero_residual(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data")
+    path = run_train(*train_args(tiny_model, data, tmp_path / "out", "--learning_rate", "0"))
+    assert torch.equal(load_residual(path).tensor, torch.zeros(1, 32))
+
+
+def test_preservation_loss_by_hand():
+    torch.manual_seed(0)
+    e, e0 = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    loss = train.preservation_loss(e, e0, token_num=2, loss_rate_first=0.5, loss_rate_second=0.25)
+    per_sample = []
+    for b in range(2):
+        first = sum(float(e[b, 0, j] - e0[b, 0, j]) ** 2 for j in range(3)) ** 0.5
+        rest = sum(float(e[b, i, j] - e0[b, i, j]) ** 2 for i in range(3, 6) for j in range(3)) ** 0.5
+        per_sample.append(0.5 * first + 0.25 * rest)
+    assert float(loss) == pytest.approx(sum(per_sample) / 2, rel=1e-6)
+    # rows 1 .. k are free: changing them changes nothing
+    changed = e.clone()
+    changed[:, 1:3] += 10
+    assert float(train.preservation_loss(changed, e0, 2, 0.5, 0.25)) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_residual_by_hand_from_two_encoders(tmp_path):
+    from transformers import CLIPTextModel
+
+    frozen_dir = build_tiny_sd(tmp_path / "a", seed=0) / "text_encoder"
+    frozen = CLIPTextModel.from_pretrained(frozen_dir).eval()
+    tuned = CLIPTextModel.from_pretrained(frozen_dir).eval()
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokenizer = clip_tokenizer()
+    ids, positions = train.template_rows(tokenizer, "pet_cat", 2)
+    frozen_rows = train.concept_rows(frozen, ids, positions, 2)
+    residual = train.compute_residual(tuned, ids, positions, 2, frozen_rows)
+
+    pet = tokenizer("pet_cat").input_ids[1]
+    diffs = []
+    for template in train.TEMPLATES:
+        sentence = tokenizer(template.format("pet_cat"), padding="max_length", max_length=77).input_ids
+        p = sentence.index(pet)
+        with torch.no_grad():
+            a = tuned(torch.tensor([sentence])).last_hidden_state[0, p:p + 2]
+            b = frozen(torch.tensor([sentence])).last_hidden_state[0, p:p + 2]
+        diffs.append(a - b)
+    assert len(diffs) == 27 and positions[0] == 5  # "a photo of a pet _ cat": BOS a photo of a pet
+    torch.testing.assert_close(residual, torch.stack(diffs).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data", count=3)
+    common = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3"]
+    whole = run_train(*train_args(tiny_model, data, tmp_path / "whole", *common, "--max_train_steps", "7"))
+    # a run stopped after step 5 (its last checkpoint is step 3), then resumed
+    run_train(*train_args(tiny_model, data, tmp_path / "parts", *common, "--max_train_steps", "5"))
+    assert sorted(p.name for p in (tmp_path / "parts").glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = run_train(*train_args(tiny_model, data, tmp_path / "parts", *common, "--max_train_steps", "7",
+                                    "--resume_from_checkpoint", "latest"))
+    a, b = load_residual(whole).tensor, load_residual(resumed).tensor
+    assert a.abs().sum() > 0
+    assert torch.equal(a, b)
+    assert json.loads((tmp_path / "parts" / "train_config.json").read_text())["global_step"] == 7
+
+
+def test_non_image_files_are_ignored(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data", count=2)
+    (data / "notes.txt").write_text("not an image")
+    (data / ".DS_Store").write_bytes(b"\x00\x01")
+    (data / "sub").mkdir()
+    run_train(*train_args(tiny_model, data, tmp_path / "out", "--max_train_steps", "1"))
+    images = json.loads((tmp_path / "out" / "train_config.json").read_text())["images"]
+    assert [os.path.basename(p) for p in images] == ["00.png", "01.png"]
+
+
+def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
+    data = make_images(tmp_path / "data")
+    residual = run_train(*train_args(tiny_model, data, tmp_path / "dog"))
+    array = np.zeros((64, 64, 3), dtype=np.uint8)
+    array[:, 32:] = 255
+    Image.fromarray(array).save(tmp_path / "layout.png")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "prompt": "A photo of a dog on a beach.", "residual_dict": {"<my_dog>": str(residual)},
+        "color_context": {"255,255,255": ["<my_dog>", 2.5]}, "guidance_steps": 2, "guidance_weight": 0.08,
+        "weight_negative": -1e8, "layout": "layout.png", "subject_list": ["<my_dog>"]}))
+    folder = run_cli(inference.main, inference.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_model), "--inference_config", str(config),
+        "--output_dir", str(tmp_path / "images"), "--num_images", "1", "--num_inference_steps", "2"]))
+    assert "<my_dog> -> position 5 'dog'" in capsys.readouterr().out
+    assert (folder / "0.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+def expect_error(capsys, argv, fragment, out):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+    assert not (out / "residual.safetensors").exists()
+
+
+def test_bad_training_input(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    good = make_images(tmp_path / "good", count=2)
+    expect_error(capsys, train_args(tiny_model, tmp_path / "nowhere", out), "folder not found", out)
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, train_args(tiny_model, tmp_path / "empty", out), "no images", out)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    expect_error(capsys, train_args(tiny_model, tmp_path / "texts", out), "no images", out)
+    broken = make_images(tmp_path / "broken", count=1)
+    (broken / "01.jpg").write_bytes(b"\xff\xd8 truncated")
+    expect_error(capsys, train_args(tiny_model, broken, out), f"{broken / '01.jpg'}: cannot read the image", out)
+    expect_error(capsys, train_args(tiny_model, good, out, "--resolution", "60"), "--resolution 60", out)
+    expect_error(capsys, train_args(tiny_model, good, out, "--token_num", "0"), "--token_num 0", out)
+    argv = train_args(tiny_model, good, out)
+    argv[argv.index("dog")] = " "
+    expect_error(capsys, argv, "--instance_prompt", out)
+    expect_error(capsys, train_args(tmp_path / "no_model", good, out), "cannot load the tokenizer of model", out)
+    expect_error(capsys, train_args(tiny_model, good, out, "--validation_prompt", "a cat"),
+                 "must contain the instance prompt 'dog'", out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The shell scripts
+
+def test_get_dataset_from_local_copy(tmp_path):
+    source = tmp_path / "dataset"
+    for subject in ("cat2", "vase"):
+        make_images(source / subject, count=2, seed=len(subject))
+    sums = tmp_path / "SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.parent.name}/{p.name}\n"
+                            for p in sorted(source.rglob("*.png"))))
+    dest = tmp_path / "Data"
+    cmd = ["bash", str(ROOT / "get_dataset.sh"), "--from", str(source), "--sums", str(sums), "--dest", str(dest)]
+    first = subprocess.run(cmd + ["cat2", "vase", "flower_1"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "installed: cat2 vase" in first.stdout
+    assert "no public source for: flower_1" in first.stdout and f"{dest}/flower_1/" in first.stdout
+    assert sorted(p.name for p in (dest / "cat2").iterdir()) == ["00.png", "01.png"]
+    again = subprocess.run(cmd + ["cat2", "vase"], capture_output=True, text=True)
+    assert again.returncode == 0 and "already in place: cat2 vase" in again.stdout
+
+    # a file whose sum does not match is reported and not installed
+    (source / "vase" / "01.png").write_bytes(b"tampered")
+    (dest / "vase" / "01.png").unlink()
+    bad = subprocess.run(cmd + ["vase"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "checksum mismatch for vase/01.png" in bad.stderr
+    assert sorted(p.name for p in (dest / "vase").iterdir()) == ["00.png"]
+
+
+def test_get_dataset_sums_cover_the_seed_subjects():
+    lines = (ROOT / "data" / "dreambench_SHA256SUMS").read_text().splitlines()
+    subjects = {line.split()[1].split("/")[0] for line in lines}
+    assert {"cat2", "dog", "dog6", "vase"} <= subjects and len(lines) == 158
+
+
+def test_training_all_skips_and_reports(tiny_model, tmp_path):
+    data = tmp_path / "Data"
+    make_images(data / "mydog", count=2)
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("# name prompt\nmydog dog\nghost cat\n")
+    env = {**os.environ, "MODEL_NAME": str(tiny_model), "DATA_DIR": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
+           "CONCEPTS_FILE": str(concepts), "PYTHON": sys.executable, "NUM_GPUS": "0"}
+    extra = ["--resolution", "64", "--max_train_steps", "2", "--num_validation_images", "0"]
+    first = subprocess.run(["bash", str(ROOT / "training_all.sh"), *extra], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "missing ghost: no images" in first.stdout
+    assert "trained: mydog; skipped: none; missing images: ghost" in first.stdout
+    assert load_residual(tmp_path / "out" / "mydog" / "residual.safetensors").tensor.shape == (1, 32)
+    again = subprocess.run(["bash", str(ROOT / "training_all.sh"), *extra], capture_output=True, text=True, env=env)
+    assert "skip mydog" in again.stdout and "trained: none; skipped: mydog" in again.stdout

@@ -1,0 +1,404 @@
+"""Learn a concept's residual embedding from a few photos (Cones 2, ALGORITHM.md A).
+
+    accelerate launch train.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+        --instance_data_dir Data/concept_image/dog6 --instance_prompt dog --output_dir My_residuals/dog6
+
+(plain `python train.py ...` works too). The whole text encoder is fine-tuned on the photos with the
+diffusion loss plus a preservation loss that keeps the BOS row and the rows after the concept close to the
+frozen encoder; the residual is then the mean shift of the concept's rows over 27 template sentences.
+Writes `residual.safetensors` (4 KB per token row) and `train_config.json` to --output_dir.
+
+Every random draw comes from (seed, step) or (seed, sample index), never from global RNG state, so
+`--resume_from_checkpoint latest` ends with the same residual as an uninterrupted run.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from pipeline_utils import (DTYPES, UserError, encode_ids, load_model, load_tokenizer, run_cli, token_ids,
+                            word_ids)
+from residual_utils import find_sequence, save_residual
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+# The textual-inversion "small" templates, in order (A.7).
+TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+def load_instance_images(folder, resolution):
+    """Every image in `folder`, EXIF-rotated, RGB, shorter side resized to `resolution` (bilinear)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--instance_data_dir {folder}: folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"--instance_data_dir {folder}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image).convert("RGB")
+        except Exception as e:
+            raise UserError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BILINEAR)
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # [3, h, w] uint8
+    return files, images
+
+
+def sample_order(seed, num_images, sample_index):
+    """The image of the `sample_index`-th sample: the data are shuffled anew each epoch from (seed, epoch)."""
+    epoch, index = divmod(sample_index, num_images)
+    permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return int(permutation[index])
+
+
+def crop(image, resolution, center, seed, sample_index):
+    """A resolution x resolution crop mapped to [-1, 1]; its offset comes from (seed, sample index)."""
+    _, h, w = image.shape
+    if center:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    else:
+        rng = np.random.default_rng([seed, sample_index])
+        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+    patch = image[:, top:top + resolution, left:left + resolution]
+    return patch.float() / 127.5 - 1.0
+
+
+def micro_batch(images, args, micro_step, rank, world_size):
+    """The batch of process `rank` for micro-step `micro_step`: [B, 3, R, R] in [-1, 1]."""
+    first = (micro_step * world_size + rank) * args.train_batch_size
+    batch = []
+    for sample_index in range(first, first + args.train_batch_size):
+        image = images[sample_order(args.seed, len(images), sample_index)]
+        batch.append(crop(image, args.resolution, args.center_crop, args.seed, sample_index))
+    return torch.stack(batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# The method
+
+def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second):
+    """lambda1 ||e[0] - e0[0]|| + lambda2 ||e[1+k:] - e0[1+k:]||, plain L2 norms per sample, mean over the batch.
+
+    e, e0 [B, L, d]: the trained and the frozen encoder's states of the instance prompt (A.5).
+    """
+    first = (e[:, 0] - e0[:, 0]).flatten(1).norm(dim=1)  # [B]
+    rest = (e[:, 1 + token_num:] - e0[:, 1 + token_num:]).flatten(1).norm(dim=1)  # [B]
+    return (loss_rate_first * first + loss_rate_second * rest).mean()
+
+
+def template_rows(tokenizer, instance_prompt, token_num):
+    """Ids [27, 77] of the templates filled with the prompt, and p: where its first token sits in each (A.7)."""
+    first_token = word_ids(tokenizer, instance_prompt)[0]
+    ids, positions = [], []
+    for template in TEMPLATES:
+        sentence_ids = token_ids(tokenizer, template.format(instance_prompt), tokenizer.model_max_length)
+        found = find_sequence(sentence_ids, [first_token])
+        assert found and found[0] + token_num <= len(sentence_ids), f"'{instance_prompt}' not found in '{template}'"
+        ids.append(sentence_ids)
+        positions.append(found[0])
+    return torch.tensor(ids), positions
+
+
+def concept_rows(text_encoder, ids, positions, token_num):
+    """Rows p .. p+k-1 of each template's hidden states: [27, k, d] float32."""
+    states = encode_ids(text_encoder, ids)  # [27, 77, d]
+    return torch.stack([states[i, p:p + token_num] for i, p in enumerate(positions)])
+
+
+def compute_residual(text_encoder, ids, positions, token_num, frozen_rows):
+    """mean over templates of E*(s)[p:p+k] - E0(s)[p:p+k]: [k, d] (A.7)."""
+    return (concept_rows(text_encoder, ids, positions, token_num) - frozen_rows).mean(dim=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def latest_checkpoint(output_dir):
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+                   if p.name.split("-")[1].isdigit() else -1)
+    found = [p for p in found if (p / "step.json").is_file()]
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, output_dir, step, keep):
+    """accelerator.save_state into checkpoint-{step}, written under a temporary name and renamed."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"global_step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        older = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p != final),
+                       key=lambda p: int(p.name.split("-")[1]))
+        for old in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------
+
+def check_args(args):
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution}: expected a positive multiple of 8")
+    if args.token_num < 1:
+        raise UserError(f"--token_num {args.token_num}: expected an integer >= 1")
+    if not args.instance_prompt.strip():
+        raise UserError("--instance_prompt: expected the concept's class word(s), e.g. 'dog', got an empty string")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpoints_total_limit"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    if args.learning_rate < 0:
+        raise UserError(f"--learning_rate {args.learning_rate}: expected a number >= 0")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to tensorboard needs tensorboard: pip install tensorboard") from None
+
+
+def main(args):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm import tqdm
+
+    check_args(args)
+    files, images = load_instance_images(args.instance_data_dir, args.resolution)
+    tokenizer = load_tokenizer(args.pretrained_model_name_or_path)
+    if not word_ids(tokenizer, args.instance_prompt):
+        raise UserError(f"--instance_prompt '{args.instance_prompt}': has no tokens")
+    validation_prompt = args.validation_prompt or f"a photo of a {args.instance_prompt}"
+    validation_ids = token_ids(tokenizer, validation_prompt)
+    found = find_sequence(validation_ids, word_ids(tokenizer, args.instance_prompt))
+    if not found:
+        raise UserError(f"--validation_prompt '{validation_prompt}': must contain the instance prompt "
+                        f"'{args.instance_prompt}', where the residual is applied")
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=str(output_dir / "logs"))
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
+    sd = load_model(args.pretrained_model_name_or_path, accelerator.device, weight_dtype,
+                    text_encoder_dtype=torch.float32)
+    text_encoder, unet, vae = sd.text_encoder, sd.unet, sd.vae
+    noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+
+    # Everything that needs the frozen encoder E0, before the first update (A.3, A.7).
+    instance_ids = torch.tensor(token_ids(tokenizer, args.instance_prompt, tokenizer.model_max_length))
+    instance_ids = instance_ids[None].repeat(args.train_batch_size, 1).to(accelerator.device)  # [B, 77]
+    e0 = encode_ids(text_encoder, instance_ids)  # [B, 77, d]
+    template_ids, template_positions = template_rows(tokenizer, args.instance_prompt, args.token_num)
+    frozen_rows = concept_rows(text_encoder, template_ids, template_positions, args.token_num)  # [27, k, d]
+    validation_embeddings = encode_ids(text_encoder, [validation_ids, token_ids(tokenizer, "", len(validation_ids))])
+
+    text_encoder.requires_grad_(True)
+    text_encoder.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(text_encoder.parameters(), lr=args.learning_rate, betas=(0.9, 0.999),
+                                weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = (latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest"
+                else Path(args.resume_from_checkpoint))
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting from step 0")
+        elif not (path / "step.json").is_file():
+            raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no step.json)")
+        else:
+            accelerator.load_state(str(path))
+            global_step = json.loads((path / "step.json").read_text())["global_step"]
+            accelerator.print(f"resumed from {path} at step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("cones2", config={k: v for k, v in vars(args).items() if v is not None})
+
+    def residual_now():
+        encoder = accelerator.unwrap_model(text_encoder).eval()
+        residual = compute_residual(encoder, template_ids, template_positions, args.token_num, frozen_rows)
+        encoder.train()
+        return residual
+
+    def validate(step):
+        if accelerator.is_main_process and args.num_validation_images > 0:
+            write_validation(sd, residual_now(), validation_embeddings, found[0], args, output_dir, step)
+        text_encoder.train()
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    while global_step < args.max_train_steps:
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = global_step * args.gradient_accumulation_steps + micro
+            # this micro-step's randomness: noise, timesteps and the VAE sample from (seed, micro-step, rank)
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 4099 + rank)
+            pixels = micro_batch(images, args, micro_step, rank, world).to(accelerator.device, weight_dtype)
+            with accelerator.accumulate(text_encoder):
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
+                    latents = latents * vae.config.scaling_factor
+                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator).to(latents.device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
+                pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=e.to(weight_dtype)).sample
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                diffusion = F.mse_loss(pred.float(), target.float())
+                preserve = preservation_loss(e, e0, args.token_num, args.loss_rate_first, args.loss_rate_second)
+                loss = diffusion + preserve
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        progress.update(1)
+        logs = {"loss": loss.item(), "diffusion": diffusion.item(), "preserve": preserve.item(),
+                "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 \
+                and global_step < args.max_train_steps:
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            validate(global_step)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        residual = residual_now()
+        settings = {k: v for k, v in vars(args).items()}
+        settings.update(global_step=global_step, num_images=len(images), images=[str(f) for f in files],
+                        embedding_dim=sd.embedding_dim, prediction_type=sd.prediction_type,
+                        num_processes=accelerator.num_processes, validation_prompt=validation_prompt)
+        metadata = {"class_phrase": args.instance_prompt, "base_model": args.pretrained_model_name_or_path,
+                    "training": json.dumps(settings)}
+        save_residual(output_dir / "residual.safetensors", residual, metadata)
+        (output_dir / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        accelerator.print(f"wrote {output_dir / 'residual.safetensors'} ({list(residual.shape)}, "
+                          f"norm {residual.norm():.4f})")
+        if args.save_pipeline:
+            save_pipeline(sd, accelerator.unwrap_model(text_encoder), output_dir / "pipeline")
+    validate(global_step)
+    accelerator.end_training()
+    return output_dir / "residual.safetensors"
+
+
+@torch.no_grad()
+def write_validation(sd, residual, embeddings, position, args, output_dir, step):
+    """Images of the validation prompt with the residual applied, made by the project's own sampler."""
+    from layout_guidance import generate
+    from residual_utils import apply_residuals
+
+    cond = apply_residuals(embeddings[0], [(residual, position)])
+    seeds = [args.seed + j for j in range(args.num_validation_images)]
+    was_training = sd.unet.training
+    sd.unet.eval()
+    images = generate(sd, cond, embeddings[1], seeds, args.resolution, args.resolution,
+                      args.validation_inference_steps, cfg_scale=7.5)
+    sd.unet.train(was_training)
+    folder = output_dir / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, image in zip(seeds, images):
+        Image.fromarray(image).save(folder / f"{seed}.png")
+
+
+def save_pipeline(sd, text_encoder, folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        sd.name, text_encoder=text_encoder, unet=sd.unet, vae=sd.vae, tokenizer=sd.tokenizer,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder")
+    p.add_argument("--instance_data_dir", required=True, help="folder of 3-10 photos of the subject")
+    p.add_argument("--instance_prompt", required=True, help="the subject's class word(s): dog, cat, pet_cat")
+    p.add_argument("--token_num", type=int, default=1, help="token rows k of the residual")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--resolution", type=int, default=768)
+    p.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=4000, help="optimisation steps (Cones 2: 4000)")
+    p.add_argument("--learning_rate", type=float, default=5e-6)
+    p.add_argument("--lr_scheduler", default="constant",
+                   choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                            "polynomial"))
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--loss_rate_first", type=float, default=1e-2, help="lambda1, weight of the BOS row")
+    p.add_argument("--loss_rate_second", type=float, default=1e-3, help="lambda2, weight of the rows after the concept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
+                   help="dtype of the frozen UNet and VAE; the text encoder trains in float32")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--checkpointing_steps", type=int, default=500, help="0: no checkpoints")
+    p.add_argument("--checkpoints_total_limit", type=int, default=1, help="checkpoints kept (the newest)")
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--validation_prompt", default=None, help="default: 'a photo of a {instance_prompt}'")
+    p.add_argument("--validation_steps", type=int, default=0, help="also validate every N steps (0: only at the end)")
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--validation_inference_steps", type=int, default=30)
+    p.add_argument("--report_to", default="none", choices=("none", "tensorboard"))
+    p.add_argument("--save_pipeline", action="store_true", help="also save the whole fine-tuned pipeline (GBs)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())
