@@ -8,8 +8,9 @@ diffusion loss plus a preservation loss that keeps the BOS row and the rows afte
 frozen encoder; the residual is then the mean shift of the concept's rows over 27 template sentences.
 Writes `residual.safetensors` (4 KB per token row) and `train_config.json` to --output_dir.
 
-Every random draw comes from (seed, step) or (seed, sample index), never from global RNG state, so
-`--resume_from_checkpoint latest` ends with the same residual as an uninterrupted run.
+Every random draw (data order, crop, VAE sample, noise, timestep) comes from the seed and the sample's index,
+never from global RNG state, so `--resume_from_checkpoint latest` ends with the same residual as an
+uninterrupted run, and N processes with batch B see the same samples as one process with batch N * B.
 """
 import argparse
 import json
@@ -87,13 +88,26 @@ def crop(image, resolution, center, seed, sample_index):
 
 
 def micro_batch(images, args, micro_step, rank, world_size):
-    """The batch of process `rank` for micro-step `micro_step`: [B, 3, R, R] in [-1, 1]."""
+    """Sample indices and images [B, 3, R, R] in [-1, 1] of process `rank` for micro-step `micro_step`."""
     first = (micro_step * world_size + rank) * args.train_batch_size
-    batch = []
-    for sample_index in range(first, first + args.train_batch_size):
-        image = images[sample_order(args.seed, len(images), sample_index)]
-        batch.append(crop(image, args.resolution, args.center_crop, args.seed, sample_index))
-    return torch.stack(batch)
+    indices = list(range(first, first + args.train_batch_size))
+    batch = [crop(images[sample_order(args.seed, len(images), j)], args.resolution, args.center_crop, args.seed, j)
+             for j in indices]
+    return indices, torch.stack(batch)
+
+
+def sample_noise(seed, indices, latent_shape, num_train_timesteps):
+    """Per sample, from (seed, sample index): the VAE's sampling noise, the diffusion noise and the timestep.
+
+    Drawn per sample, so a batch split over several processes sees the same numbers as on one.
+    """
+    vae_noise, noise, timesteps = [], [], []
+    for j in indices:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + j + 1)
+        vae_noise.append(torch.randn(latent_shape, generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+    return torch.stack(vae_noise), torch.stack(noise), torch.stack(timesteps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,19 +288,18 @@ def main(args):
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     rank, world = accelerator.process_index, accelerator.num_processes
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for Stable Diffusion
+    latent_shape = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
     while global_step < args.max_train_steps:
         for micro in range(args.gradient_accumulation_steps):
             micro_step = global_step * args.gradient_accumulation_steps + micro
-            # this micro-step's randomness: noise, timesteps and the VAE sample from (seed, micro-step, rank)
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + micro_step * 4099 + rank)
-            pixels = micro_batch(images, args, micro_step, rank, world).to(accelerator.device, weight_dtype)
+            indices, pixels = micro_batch(images, args, micro_step, rank, world)
+            vae_noise, noise, timesteps = (t.to(accelerator.device) for t in sample_noise(
+                args.seed, indices, latent_shape, noise_scheduler.config.num_train_timesteps))
             with accelerator.accumulate(text_encoder):
                 with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
-                    latents = latents * vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator).to(latents.device)
+                    posterior = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist
+                    latents = (posterior.mean + posterior.std * vae_noise).float() * vae.config.scaling_factor
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
                 pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=e.to(weight_dtype)).sample

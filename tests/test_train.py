@@ -249,3 +249,21 @@ def test_training_all_skips_and_reports(tiny_model, tmp_path):
     assert load_residual(tmp_path / "out" / "mydog" / "residual.safetensors").tensor.shape == (1, 32)
     again = subprocess.run(["bash", str(ROOT / "training_all.sh"), *extra], capture_output=True, text=True, env=env)
     assert "skip mydog" in again.stdout and "trained: none; skipped: mydog" in again.stdout
+
+
+def test_two_processes_equal_one_with_the_whole_batch(tiny_model, tmp_path):
+    """Data-parallel with gradient accumulation: 2 processes x batch 1 == 1 process x batch 2 (gloo, CPU)."""
+    data = make_images(tmp_path / "data", count=3)
+    common = ["--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "0"]
+    single = run_train(*train_args(tiny_model, data, tmp_path / "one", *common, "--train_batch_size", "2"))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), *train_args(tiny_model, data, tmp_path / "two", *common,
+                                                               "--train_batch_size", "1")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((tmp_path / "two" / "train_config.json").read_text())
+    assert config["num_processes"] == 2
+    a, b = load_residual(single).tensor, load_residual(tmp_path / "two" / "residual.safetensors").tensor
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
