@@ -4,22 +4,42 @@
     python benchmark.py inference --device cuda --preset sd21-768 --dtype bf16
     python benchmark.py training --device cuda --preset sd21-768 --mixed_precision bf16 --gradient_checkpointing
 
-Models have random weights and the real architecture of each preset (no download). Prints a table, then, as
-the very last line, one JSON object with every figure.
+Models have random weights and the real architecture of each preset (SD 1.5 and SD 2.1 shapes written out
+below; no download). Prints a table, then, as the very last line, one JSON object with every figure.
 
-`naive_*` below is the same algorithm (ALGORITHM.md B) written the way the reference runs it: a hand-written
-fp32 attention in every layer, self-attention included; conditional and unconditional as two UNet calls; the
-layer's weight map resized from the full-resolution map on every call; residual files re-read for every image.
-It is the baseline here, and the tests use it as an independent implementation to check the fast sampler.
+inference, per image and per UNet evaluation (one evaluation = the conditional and unconditional UNet pass
+of one denoising step; a 50-step image with all steps guided and self-recurrent makes 100):
+- guided: the project's sampler, through the same functions inference.py runs (a two-subject config with
+  residual files and a layout, prepared once; every step guided);
+- naive:  the same algorithm the way the reference runs it (below): fp32 weights, a hand-written attention
+  in every layer, conditional and unconditional as two UNet calls, residual files re-read for every image;
+- stock:  diffusers' StableDiffusionPipeline with EulerDiscreteScheduler and plain CFG, with as many UNet
+  evaluations per image as guided makes.
+overhead_vs_stock = guided / stock seconds per evaluation; speedup_vs_naive = naive / guided seconds per image.
+
+training: seconds per optimisation step (batch 1, the preset's resolution) of train.py's own loss and update,
+against a naive fp32 step with hand-written attention, and the minutes 4000 steps would take.
+
+The naive method, kept here as the baseline: the same algorithm (ALGORITHM.md B) written the way the
+reference runs it. The tests also use it as an independent implementation to check the fast sampler.
 """
+import argparse
+import json
 import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import LMSDiscreteScheduler
+from PIL import Image
 
 from layout_guidance import decode_latents, guidance_sigmas
-
 
 # ------------------------------------------------------------------------------------------------
 # The naive method
@@ -95,3 +115,388 @@ def naive_sample(unet, vae, scheduler_config, state, cond, uncond, weight_map, s
             if k == 0 and passes == 2:
                 x = x + math.sqrt(sigma ** 2 - sigma_next ** 2) * torch.randn(shape, generator=generator).to(device)
     return decode_latents(vae, x)[0]
+
+
+def naive_image(sd32, state, job, residual_paths, seed, height, width):
+    """One image the reference's way: residual files re-read and the prompt re-encoded for this image."""
+    from inference import job_inputs
+    from residual_utils import load_residual
+
+    for subject, path in zip(job.subjects, residual_paths):
+        subject.residual = load_residual(path)
+    cond, uncond, weight_map = job_inputs(sd32, job)
+    s = job.settings
+    return naive_sample(sd32.unet, sd32.vae, sd32.scheduler_config, state, cond[None], uncond[None], weight_map,
+                        seed, height, width, s["num_inference_steps"], s["cfg_scale"], s["cfg_schedule"],
+                        s["guidance_steps"], s["guidance_weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: real architectures, random weights
+
+SD_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+               down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+PRESETS = {
+    # the test models' size: checks that the benchmark runs, nothing more
+    "tiny": dict(resolution=64, prediction_type="epsilon",
+                 unet=dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                           cross_attention_dim=32),
+                 vae=dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)),
+    # small enough for 2 CPU cores, with SD's layout: attention at the two finer levels, 32x32 latents
+    "cpu-small": dict(resolution=256, prediction_type="epsilon",
+                      unet=dict(block_out_channels=(64, 128, 256), layers_per_block=1, norm_num_groups=32,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                attention_head_dim=8, cross_attention_dim=256),
+                      vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32),
+                      text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)),
+    # runwayml/stable-diffusion-v1-5
+    "sd15-512": dict(resolution=512, prediction_type="epsilon",
+                     unet=dict(SD_UNET, attention_head_dim=8, cross_attention_dim=768),
+                     vae=SD_VAE,
+                     text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               hidden_act="quick_gelu")),
+    # stabilityai/stable-diffusion-2-1
+    "sd21-768": dict(resolution=768, prediction_type="v_prediction",
+                     unet=dict(SD_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                               use_linear_projection=True, upcast_attention=True),
+                     vae=SD_VAE,
+                     text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                               hidden_act="gelu")),
+}
+
+
+def build_model(preset, device, dtype, text_encoder_dtype=None):
+    """A StableDiffusion (pipeline_utils) with random weights and the preset's architecture, on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pipeline_utils import StableDiffusion
+
+    spec = PRESETS[preset]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=spec["resolution"] // 8, in_channels=4, out_channels=4, **spec["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=spec["resolution"], **spec["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                    eos_token_id=49407, pad_token_id=49407, **spec["text"]))
+    for module in (unet, vae):
+        module.set_attn_processor(AttnProcessor2_0())
+    for module, module_dtype in ((unet, dtype), (vae, dtype), (text_encoder, text_encoder_dtype or dtype)):
+        module.requires_grad_(False).eval().to(module_dtype)
+    scheduler_config = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                        "clip_sample": False, "set_alpha_to_one": False,
+                        "prediction_type": spec["prediction_type"]}
+    # the real CLIP vocabulary, as every Stable Diffusion uses
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parent / "tests" / "fixtures" /
+                                                  "clip_tokenizer"), model_max_length=77)
+    return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, f"random {preset}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+
+class PeakMemory:
+    """Peak memory inside a `with` block: CUDA max_memory_allocated, or the process's peak RSS on the CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample_rss, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample_rss(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            self._stop.wait(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def gb(self):
+        return self.peak / 2 ** 30
+
+
+def timed(device, fn, repeats):
+    """Seconds per call of fn() over `repeats` calls (after the caller's warm-up), and peak memory in GB."""
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / repeats
+    return seconds, memory.gb
+
+
+def profile(device, fn):
+    """Where the time of fn() goes: torch profiler, the top operators."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+def versions(device):
+    import diffusers
+    import transformers
+
+    info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    info["device_name"] = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return info
+
+
+def print_table(title, header, rows):
+    print(title)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+
+
+# ------------------------------------------------------------------------------------------------
+# inference
+
+def write_benchmark_config(folder, sd, resolution, steps):
+    """Two subjects (random residuals with class phrases), a left/right layout, every step guided."""
+    from residual_utils import save_residual
+
+    generator = torch.Generator().manual_seed(0)
+    for name in ("cat", "dog"):
+        save_residual(folder / f"{name}.safetensors", 0.5 * torch.randn(1, sd.embedding_dim, generator=generator),
+                      {"class_phrase": name, "base_model": sd.name})
+    layout = np.zeros((resolution, resolution, 3), dtype=np.uint8)
+    layout[:, : resolution // 2] = (255, 0, 0)
+    layout[:, resolution // 2:] = (0, 255, 0)
+    Image.fromarray(layout).save(folder / "layout.png")
+    config = {"prompt": "A cat on the right and a dog on the left.",
+              "residual_dict": {"<cat>": "cat.safetensors", "<dog>": "dog.safetensors"},
+              "color_context": {"255,0,0": ["<dog>", 2.5], "0,255,0": ["<cat>", 2.5]},
+              "guidance_steps": steps, "guidance_weight": 0.08, "weight_negative": -1e8,
+              "layout": "layout.png", "subject_list": ["<cat>", "<dog>"], "num_inference_steps": steps}
+    (folder / "config.json").write_text(json.dumps([config]))
+    return folder / "config.json"
+
+
+def bench_inference(args):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from inference import job_inputs, prepare_job, release_text_encoder, sample_job
+    from layout_guidance import install_guidance
+    from pipeline_utils import resolve_dtype
+
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    resolution = args.resolution or PRESETS[args.preset]["resolution"]
+    steps = args.steps
+    evaluations = 2 * steps  # every step guided, so every step runs twice (self-recurrence)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sd = build_model(args.preset, device, torch.float32)
+        config = write_benchmark_config(Path(tmp), sd, resolution, steps)
+
+        def job_for(num_steps):
+            return prepare_job(config, sd.tokenizer, sd.embedding_dim, resolution, resolution,
+                               {"num_inference_steps": num_steps})
+
+        # naive, in fp32 as the reference runs
+        state = install_naive(sd.unet)
+        residual_paths = [Path(tmp) / "cat.safetensors", Path(tmp) / "dog.safetensors"]
+        warm, job = job_for(1), job_for(steps)
+        naive_image(sd, state, warm, residual_paths, 0, resolution, resolution)
+        seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths, 0, resolution, resolution),
+                                args.naive_images)
+        results["naive"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
+
+        # guided: the project's path, in the chosen dtype
+        for module in (sd.unet, sd.vae, sd.text_encoder):
+            module.to(dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        guidance = install_guidance(sd.unet)
+        inputs_warm, inputs = job_inputs(sd, warm), job_inputs(sd, job)
+        release_text_encoder(sd)
+        sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution)
+        seeds = iter(range(10_000))
+        seconds, memory = timed(device, lambda: sample_job(sd, guidance, job, inputs, [next(seeds)], resolution,
+                                                           resolution), args.images)
+        results["guided"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
+        if args.profile:
+            profile(device, lambda: sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution))
+
+        # stock diffusers, the same number of UNet evaluations
+        sd.unet.set_attn_processor(AttnProcessor2_0())
+        sd.text_encoder.to(device)
+        pipeline = StableDiffusionPipeline(
+            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+            scheduler=EulerDiscreteScheduler.from_config(sd.scheduler_config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        prompt = job.settings["prompt"]
+
+        def stock(num_steps):
+            return pipeline(prompt, height=resolution, width=resolution, num_inference_steps=num_steps,
+                            guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        stock(2)
+        seconds, memory = timed(device, lambda: stock(evaluations), args.images)
+        results["stock"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
+
+    summary = dict(mode="inference", preset=args.preset, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                   resolution=resolution, steps=steps, unet_evaluations_per_image=evaluations, **results,
+                   overhead_vs_stock=results["guided"]["s_per_eval"] / results["stock"]["s_per_eval"],
+                   speedup_vs_naive=results["naive"]["s_per_image"] / results["guided"]["s_per_image"],
+                   memory_guided_over_naive=results["guided"]["peak_gb"] / results["naive"]["peak_gb"],
+                   versions=versions(device), date=time.strftime("%Y-%m-%d"))
+    rows = [(name, f"{r['s_per_image']:.3f}", f"{1000 * r['s_per_eval']:.2f}", f"{r['peak_gb']:.2f}")
+            for name, r in results.items()]
+    print_table(f"inference {args.preset} {resolution}px, {steps} steps all guided ({evaluations} UNet evaluations), "
+                f"{summary['dtype']} on {summary['versions']['device_name']}",
+                ("method", "s/image", "ms/eval", "peak GB"), rows)
+    print(f"overhead_vs_stock {summary['overhead_vs_stock']:.3f}   speedup_vs_naive {summary['speedup_vs_naive']:.2f}"
+          f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+def bench_training(args):
+    from diffusers import DDPMScheduler
+
+    from pipeline_utils import token_ids
+    from train import sample_noise, training_loss  # the project's own training step
+
+    device = torch.device(args.device)
+    resolution = args.resolution or PRESETS[args.preset]["resolution"]
+    mixed = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    loss_args = SimpleNamespace(token_num=1, loss_rate_first=1e-2, loss_rate_second=1e-3)
+    results = {}
+    for method in ("project", "naive"):
+        naive = method == "naive"
+        weight_dtype = torch.float32 if naive else mixed
+        sd = build_model(args.preset, device, weight_dtype, text_encoder_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+        if naive:
+            install_naive(sd.unet)
+            sd.text_encoder.set_attn_implementation("eager")
+        elif args.gradient_checkpointing:
+            sd.unet.enable_gradient_checkpointing()
+            sd.text_encoder.gradient_checkpointing_enable()
+        text_encoder = sd.text_encoder.requires_grad_(True).train()
+        if args.use_8bit_adam and not naive:
+            import bitsandbytes as bnb
+            optimizer = bnb.optim.AdamW8bit(text_encoder.parameters(), lr=5e-6, weight_decay=1e-2)
+        else:  # as train.py: fused on CUDA
+            optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=5e-6, weight_decay=1e-2,
+                                          fused=device.type == "cuda" and not naive)
+        ids = torch.tensor([token_ids(sd.tokenizer, "dog", 77)], device=device)
+        with torch.no_grad():
+            e0 = text_encoder(ids)[0].float()
+        pixels = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        pixels = pixels.to(device, weight_dtype)
+        latent_shape = (4, resolution // 8, resolution // 8)
+        counter = iter(range(10_000))
+        autocast = (torch.autocast(device.type, dtype=mixed) if weight_dtype != torch.float32
+                    else torch.autocast(device.type, enabled=False))
+
+        def step():
+            vae_noise, noise, timesteps = (t.to(device) for t in sample_noise(0, [next(counter)], latent_shape, 1000))
+            with autocast:  # what accelerate's mixed precision wraps the prepared text encoder in
+                loss, _, _ = training_loss(text_encoder, sd.unet, sd.vae, scheduler, ids, e0, pixels, vae_noise,
+                                           noise, timesteps, loss_args)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup_steps):
+            step()
+        seconds, memory = timed(device, step, args.train_steps)
+        results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory)
+        del sd, text_encoder, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    summary = dict(mode="training", preset=args.preset, device=str(device), resolution=resolution,
+                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                   use_8bit_adam=args.use_8bit_adam, **results,
+                   speedup_vs_naive=results["naive"]["s_per_step"] / results["project"]["s_per_step"],
+                   versions=versions(device), date=time.strftime("%Y-%m-%d"))
+    rows = [(name, f"{r['s_per_step']:.3f}", f"{r['minutes_for_4000']:.1f}", f"{r['peak_gb']:.2f}")
+            for name, r in results.items()]
+    print_table(f"training {args.preset} {resolution}px batch 1, project: {args.mixed_precision}"
+                f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+                f"{', 8-bit Adam' if args.use_8bit_adam else ''}; naive: fp32, hand-written attention, on "
+                f"{summary['versions']['device_name']}", ("method", "s/step", "min/4000 steps", "peak GB"), rows)
+    print(f"speedup_vs_naive {summary['speedup_vs_naive']:.2f}")
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    modes = p.add_subparsers(dest="mode", required=True)
+    for name in ("inference", "training"):
+        m = modes.add_parser(name)
+        m.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        m.add_argument("--preset", default="cpu-small", choices=tuple(PRESETS))
+        m.add_argument("--resolution", type=int, default=None, help="default: the preset's")
+        m.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    inference = modes.choices["inference"]
+    inference.add_argument("--steps", type=int, default=50)
+    inference.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    inference.add_argument("--images", type=int, default=2, help="timed images of guided and stock")
+    inference.add_argument("--naive_images", type=int, default=1, help="timed images of naive")
+    inference.add_argument("--profile", action="store_true", help="also print where one guided step's time goes")
+    training = modes.choices["training"]
+    training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    training.add_argument("--gradient_checkpointing", action="store_true")
+    training.add_argument("--use_8bit_adam", action="store_true")
+    training.add_argument("--warmup_steps", type=int, default=2)
+    training.add_argument("--train_steps", type=int, default=5, help="timed steps")
+    return p.parse_args(argv)
+
+
+def main(args):
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = bench_inference(args) if args.mode == "inference" else bench_training(args)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -327,6 +327,36 @@ def library_versions():
 
 
 # ------------------------------------------------------------------------------------------------
+# Sampling
+
+def job_inputs(sd, job):
+    """(cond [L, d] with the residuals added, uncond [L, d], weight map [L, H, W]) of a prepared job."""
+    from layout_guidance import layout_weight_map
+
+    embeddings = encode_ids(sd.text_encoder, [job.prompt_ids, job.uncond_ids])  # [2, L, d]
+    cond = apply_residuals(embeddings[0], [(s.residual.tensor, s.position) for s in job.subjects])
+    weight_map = layout_weight_map(job.layout, job.regions, len(job.prompt_ids), job.settings["weight_negative"])
+    return cond, embeddings[1], weight_map
+
+
+def release_text_encoder(sd):
+    """The prompt is encoded once per run: give the text encoder's accelerator memory to sampling."""
+    if sd.text_encoder.device.type == "cuda":
+        sd.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def sample_job(sd, guidance, job, inputs, seeds, height, width):
+    """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch."""
+    from layout_guidance import generate
+
+    cond, uncond, weight_map = inputs
+    s = job.settings
+    return generate(sd, cond, uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
+                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"])
+
+
+# ------------------------------------------------------------------------------------------------
 
 def check_args(args):
     if args.height is None:
@@ -349,7 +379,7 @@ def main(args):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from layout_guidance import generate, install_guidance, layout_weight_map
+    from layout_guidance import install_guidance
 
     check_args(args)
     model = args.pretrained_model_name_or_path
@@ -371,11 +401,8 @@ def main(args):
     sd = load_model(model, device, dtype)
     guidance = install_guidance(sd.unet)
 
-    embeddings = encode_ids(sd.text_encoder, [job.prompt_ids, job.uncond_ids])  # [2, L, d]
-    cond = apply_residuals(embeddings[0], [(s.residual.tensor, s.position) for s in job.subjects])
-    uncond = embeddings[1]
-    weight_map = layout_weight_map(job.layout, job.regions, len(job.prompt_ids), settings["weight_negative"])
-
+    inputs = job_inputs(sd, job)
+    release_text_encoder(sd)
     folder = output_folder(args.output_dir, job.subjects, settings["prompt"])
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + j for j in range(args.num_images)]
@@ -383,9 +410,7 @@ def main(args):
     from tqdm import tqdm
     for start in tqdm(range(0, len(seeds), args.batch_size), desc="batches", disable=len(seeds) <= args.batch_size):
         batch_seeds = seeds[start:start + args.batch_size]
-        batch = generate(sd, cond, uncond, batch_seeds, height, width, settings["num_inference_steps"],
-                         settings["cfg_scale"], settings["cfg_schedule"], guidance, weight_map,
-                         settings["guidance_steps"], settings["guidance_weight"])
+        batch = sample_job(sd, guidance, job, inputs, batch_seeds, height, width)
         for seed, image in zip(batch_seeds, batch):
             write_atomic(folder / f"{seed}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
         images.extend(batch)

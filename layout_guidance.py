@@ -9,6 +9,8 @@
     make_cfg_denoiser           the UNet with batched classifier-free guidance, as that function
     generate                    all of the above for a list of seeds
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -81,15 +83,18 @@ class LayoutGuidance:
         return self._maps[key]
 
 
-def guided_attention(query, key, value, layout_map, strength, scale):
-    """softmax((S + bias) * scale) V with S = Q K^T and bias = strength * W * std(S), in float32 (B3).
+def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=0):
+    """softmax((S + bias) * scale) V in float32, with S = Q K^T and bias = strength * W * std(S) (B3).
 
-    query [B, heads, N, hd], key/value [B, heads, L, hd], layout_map [N, L]; std is over all of one image's S.
+    query [B, heads, N, hd], key/value [B, heads, L, hd], layout_map [N, L]. Rows num_uncond.. of the batch
+    (the conditional branch) get the bias, std taken over all of that image's S; the first num_uncond rows
+    get plain attention. One path for the whole batch keeps the number of kernels per layer low.
     """
     scores = query.float() @ key.float().transpose(-1, -2)  # [B, heads, N, L]
-    std = scores.flatten(1).std(dim=1)  # [B]
-    bias = strength * layout_map * std[:, None, None, None]  # [B, 1, N, L]
-    probs = torch.softmax((scores + bias) * scale, dim=-1)
+    cond = scores[num_uncond:]
+    std = cond.flatten(1).std(dim=1)  # [B - num_uncond]
+    cond += strength * layout_map * std[:, None, None, None]  # in place: a view of scores
+    probs = torch.softmax(scores * scale, dim=-1)
     return (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
 
 
@@ -115,12 +120,9 @@ class GuidedCrossAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-
-        n = g.num_uncond
-        uncond = F.scaled_dot_product_attention(query[:n], key[:n], value[:n])
-        cond = guided_attention(query[n:], key[n:], value[n:], g.map_for(num_queries, query.device),
-                                g.strength, attn.scale)
-        out = torch.cat([uncond, cond]).transpose(1, 2).reshape(batch, num_queries, attn.heads * head_dim)
+        out = guided_attention(query, key, value, g.map_for(num_queries, query.device), g.strength, attn.scale,
+                               g.num_uncond)
+        out = out.transpose(1, 2).reshape(batch, num_queries, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
@@ -142,31 +144,31 @@ def install_guidance(unet):
 def sample_euler_recurrent(denoise, x, sigmas, recurrent_steps, noise):
     """Euler sampler with self-recurrence (Cones 2): step i < recurrent_steps runs twice, re-noised between.
 
-    denoise(x, i) -> x0 estimate at sigmas[i]; noise(x) -> a standard normal draw shaped like x.
+    denoise(x, i) -> x0 estimate at sigmas[i] (a list of floats); noise() -> the next standard normal draw.
     """
     for i in range(len(sigmas) - 1):
         passes = 2 if i < recurrent_steps else 1
         for k in range(passes):
             x0 = denoise(x, i)
-            x = x + (sigmas[i + 1] - sigmas[i]) * (x - x0) / sigmas[i]
+            x = x + (sigmas[i + 1] - sigmas[i]) / sigmas[i] * (x - x0)
             if k == 0 and passes == 2:  # back from sigma_{i+1} to sigma_i
-                x = x + (sigmas[i] ** 2 - sigmas[i + 1] ** 2).sqrt() * noise(x)
+                x = x + math.sqrt(sigmas[i] ** 2 - sigmas[i + 1] ** 2) * noise()
     return x
 
 
 def cfg_scales(cfg_scale, schedule, sigmas):
     """Classifier-free guidance scale per step: 'constant' (Cones 2) or 'sigma' s * (1 + sigma_i / sigma_max)."""
-    sigmas = sigmas[:-1]
     if schedule == "constant":
-        return torch.full_like(sigmas, cfg_scale)
-    return cfg_scale * (1 + sigmas / sigmas[0])
+        return [cfg_scale] * (len(sigmas) - 1)
+    return [cfg_scale * (1 + sigma / sigmas[0]) for sigma in sigmas[:-1]]
 
 
 def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_type,
                       guidance=None, guided_steps=0, strengths=None):
     """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
 
-    cond, uncond [B, L, d]; the layout guidance (if any) is switched on for steps i < guided_steps.
+    cond, uncond [B, L, d]; sigmas, scales, strengths: lists of floats; the layout guidance (if any) is
+    switched on for steps i < guided_steps.
     """
     encoder_states = torch.cat([uncond, cond]).to(unet.dtype)  # [2B, L, d]
     batch = cond.shape[0]
@@ -176,12 +178,12 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
         if guidance is not None:
             active = i < guided_steps
             guidance.set_step(active, strengths[i] if active else 0.0, num_uncond=batch)
-        x_in = (x / (sigma ** 2 + 1).sqrt()).to(unet.dtype)
+        x_in = (x / math.sqrt(sigma ** 2 + 1)).to(unet.dtype)
         out = unet(torch.cat([x_in, x_in]), timesteps[i], encoder_hidden_states=encoder_states).sample.float()
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + scales[i] * (out_cond - out_uncond)
         if prediction_type == "v_prediction":
-            return out * (-sigma / (sigma ** 2 + 1).sqrt()) + x / (sigma ** 2 + 1)
+            return out * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
         return x - sigma * out
 
     return denoise
@@ -198,32 +200,33 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
-    sigmas = scheduler.sigmas.float().to(device)  # [N + 1], ends with 0
+    sigmas = scheduler.sigmas.tolist()  # [N + 1], ends with 0
     timesteps = scheduler.timesteps.to(device)
-    latent_size = (height // 8, width // 8)
 
-    # One CPU generator per image: its initial latents first, then each recurrence noise in order.
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-    channels = sd.unet.config.in_channels
-
-    def noise(_x):
-        return torch.cat([torch.randn((1, channels, *latent_size), generator=g) for g in generators]).to(device)
-
-    x = noise(None) * float(scheduler.init_noise_sigma)
-
-    guided_steps = 0
-    strengths = None
+    guided_steps, strengths = 0, None
     if guidance is not None:
         if weight_map is not None and guidance_steps > 0:
-            guidance.set_layout(weight_map, latent_size)
+            guidance.set_layout(weight_map, (height // 8, width // 8))
             guided_steps = min(guidance_steps, num_inference_steps)
-            strengths = guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)
+            strengths = (guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)).tolist()
         guidance.set_step(False)
+
+    # One CPU generator per image: its initial latents first, then each recurrence noise in order. All are
+    # drawn up front and moved to the device at once, so the loop never waits on a host-to-device copy.
+    shape = (1, sd.unet.config.in_channels, height // 8, width // 8)
+    draws = []
+    for seed in seeds:
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        draws.append(torch.stack([torch.randn(shape, generator=generator) for _ in range(1 + guided_steps)]))
+    draws = torch.cat(draws, dim=1).to(device)  # [1 + recurrences, B, C, h, w]
+    x = draws[0] * float(scheduler.init_noise_sigma)
+    recurrence_noise = iter(draws[1:])
+
     batch = len(seeds)
     denoise = make_cfg_denoiser(
         sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
         cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths)
-    x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, noise)
+    x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
     if guidance is not None:
         guidance.set_step(False)
     return decode_latents(sd.vae, x)

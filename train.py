@@ -123,6 +123,28 @@ def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second):
     return (loss_rate_first * first + loss_rate_second * rest).mean()
 
 
+def training_loss(text_encoder, unet, vae, noise_scheduler, instance_ids, e0, pixels, vae_noise, noise,
+                  timesteps, args):
+    """Diffusion loss of the photos plus the preservation loss (A.5); returns (total, diffusion, preservation).
+
+    pixels [B, 3, R, R] in the UNet's dtype; vae_noise, noise [B, 4, R/8, R/8] and timesteps [B] from
+    sample_noise. The gradient reaches the text encoder through the frozen UNet.
+    """
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        latents = (posterior.mean + posterior.std * vae_noise).float() * vae.config.scaling_factor
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
+    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=e.to(unet.dtype)).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    diffusion = F.mse_loss(pred.float(), target.float())
+    preserve = preservation_loss(e, e0, args.token_num, args.loss_rate_first, args.loss_rate_second)
+    return diffusion + preserve, diffusion, preserve
+
+
 def template_rows(tokenizer, instance_prompt, token_num):
     """Ids [27, 77] of the templates filled with the prompt, and p: where its first token sits in each (A.7)."""
     first_token = word_ids(tokenizer, instance_prompt)[0]
@@ -251,8 +273,9 @@ def main(args):
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
+    extra = {"fused": True} if accelerator.device.type == "cuda" and not args.use_8bit_adam else {}
     optimizer = optimizer_class(text_encoder.parameters(), lr=args.learning_rate, betas=(0.9, 0.999),
-                                weight_decay=1e-2, eps=1e-8)
+                                weight_decay=1e-2, eps=1e-8, **extra)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
@@ -297,19 +320,9 @@ def main(args):
             vae_noise, noise, timesteps = (t.to(accelerator.device) for t in sample_noise(
                 args.seed, indices, latent_shape, noise_scheduler.config.num_train_timesteps))
             with accelerator.accumulate(text_encoder):
-                with torch.no_grad():
-                    posterior = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist
-                    latents = (posterior.mean + posterior.std * vae_noise).float() * vae.config.scaling_factor
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
-                pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=e.to(weight_dtype)).sample
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                diffusion = F.mse_loss(pred.float(), target.float())
-                preserve = preservation_loss(e, e0, args.token_num, args.loss_rate_first, args.loss_rate_second)
-                loss = diffusion + preserve
+                loss, diffusion, preserve = training_loss(
+                    text_encoder, unet, vae, noise_scheduler, instance_ids, e0,
+                    pixels.to(accelerator.device, weight_dtype), vae_noise, noise, timesteps, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)

@@ -1,0 +1,293 @@
+"""CLIP-T, CLIP-I and DINO scores of generated images, per image, per concept and per config.
+
+    python evaluate.py --images inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left. \
+        --prompt "A cat on the right and a dog on the left." \
+        --concept_images "<cat2>=Data/concept_image/cat2" "<dog6>=Data/concept_image/dog6"
+    python evaluate.py --results inference_results --concepts concepts.json     # every config of a run
+
+- CLIP-T: 100 * cos(CLIP image embedding, CLIP text embedding of the prompt), clamped at 0, mean over images.
+- CLIP-I: 100 * cos between the CLIP image embeddings of each generated image and each reference photo of a
+  concept, mean over all pairs; per concept, and `clip_i` = the mean over concepts.
+- DINO: as CLIP-I with the DINO ViT's CLS token (last hidden state, position 0).
+Embeddings go through each model's own saved processor and are L2-normalised. Batch mode reads each image
+folder's config.json (written by inference.py) for the prompt and the subjects, writes metrics.json beside
+the images and a summary table (summary.md, summary.csv) in --results.
+"""
+import argparse
+import csv
+import io
+import json
+import platform
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipeline_utils import UserError, resolve_device, run_cli
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
+
+
+def image_files(folder, what):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder}: folder not found")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name != GRID_NAME)
+    if not files:
+        raise UserError(f"{what} {folder}: no images")
+    return files
+
+
+def read_images(files):
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except Exception as e:
+            raise UserError(f"{path}: cannot read the image ({type(e).__name__})") from None
+    return images
+
+
+# ------------------------------------------------------------------------------------------------
+# Embeddings
+
+class Scorer:
+    """CLIP (image and text) and DINO embedding models, loaded once, by hub id or local folder."""
+
+    def __init__(self, clip_model, dino_model, device):
+        from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, ViTModel
+
+        self.device = device
+        self.clip_model_name, self.dino_model_name = clip_model, dino_model
+        self.clip = self._load(CLIPModel, clip_model)
+        self.clip_processor = self._load(AutoProcessor, clip_model)
+        self.dino = self._load(ViTModel, dino_model, add_pooling_layer=False)
+        self.dino_processor = self._load(AutoImageProcessor, dino_model)
+
+    def _load(self, cls, name, **kwargs):
+        try:
+            loaded = cls.from_pretrained(name, **kwargs)
+        except Exception as e:
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise UserError(f"cannot load {cls.__name__} from '{name}': {first}") from None
+        if isinstance(loaded, torch.nn.Module):
+            loaded = loaded.to(self.device).eval()
+        return loaded
+
+    @torch.no_grad()
+    def clip_images(self, images, batch_size=32):
+        """[N, D] unit vectors."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.clip_processor(images=images[start:start + batch_size], return_tensors="pt")["pixel_values"]
+            features = self.clip.get_image_features(pixel_values=pixels.to(self.device))
+            out.append(_projected(features))
+        return _unit(torch.cat(out))
+
+    @torch.no_grad()
+    def clip_text(self, text):
+        """[D] unit vector."""
+        tokens = self.clip_processor(text=[text], return_tensors="pt", padding=True, truncation=True)
+        features = self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                               attention_mask=tokens["attention_mask"].to(self.device))
+        return _unit(_projected(features))[0]
+
+    @torch.no_grad()
+    def dino_images(self, images, batch_size=32):
+        """[N, D] unit vectors: the CLS token of the last hidden state."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.dino_processor(images=images[start:start + batch_size], return_tensors="pt")["pixel_values"]
+            out.append(self.dino(pixel_values=pixels.to(self.device)).last_hidden_state[:, 0])
+        return _unit(torch.cat(out))
+
+
+def _projected(features):
+    # transformers 5 returns an output object whose pooler_output is the projected embedding
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _unit(x):
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores
+
+def score_folder(scorer, image_paths, prompt, concepts, reference_cache):
+    """Scores of generated images against a prompt and {name: reference image files}."""
+    images = read_images(image_paths)
+    clip = scorer.clip_images(images)  # [N, D]
+    dino = scorer.dino_images(images)
+    clip_t = (100 * clip @ scorer.clip_text(prompt)).clamp(min=0)  # [N]
+    per_concept, per_image_concept = {}, {}
+    for name, files in concepts.items():
+        key = tuple(str(f) for f in files)
+        if key not in reference_cache:
+            refs = read_images(files)
+            reference_cache[key] = (scorer.clip_images(refs), scorer.dino_images(refs))
+        ref_clip, ref_dino = reference_cache[key]
+        clip_i = 100 * clip @ ref_clip.T  # [N, R]
+        dino_i = 100 * dino @ ref_dino.T
+        per_concept[name] = {"clip_i": clip_i.mean().item(), "dino": dino_i.mean().item()}
+        per_image_concept[name] = (clip_i.mean(1), dino_i.mean(1))
+    per_image = [{"image": path.name, "clip_t": clip_t[i].item(),
+                  "clip_i": {n: v[0][i].item() for n, v in per_image_concept.items()},
+                  "dino": {n: v[1][i].item() for n, v in per_image_concept.items()}}
+                 for i, path in enumerate(image_paths)]
+    return {
+        "prompt": prompt,
+        "clip_t": clip_t.mean().item(),
+        "clip_i": sum(c["clip_i"] for c in per_concept.values()) / len(per_concept) if per_concept else None,
+        "dino": sum(c["dino"] for c in per_concept.values()) / len(per_concept) if per_concept else None,
+        "per_concept": per_concept,
+        "per_image": per_image,
+        "n_images": len(image_paths),
+        "clip_model": scorer.clip_model_name,
+        "dino_model": scorer.dino_model_name,
+        "versions": versions(),
+    }
+
+
+def versions():
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def parse_concepts(pairs):
+    concepts = {}
+    for pair in pairs or []:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--concept_images {pair}: expected NAME=DIR")
+        concepts[name] = image_files(folder, f"--concept_images {name}:")
+    return concepts
+
+
+def fmt(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_scores(result):
+    print(f"{result['n_images']} images  CLIP-T {fmt(result['clip_t'])}  CLIP-I {fmt(result['clip_i'])}  "
+          f"DINO {fmt(result['dino'])}")
+    for name, scores in result["per_concept"].items():
+        print(f"  {name}: CLIP-I {fmt(scores['clip_i'])}  DINO {fmt(scores['dino'])}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch mode over an inference output tree
+
+def batch_jobs(results_dir, concepts_file):
+    """[(folder, prompt, {subject: reference files})] for every folder under results_dir with a config.json."""
+    results_dir, concepts_file = Path(results_dir), Path(concepts_file)
+    if not results_dir.is_dir():
+        raise UserError(f"--results {results_dir}: folder not found")
+    try:
+        mapping = json.loads(concepts_file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--concepts {concepts_file}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--concepts {concepts_file}: not valid JSON ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise UserError(f"--concepts {concepts_file}: expected an object {{subject name: reference image folder}}")
+    jobs = []
+    for config_path in sorted(results_dir.rglob("config.json")):
+        try:
+            config = json.loads(config_path.read_text())
+            prompt, subjects = config["prompt"], [name for name, _ in config["subject_list"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{config_path}: not a config.json written by inference.py "
+                            f"(needs 'prompt' and 'subject_list')") from None
+        unknown = [s for s in subjects if s not in mapping]
+        if unknown:
+            raise UserError(f"{config_path}: subject {unknown[0]} has no reference folder in {concepts_file} "
+                            f"(it maps: {', '.join(mapping) or 'nothing'})")
+        base = concepts_file.parent
+        concepts = {s: image_files(_resolve(mapping[s], base), f"{concepts_file}: {s}:") for s in subjects}
+        jobs.append((config_path.parent, prompt, concepts))
+    if not jobs:
+        raise UserError(f"--results {results_dir}: no config.json below it (is it an inference.py output folder?)")
+    return jobs
+
+
+def _resolve(folder, base):
+    folder = Path(folder)
+    return folder if folder.is_absolute() or folder.exists() else base / folder
+
+
+def write_summary(results_dir, rows):
+    """summary.csv and summary.md: one row per config, the mean over configs last."""
+    columns = ("config", "subjects", "n_images", "clip_t", "clip_i", "dino")
+    scored = [r for r in rows if r["clip_i"] is not None]
+    mean = {"config": "mean", "subjects": "", "n_images": sum(r["n_images"] for r in rows),
+            "clip_t": sum(r["clip_t"] for r in rows) / len(rows),
+            "clip_i": sum(r["clip_i"] for r in scored) / len(scored) if scored else None,
+            "dino": sum(r["dino"] for r in scored) / len(scored) if scored else None}
+    table = rows + [mean]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for r in table:
+        writer.writerow([r[c] if not isinstance(r[c], float) else f"{r[c]:.4f}" for c in columns])
+    (results_dir / "summary.csv").write_text(buffer.getvalue())
+    lines = ["| config | subjects | images | CLIP-T | CLIP-I | DINO |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['config']} | {r['subjects']} | {r['n_images']} | {fmt(r['clip_t'])} | {fmt(r['clip_i'])} | "
+              f"{fmt(r['dino'])} |" for r in table]
+    (results_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(args):
+    if bool(args.results) == bool(args.images):
+        raise UserError("give either --images DIR --prompt TEXT (one folder) or --results DIR --concepts FILE (batch)")
+    if args.images:
+        if not args.prompt:
+            raise UserError("--images needs --prompt")
+        images = image_files(args.images, "--images")
+        concepts = parse_concepts(args.concept_images)
+        scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
+        result = score_folder(scorer, images, args.prompt, concepts, {})
+        print_scores(result)
+        output = Path(args.output or Path(args.images) / "metrics.json")
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {output}")
+        return result
+    if not args.concepts:
+        raise UserError("--results needs --concepts FILE (a JSON object {subject name: reference image folder})")
+    jobs = batch_jobs(args.results, args.concepts)
+    jobs = [(folder, prompt, concepts, image_files(folder, "images in")) for folder, prompt, concepts in jobs]
+    scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
+    cache, rows = {}, []
+    for folder, prompt, concepts, images in jobs:
+        result = score_folder(scorer, images, prompt, concepts, cache)
+        (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        rows.append({"config": str(folder.relative_to(args.results)), "subjects": " ".join(concepts),
+                     "n_images": result["n_images"], "clip_t": result["clip_t"], "clip_i": result["clip_i"],
+                     "dino": result["dino"]})
+    print(write_summary(Path(args.results), rows))
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", help="a folder of generated images")
+    p.add_argument("--prompt", help="the prompt they were generated from")
+    p.add_argument("--concept_images", nargs="*", metavar="NAME=DIR", help="reference photos of each concept")
+    p.add_argument("--results", help="batch mode: an inference.py output folder")
+    p.add_argument("--concepts", help="batch mode: JSON {subject name: reference image folder}")
+    p.add_argument("--clip_model", default="openai/clip-vit-base-patch32")
+    p.add_argument("--dino_model", default="facebook/dino-vits16")
+    p.add_argument("--output", help="metrics JSON (default: metrics.json in the images folder)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())
