@@ -1,0 +1,160 @@
+"""evaluate.py on tiny random CLIP and DINO (ViT) models saved with their processors."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from conftest import clip_tokenizer
+from pipeline_utils import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_scorers(tmp_path_factory):
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    root = tmp_path_factory.mktemp("scorers")
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=clip_tokenizer()).save_pretrained(root / "clip")
+    dino = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64), add_pooling_layer=False)
+    dino.save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+def make_images(folder, count, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def run(*argv):
+    return run_cli(evaluate.main, evaluate.parse_args([str(a) for a in argv]))
+
+
+def test_scores_equal_a_direct_computation(tiny_scorers, tmp_path):
+    from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, ViTModel
+
+    clip_dir, dino_dir = tiny_scorers
+    generated = make_images(tmp_path / "gen", 3, seed=1)
+    Image.new("RGB", (96, 32)).save(generated / "all_images.png")  # the grid is not scored
+    refs = {"<a>": make_images(tmp_path / "a", 2, seed=2), "<b>": make_images(tmp_path / "b", 3, seed=3)}
+    prompt = "a photo of a dog and a cat"
+    result = run("--images", generated, "--prompt", prompt, "--concept_images", *[f"{n}={d}" for n, d in refs.items()],
+                 "--clip_model", clip_dir, "--dino_model", dino_dir, "--device", "cpu")
+
+    clip, processor = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+    dino, dino_processor = ViTModel.from_pretrained(dino_dir).eval(), AutoImageProcessor.from_pretrained(dino_dir)
+
+    def images(folder):
+        return [Image.open(folder / f"{i}.png").convert("RGB") for i in range(len(list(folder.glob("[0-9].png"))))]
+
+    def clip_embed(imgs):
+        with torch.no_grad():
+            out = clip.get_image_features(pixel_values=processor(images=imgs, return_tensors="pt")["pixel_values"])
+        return torch.nn.functional.normalize(out.pooler_output, dim=-1)
+
+    def dino_embed(imgs):
+        with torch.no_grad():
+            out = dino(pixel_values=dino_processor(images=imgs, return_tensors="pt")["pixel_values"])
+        return torch.nn.functional.normalize(out.last_hidden_state[:, 0], dim=-1)
+
+    gen = images(generated)
+    tokens = processor(text=[prompt], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        text = clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    text = torch.nn.functional.normalize(text.pooler_output, dim=-1)[0]
+    clip_t = (100 * clip_embed(gen) @ text).clamp(min=0)
+    assert result["clip_t"] == pytest.approx(clip_t.mean().item(), abs=1e-4)
+    assert [r["clip_t"] for r in result["per_image"]] == pytest.approx(clip_t.tolist(), abs=1e-4)
+    expected_i, expected_d = [], []
+    for name, folder in refs.items():
+        clip_i = (100 * clip_embed(gen) @ clip_embed(images(folder)).T).mean().item()
+        dino_i = (100 * dino_embed(gen) @ dino_embed(images(folder)).T).mean().item()
+        assert result["per_concept"][name]["clip_i"] == pytest.approx(clip_i, abs=1e-4)
+        assert result["per_concept"][name]["dino"] == pytest.approx(dino_i, abs=1e-4)
+        expected_i.append(clip_i)
+        expected_d.append(dino_i)
+    assert result["clip_i"] == pytest.approx(sum(expected_i) / 2, abs=1e-4)
+    assert result["dino"] == pytest.approx(sum(expected_d) / 2, abs=1e-4)
+    assert result["n_images"] == 3 and result["clip_model"] == str(clip_dir)
+    saved = json.loads((generated / "metrics.json").read_text())
+    assert saved["clip_i"] == pytest.approx(result["clip_i"]) and "transformers" in saved["versions"]
+
+
+def test_identical_images_give_100(tiny_scorers, tmp_path):
+    clip_dir, dino_dir = tiny_scorers
+    folder = make_images(tmp_path / "same", 1, seed=5)
+    result = run("--images", folder, "--prompt", "x", "--concept_images", f"c={folder}",
+                 "--clip_model", clip_dir, "--dino_model", dino_dir, "--output", tmp_path / "m.json")
+    assert result["per_concept"]["c"]["clip_i"] == pytest.approx(100, abs=1e-3)
+    assert result["per_concept"]["c"]["dino"] == pytest.approx(100, abs=1e-3)
+    assert (tmp_path / "m.json").is_file()
+
+
+def fake_results(root):
+    """An inference.py output tree: two configs with config.json beside their images."""
+    for subjects, prompt in ((["<cat2>", "<dog6>"], "A cat and a dog."), (["<vase>"], "A vase."),):
+        folder = root / "_".join(s.strip("<>") for s in subjects) / "_".join(prompt.split())
+        make_images(folder, 2, seed=len(prompt))
+        (folder / "config.json").write_text(json.dumps({"prompt": prompt,
+                                                        "subject_list": [[s, i + 1] for i, s in enumerate(subjects)]}))
+    return root
+
+
+def test_batch_mode_writes_metrics_and_summary(tiny_scorers, tmp_path, capsys):
+    clip_dir, dino_dir = tiny_scorers
+    results = fake_results(tmp_path / "results")
+    for name in ("cat2", "dog6", "vase"):
+        make_images(tmp_path / "refs" / name, 2, seed=len(name) + 10)
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"<cat2>": "refs/cat2", "<dog6>": "refs/dog6", "<vase>": "refs/vase"}))
+    rows = run("--results", results, "--concepts", concepts, "--clip_model", clip_dir, "--dino_model", dino_dir)
+    assert len(rows) == 2
+    metrics = [json.loads(p.read_text()) for p in sorted(results.rglob("metrics.json"))]
+    assert [sorted(m["per_concept"]) for m in metrics] == [["<cat2>", "<dog6>"], ["<vase>"]]
+    table = list(csv.DictReader((results / "summary.csv").open()))
+    assert [r["config"] for r in table][-1] == "mean" and len(table) == 3
+    assert float(table[-1]["clip_t"]) == pytest.approx((metrics[0]["clip_t"] + metrics[1]["clip_t"]) / 2, abs=1e-3)
+    assert "| config | subjects | images | CLIP-T | CLIP-I | DINO |" in (results / "summary.md").read_text()
+    assert "cat2_dog6/A_cat_and_a_dog." in capsys.readouterr().out
+
+
+def expect_error(capsys, *argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_bad_input(tiny_scorers, tmp_path, capsys):
+    clip_dir, dino_dir = tiny_scorers
+    models = ["--clip_model", clip_dir, "--dino_model", dino_dir]
+    (tmp_path / "empty").mkdir()
+    good = make_images(tmp_path / "good", 1, seed=0)
+    expect_error(capsys, "--images", tmp_path / "empty", "--prompt", "x", *models, fragment="no images")
+    expect_error(capsys, "--images", good, "--prompt", "x", "--concept_images", f"c={tmp_path / 'empty'}", *models,
+                 fragment="--concept_images c:")
+    expect_error(capsys, "--images", good, "--prompt", "x", "--clip_model", tmp_path / "nowhere", "--dino_model",
+                 dino_dir, fragment="cannot load CLIPModel from")
+    results = fake_results(tmp_path / "results")
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"<cat2>": str(good), "<dog6>": str(good)}))
+    expect_error(capsys, "--results", results, "--concepts", concepts, *models,
+                 fragment="subject <vase> has no reference folder")
