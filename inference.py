@@ -33,11 +33,12 @@ REQUIRED_KEYS = ("prompt", "residual_dict", "color_context", "guidance_steps", "
 DEFAULTS = {
     "cfg_scale": 7.5,  # classifier-free guidance scale s
     "cfg_schedule": "sigma",  # "sigma": s * (1 + sigma_i / sigma_max) (the seed); "constant": s (Cones 2)
-    "text_length": "adaptive",  # "adaptive": the prompt's own tokens (the seed); "max": padded to 77 (Cones 2)
+    "text_length": "adaptive",  # "adaptive": the prompt's own tokens (the seed); "max": padded to 77 (Cones 2);
+    # "words": BOS and the words only, EOS and padding hidden from the UNet (models trained that way: toy/)
     "num_inference_steps": 50,
     "negative_prompt": "",  # replaces "" in the unconditional branch
 }
-CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max")}
+CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max", "words")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,6 +174,7 @@ class Job:
     settings: dict  # every setting after defaults, as written to config.json
     prompt_ids: list  # [L]
     uncond_ids: list  # [L]
+    masks: tuple  # (prompt, uncond) [L] each: 1 where the UNet may attend; None unless text_length is "words"
     subjects: list  # [Subject]
     regions: list  # [(rgb, rows, w_active)]
     layout: np.ndarray  # [H, W, 3] uint8
@@ -188,9 +190,15 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides)
     # Text length L (B1): the prompt's real token count, or the tokenizer's maximum.
     prompt_len = len(token_ids(tokenizer, data["prompt"]))
     negative_len = len(token_ids(tokenizer, settings["negative_prompt"]))
-    length = tokenizer.model_max_length if settings["text_length"] == "max" else max(prompt_len, negative_len)
-    prompt_ids = token_ids(tokenizer, data["prompt"], length)
-    uncond_ids = token_ids(tokenizer, settings["negative_prompt"], length)
+    if settings["text_length"] == "max":
+        length = tokenizer.model_max_length
+    elif settings["text_length"] == "words":  # BOS and the words: no EOS
+        length = max(prompt_len, negative_len) - 1
+    else:
+        length = max(prompt_len, negative_len)
+    # padded to at least the full length, then cut: "words" drops EOS (the tokenizer's own cut would drop a word)
+    prompt_ids = token_ids(tokenizer, data["prompt"], max(length, prompt_len))[:length]
+    uncond_ids = token_ids(tokenizer, settings["negative_prompt"], max(length, negative_len))[:length]
     tokens = token_texts(tokenizer, prompt_ids)
     num_words = prompt_len - 2
 
@@ -273,7 +281,10 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides)
         subject_tokens={s.name: " ".join(tokens[r] for r in s.rows) for s in subjects},
         text_tokens=length, config_file=str(config_path),
     )
-    return Job(settings, prompt_ids, uncond_ids, subjects, regions, layout)
+    masks = None
+    if settings["text_length"] == "words":
+        masks = tuple([1] * (n - 1) + [0] * (length - n + 1) for n in (prompt_len, negative_len))
+    return Job(settings, prompt_ids, uncond_ids, masks, subjects, regions, layout)
 
 
 def _layout_colours(layout, limit=8):
@@ -353,7 +364,7 @@ def sample_job(sd, guidance, job, inputs, seeds, height, width):
     cond, uncond, weight_map = inputs
     s = job.settings
     return generate(sd, cond, uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
-                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"])
+                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -83,18 +83,20 @@ class LayoutGuidance:
         return self._maps[key]
 
 
-def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=0):
+def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=0, mask=None):
     """softmax((S + bias) * scale) V in float32, with S = Q K^T and bias = strength * W * std(S) (B3).
 
     query [B, heads, N, hd], key/value [B, heads, L, hd], layout_map [N, L]. Rows num_uncond.. of the batch
     (the conditional branch) get the bias, std taken over all of that image's S; the first num_uncond rows
     get plain attention. One path for the whole batch keeps the number of kernels per layer low.
+    mask: an additive [B, heads or 1, 1, L] bias for keys the UNet must not see (encoder_attention_mask).
     """
     scores = query.float() @ key.float().transpose(-1, -2)  # [B, heads, N, L]
     cond = scores[num_uncond:]
     std = cond.flatten(1).std(dim=1)  # [B - num_uncond]
     cond += strength * layout_map * std[:, None, None, None]  # in place: a view of scores
-    probs = torch.softmax(scores * scale, dim=-1)
+    logits = scores * scale if mask is None else scores * scale + mask.float()
+    probs = torch.softmax(logits, dim=-1)
     return (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
 
 
@@ -120,8 +122,11 @@ class GuidedCrossAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attention_mask is not None:  # [B, 1, L] from encoder_attention_mask -> [B, heads, 1, L]
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         out = guided_attention(query, key, value, g.map_for(num_queries, query.device), g.strength, attn.scale,
-                               g.num_uncond)
+                               g.num_uncond, attention_mask)
         out = out.transpose(1, 2).reshape(batch, num_queries, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -164,14 +169,18 @@ def cfg_scales(cfg_scale, schedule, sigmas):
 
 
 def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_type,
-                      guidance=None, guided_steps=0, strengths=None):
+                      guidance=None, guided_steps=0, strengths=None, masks=None):
     """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
 
     cond, uncond [B, L, d]; sigmas, scales, strengths: lists of floats; the layout guidance (if any) is
-    switched on for steps i < guided_steps.
+    switched on for steps i < guided_steps. masks: (cond, uncond) [L] of 1 (attend) and 0, or None.
     """
     encoder_states = torch.cat([uncond, cond]).to(unet.dtype)  # [2B, L, d]
     batch = cond.shape[0]
+    extra = {}
+    if masks is not None:
+        cond_mask, uncond_mask = (torch.tensor(m, device=cond.device)[None].expand(batch, -1) for m in masks)
+        extra["encoder_attention_mask"] = torch.cat([uncond_mask, cond_mask])  # [2B, L]
 
     def denoise(x, i):
         sigma = sigmas[i]
@@ -179,7 +188,7 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
             active = i < guided_steps
             guidance.set_step(active, strengths[i] if active else 0.0, num_uncond=batch)
         x_in = (x / math.sqrt(sigma ** 2 + 1)).to(unet.dtype)
-        out = unet(torch.cat([x_in, x_in]), timesteps[i], encoder_hidden_states=encoder_states).sample.float()
+        out = unet(torch.cat([x_in, x_in]), timesteps[i], encoder_hidden_states=encoder_states, **extra).sample.float()
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + scales[i] * (out_cond - out_uncond)
         if prediction_type == "v_prediction":
@@ -191,11 +200,12 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
 
 @torch.no_grad()
 def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_scale, cfg_schedule="sigma",
-             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0):
+             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None):
     """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
 
     cond, uncond [L, d] float32 (residuals already applied). With `guidance` (from install_guidance) and a
-    weight map W [L, H, W], steps i < guidance_steps are layout-guided and self-recurrent.
+    weight map W [L, H, W], steps i < guidance_steps are layout-guided and self-recurrent. masks: (cond,
+    uncond) lists [L] of 1 and 0 for the UNet's encoder_attention_mask (text length "words"), or None.
     """
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
@@ -225,7 +235,7 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     batch = len(seeds)
     denoise = make_cfg_denoiser(
         sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
-        cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths)
+        cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths, masks)
     x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
     if guidance is not None:
         guidance.set_step(False)

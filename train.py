@@ -124,18 +124,20 @@ def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second):
 
 
 def training_loss(text_encoder, unet, vae, noise_scheduler, instance_ids, e0, pixels, vae_noise, noise,
-                  timesteps, args):
+                  timesteps, args, encoder_attention_mask=None):
     """Diffusion loss of the photos plus the preservation loss (A.5); returns (total, diffusion, preservation).
 
     pixels [B, 3, R, R] in the UNet's dtype; vae_noise, noise [B, 4, R/8, R/8] and timesteps [B] from
-    sample_noise. The gradient reaches the text encoder through the frozen UNet.
+    sample_noise. The gradient reaches the text encoder through the frozen UNet. encoder_attention_mask [B, 77]
+    hides EOS and padding from the UNet (text length "words").
     """
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
         latents = (posterior.mean + posterior.std * vae_noise).float() * vae.config.scaling_factor
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
-    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=e.to(unet.dtype)).sample
+    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=e.to(unet.dtype),
+                encoder_attention_mask=encoder_attention_mask).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -258,6 +260,11 @@ def main(args):
     # Everything that needs the frozen encoder E0, before the first update (A.3, A.7).
     instance_ids = torch.tensor(token_ids(tokenizer, args.instance_prompt, tokenizer.model_max_length))
     instance_ids = instance_ids[None].repeat(args.train_batch_size, 1).to(accelerator.device)  # [B, 77]
+    unet_mask = None  # "words": the UNet sees BOS and the words only, as models built that way expect
+    if args.text_length == "words":
+        visible = len(token_ids(tokenizer, args.instance_prompt)) - 1
+        unet_mask = (torch.arange(instance_ids.shape[1], device=accelerator.device) < visible).long()
+        unet_mask = unet_mask[None].repeat(args.train_batch_size, 1)
     e0 = encode_ids(text_encoder, instance_ids)  # [B, 77, d]
     template_ids, template_positions = template_rows(tokenizer, args.instance_prompt, args.token_num)
     frozen_rows = concept_rows(text_encoder, template_ids, template_positions, args.token_num)  # [27, k, d]
@@ -322,7 +329,7 @@ def main(args):
             with accelerator.accumulate(text_encoder):
                 loss, diffusion, preserve = training_loss(
                     text_encoder, unet, vae, noise_scheduler, instance_ids, e0,
-                    pixels.to(accelerator.device, weight_dtype), vae_noise, noise, timesteps, args)
+                    pixels.to(accelerator.device, weight_dtype), vae_noise, noise, timesteps, args, unet_mask)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)
@@ -372,8 +379,12 @@ def write_validation(sd, residual, embeddings, position, args, output_dir, step)
     seeds = [args.seed + j for j in range(args.num_validation_images)]
     was_training = sd.unet.training
     sd.unet.eval()
+    length = embeddings.shape[1]
+    masks = None
+    if args.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
+        masks = ([1] * (length - 1) + [0], [1] + [0] * (length - 1))
     images = generate(sd, cond, embeddings[1], seeds, args.resolution, args.resolution,
-                      args.validation_inference_steps, cfg_scale=7.5)
+                      args.validation_inference_steps, cfg_scale=args.validation_cfg_scale, masks=masks)
     sd.unet.train(was_training)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -421,6 +432,9 @@ def parse_args(argv=None):
     p.add_argument("--validation_steps", type=int, default=0, help="also validate every N steps (0: only at the end)")
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_inference_steps", type=int, default=30)
+    p.add_argument("--validation_cfg_scale", type=float, default=7.5)
+    p.add_argument("--text_length", default="max", choices=("max", "words"),
+                   help="max: the UNet sees all 77 states (Stable Diffusion); words: BOS and the words only")
     p.add_argument("--report_to", default="none", choices=("none", "tensorboard"))
     p.add_argument("--save_pipeline", action="store_true", help="also save the whole fine-tuned pipeline (GBs)")
     return p.parse_args(argv)

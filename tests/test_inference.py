@@ -486,3 +486,31 @@ def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
     assert f"error: inference failed on {configs / 'b.json'}" in done.stderr
     written = sorted(p.parent.name for p in (tmp_path / "out").rglob("0.png"))
     assert written == ["A_flower_in_a_vase."]  # a.json ran, c.json did not
+
+
+def test_words_text_length_drops_eos_and_masks_the_unconditional(tmp_path):
+    tokenizer = clip_tokenizer()
+    config = write_config(tmp_path, text_length="words")
+    job = inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+    full = token_ids(tokenizer, "A cat on the right and a dog on the left.")
+    assert job.prompt_ids == full[:-1] and len(job.prompt_ids) == 13  # the last token '.' is kept, EOS is not
+    assert job.masks[0] == [1] * 13
+    assert job.masks[1] == [1] + [0] * 12  # "": BOS only
+    assert job.settings["text_tokens"] == 13
+
+
+def test_guided_processor_honours_the_encoder_attention_mask(tiny_model):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    x, states = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    mask = torch.tensor([[1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0]])
+    reference = sd.unet(x, 500, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+    unmasked = sd.unet(x, 500, encoder_hidden_states=states).sample
+    assert (reference - unmasked).abs().max() > 1e-3
+    guidance = install_guidance(sd.unet)
+    guidance.set_layout(torch.zeros(7, 64, 64), (8, 8))
+    guidance.set_step(True, strength=5.0, num_uncond=1)
+    guided = sd.unet(x, 500, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(guided, reference, rtol=1e-4, atol=1e-5)
+    sd.unet.set_attn_processor(AttnProcessor2_0())

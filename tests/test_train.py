@@ -267,3 +267,14 @@ def test_two_processes_equal_one_with_the_whole_batch(tiny_model, tmp_path):
     a, b = load_residual(single).tensor, load_residual(tmp_path / "two" / "residual.safetensors").tensor
     assert a.abs().sum() > 0
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_words_text_length_trains_with_the_unet_mask(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data")
+    words = run_train(*train_args(tiny_model, data, tmp_path / "words", "--text_length", "words",
+                                  "--num_validation_images", "1", "--validation_inference_steps", "2"))
+    plain = run_train(*train_args(tiny_model, data, tmp_path / "max"))
+    a, b = load_residual(words).tensor, load_residual(plain).tensor
+    assert a.abs().sum() > 0 and not torch.allclose(a, b)
+    assert json.loads((tmp_path / "words" / "train_config.json").read_text())["text_length"] == "words"
+    assert (tmp_path / "words" / "validation" / "step-3" / "0.png").is_file()

@@ -1,0 +1,185 @@
+"""Train the toy world's base model: a tiny Stable Diffusion in diffusers format, on the CPU, from a seed.
+
+    python toy/build_base.py --output toy/base_model          # about 30 minutes on 2 cores
+
+1. An AutoencoderKL (~0.3 M parameters, 64 px -> 8x8x4 latents), trained on scenes of toy/world.py;
+   its scaling_factor is set from the latents' spread.
+2. A CLIP text model (hidden size 64, the real CLIP tokenizer) trained jointly with a UNet (~4 M parameters)
+   on (scene, caption) pairs, 10% of captions empty for classifier-free guidance. The UNet's cross-attention
+   sees only BOS and the words (`encoder_attention_mask` hides EOS and padding): a UNet that can read the
+   EOS token takes appearance from the sentence as a whole, and a residual on a noun then does nothing.
+Written as fp16 safetensors with the tokenizer and an SD scheduler config, so inference.py and train.py load it
+like any Stable Diffusion (with text length "words").
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from world import scene  # noqa: E402
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip_tokenizer"
+TEXT_LENGTH = 20  # the longest caption is 15 tokens with BOS and EOS
+SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1, "clip_sample": False,
+             "set_alpha_to_one": False, "prediction_type": "epsilon"}
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D",) * 2,
+                                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=32)
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407))
+
+
+def batch_of_scenes(first_seed, size):
+    """Images [B, 3, 64, 64] in [-1, 1] and captions of scenes first_seed .. first_seed + size - 1."""
+    images, captions = [], []
+    for seed in range(first_seed, first_seed + size):
+        image, caption, _ = scene(seed)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        captions.append(caption)
+    return torch.stack(images).float() / 127.5 - 1, captions
+
+
+def words_mask(ids, tokenizer):
+    """1 for BOS and the words, 0 for EOS and padding: [B, L]."""
+    eos = ids == tokenizer.eos_token_id
+    first_eos = eos.float().argmax(dim=1)  # position of the first EOS
+    return (torch.arange(ids.shape[1])[None] < first_eos[:, None]).long()
+
+
+def train_vae(vae, steps, seed, log_every=100):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(steps):
+        pixels, _ = batch_of_scenes(10_000_000 + step * 16, 16)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = F.mse_loss(recon, pixels) + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"vae step {step}: mse {F.mse_loss(recon, pixels).item():.5f} kl {kl.item():.4f} "
+                  f"({time.time() - start:.0f}s)", flush=True)
+
+
+@torch.no_grad()
+def latent_scale(vae):
+    pixels, _ = batch_of_scenes(20_000_000, 256)
+    return float(1.0 / vae.encode(pixels).latent_dist.mean.std())
+
+
+def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed, log_every=100):
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(SCHEDULER)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    warmup = 100
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    scale = vae.config.scaling_factor
+    start = time.time()
+    for step in range(steps):
+        pixels, captions = batch_of_scenes(step * batch_size, batch_size)
+        captions = ["" if rng.random() < 0.1 else c for c in captions]  # for classifier-free guidance
+        ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH,
+                                     truncation=True).input_ids)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mean * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        states = text_encoder(ids)[0]
+        pred = unet(noisy, timesteps, encoder_hidden_states=states,
+                    encoder_attention_mask=words_mask(ids, tokenizer)).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"diffusion step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+
+
+def save(folder, vae, unet, text_encoder, tokenizer, settings):
+    folder = Path(folder)
+    for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        module.to(torch.float16).save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None]}, indent=2))
+    (folder / "build.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def main(args):
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(args.seed)
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
+    vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder()
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in
+              (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
+    print("parameters:", counts, flush=True)
+    start = time.time()
+    train_vae(vae, args.vae_steps, args.seed)
+    vae.requires_grad_(False).eval()
+    vae.register_to_config(scaling_factor=latent_scale(vae))
+    print(f"scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+    train_diffusion(unet, text_encoder, vae, tokenizer, args.steps, args.batch_size, args.seed)
+    settings = dict(vars(args), parameters=counts, minutes=round((time.time() - start) / 60, 1),
+                    scaling_factor=vae.config.scaling_factor, torch=torch.__version__)
+    save(args.output, vae, unet, text_encoder, tokenizer, settings)
+    print(f"wrote {args.output} in {settings['minutes']} min", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default=str(Path(__file__).resolve().parent / "base_model"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000, help="UNet + text encoder steps")
+    p.add_argument("--batch_size", type=int, default=64)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
