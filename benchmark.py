@@ -444,7 +444,7 @@ def bench_training(args):
             step()
         seconds, memory = timed(device, step, args.train_steps)
         results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory)
-        del sd, text_encoder, optimizer
+        sd = text_encoder = optimizer = None  # free the model before the next is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline_utils import UserError, resolve_device, run_cli
+from pipeline_utils import UserError, first_line, resolve_device, run_cli
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
@@ -71,8 +71,7 @@ class Scorer:
         try:
             loaded = cls.from_pretrained(name, **kwargs)
         except Exception as e:
-            first = (str(e).strip() or type(e).__name__).splitlines()[0]
-            raise UserError(f"cannot load {cls.__name__} from '{name}': {first}") from None
+            raise UserError(f"cannot load {cls.__name__} from '{name}': {first_line(e)}") from None
         if isinstance(loaded, torch.nn.Module):
             loaded = loaded.to(self.device).eval()
         return loaded

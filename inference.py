@@ -11,11 +11,9 @@ import argparse
 import difflib
 import json
 import math
-import os
 import platform
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (UserError, load_model, load_tokenizer, resolve_device, resolve_dtype, run_cli,
-                            token_ids, token_texts, word_ids, encode_ids)
+from pipeline_utils import (UserError, encode_ids, first_line, load_model, load_tokenizer, resolve_device,
+                            resolve_dtype, run_cli, token_ids, token_texts, word_ids, write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -304,19 +302,6 @@ def output_folder(output_dir, subjects, prompt):
     return Path(output_dir) / names / safe("_".join(prompt.split()))
 
 
-def write_atomic(path, write):
-    """Call write(tmp_path) and rename the result into place, so no half-written file is left."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def image_grid(images):
     """uint8 [B, H, W, 3] -> one PIL image, ceil(sqrt(B)) columns."""
     count, h, w, _ = images.shape
@@ -399,7 +384,7 @@ def main(args):
         embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size
         native = UNet2DConditionModel.load_config(model, subfolder="unet")["sample_size"] * 8
     except Exception as e:
-        raise UserError(f"cannot load model '{model}': {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     height, width = args.height or native, args.width or native
     overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
     job = prepare_job(args.inference_config, tokenizer, embedding_dim, height, width, overrides)

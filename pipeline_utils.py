@@ -3,8 +3,11 @@
 Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way.
 Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
 """
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +23,19 @@ def run_cli(main, args):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_atomic(path, write):
+    """Call write(tmp_path) beside `path`, then rename it into place: an interrupted write leaves no half file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +92,7 @@ def load_tokenizer(model):
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     except Exception as e:  # hub errors, missing folders and broken files all end up here
-        raise UserError(f"cannot load the tokenizer of model '{model}': {_first_line(e)}") from None
+        raise UserError(f"cannot load the tokenizer of model '{model}': {first_line(e)}") from None
     if tokenizer.model_max_length > 1000:  # a tokenizer saved without its length: CLIP's is 77
         tokenizer.model_max_length = 77
     return tokenizer
@@ -99,7 +115,7 @@ def load_model(model, device, dtype, text_encoder_dtype=None):
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
         scheduler_config = _read_scheduler_config(model)
     except Exception as e:
-        raise UserError(f"cannot load model '{model}': {_first_line(e)}") from None
+        raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     unet.set_attn_processor(AttnProcessor2_0())  # fused attention everywhere; guidance replaces attn2 only
     vae.set_attn_processor(AttnProcessor2_0())
     for module in (text_encoder, vae, unet):
@@ -115,7 +131,8 @@ def _read_scheduler_config(model):
     return dict(LMSDiscreteScheduler.load_config(model, subfolder="scheduler"))
 
 
-def _first_line(e):
+def first_line(e):
+    """The first line of an exception's message (library errors can run to pages)."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 

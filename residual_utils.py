@@ -10,14 +10,12 @@ Files:
 - legacy `.pt` (the seed's files): a bare float tensor [1, d]. Read with `weights_only=True` on the CPU, so a
   pickle holding anything else is refused, never executed.
 """
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pipeline_utils import UserError
+from pipeline_utils import UserError, write_atomic
 
 REQUIRED_METADATA = ("class_phrase", "token_num", "embedding_dim", "base_model")
 
@@ -97,14 +95,7 @@ def save_residual(path, tensor, metadata):
     assert not missing, f"residual metadata lacks {missing}"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"residual": tensor}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file({"residual": tensor}, tmp, metadata=metadata))
 
 
 def find_sequence(ids, seq):

@@ -14,10 +14,8 @@ uninterrupted run, and N processes with batch B see the same samples as one proc
 """
 import argparse
 import json
-import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipeline_utils import (DTYPES, UserError, encode_ids, load_model, load_tokenizer, run_cli, token_ids,
+from pipeline_utils import (UserError, encode_ids, load_model, load_tokenizer, run_cli, token_ids,
                             word_ids)
 from residual_utils import find_sequence, save_residual
 
