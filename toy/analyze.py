@@ -3,8 +3,8 @@
     python toy/analyze.py IMAGE.png [...]        # prints the objects found
     python toy/analyze.py --check 2000           # accuracy on world.py's own scenes, where the truth is known
 
-Each pixel gets the nearest palette colour (or the background); each colour's connected regions of at
-least MIN_AREA pixels are objects. Shape from how much of its bounding box an object fills: a square fills
+Each pixel gets the nearest palette colour (or the background); each connected region of non-background
+pixels of at least MIN_AREA pixels is an object, of its pixels' majority colour. Shape from how much of its bounding box an object fills: a square fills
 it, a circle pi/4 of it, a triangle about half.
 """
 import argparse
@@ -35,18 +35,19 @@ def objects(image):
     """[{colour, shape, cx, cy, area, fill}] of an RGB uint8 image [H, W, 3], largest first."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     distance = ((pixels[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1)  # [H, W, 7]
-    labels = distance.argmin(-1)
+    labels = distance.argmin(-1)  # 0 is the background
+    regions, count = ndimage.label(labels > 0)
     found = []
-    for index, name in enumerate(NAMES[1:], start=1):
-        regions, count = ndimage.label(labels == index)
-        for region in range(1, count + 1):
-            ys, xs = np.nonzero(regions == region)
-            if len(ys) < MIN_AREA:
-                continue
-            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-            fill = len(ys) / box
-            found.append({"colour": name, "shape": classify_shape(fill), "cx": float(xs.mean() + 0.5),
-                          "cy": float(ys.mean() + 0.5), "area": int(len(ys)), "fill": round(float(fill), 3)})
+    for region in range(1, count + 1):
+        inside = regions == region
+        ys, xs = np.nonzero(inside)
+        if len(ys) < MIN_AREA:
+            continue
+        # a sampled object can shade from one palette colour into the next: its colour is the majority
+        colour = NAMES[np.bincount(labels[inside], minlength=len(NAMES)).argmax()]
+        fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        found.append({"colour": colour, "shape": classify_shape(fill), "cx": float(xs.mean() + 0.5),
+                      "cy": float(ys.mean() + 0.5), "area": int(len(ys)), "fill": round(float(fill), 3)})
     return sorted(found, key=lambda o: -o["area"])
 
 
