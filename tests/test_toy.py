@@ -31,10 +31,10 @@ def test_scenes_are_deterministic_and_read_back():
 
 def test_residual_learned_on_the_toy_model_carries_its_concept(tmp_path):
     bench = load("benchmark")
-    residual = bench.train_concept(tmp_path, "purple_circle", steps=150)
+    residual = bench.train_concept(tmp_path, "blue_circle")
     zero = bench.fixed_residual(tmp_path / "zero.safetensors", torch.zeros(1, 64), "circle")
     seeds = 8
-    with_residual = bench.fidelity_cell(tmp_path, "with", "purple_circle", residual, seeds)
-    without = bench.fidelity_cell(tmp_path, "without", "purple_circle", zero, seeds)
+    with_residual = bench.fidelity_cell(tmp_path, "with", "blue_circle", residual, seeds)
+    without = bench.fidelity_cell(tmp_path, "without", "blue_circle", zero, seeds)
     assert with_residual["fidelity"] >= without["fidelity"] + 0.5, (with_residual["fidelity"], without["fidelity"])
     assert with_residual["class_kept"] >= 0.75

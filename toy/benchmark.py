@@ -3,8 +3,8 @@
     python toy/benchmark.py [--seeds 32] [--out toy/results]     # about 10 minutes on 2 cores
 
 With toy/base_model (toy/build_base.py), exactly as users run the project:
-1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a purple circle,
-   "square" = an orange square, "triangle" = a blue triangle, and "circle" = a green circle), five images each;
+1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a blue circle,
+   "square" = a yellow square, "triangle" = a blue triangle, and "circle" = a yellow circle), five images each;
 2. `inference.py` samples every cell below for --seeds seeds, and toy/analyze.py reads the images back:
    - concept fidelity: how often "a {shape}" comes out in the concept's colour, with the residual and without
      it (a zero residual; chance is 1/6), and whether the shape is still the class;
@@ -37,14 +37,16 @@ from residual_utils import load_residual  # noqa: E402
 from world import NOUNS, Shape, render  # noqa: E402
 
 BASE_MODEL = TOY / "base_model"
+# Colours the base model draws reliably from their specific nouns ("berry", "butter", "ocean", "lemon": 8 of 8),
+# and that the generic nouns rarely take by themselves (those lean to red and green).
 CONCEPTS = {  # name: (generic noun, shape, colour)
-    "purple_circle": ("circle", "circle", "purple"),
-    "orange_square": ("square", "square", "orange"),
+    "blue_circle": ("circle", "circle", "blue"),
+    "yellow_square": ("square", "square", "yellow"),
     "blue_triangle": ("triangle", "triangle", "blue"),
-    "green_circle": ("circle", "circle", "green"),
+    "yellow_circle": ("circle", "circle", "yellow"),
 }
-PAIRS = [("purple_circle", "orange_square"), ("orange_square", "blue_triangle"),
-         ("blue_triangle", "green_circle"), ("green_circle", "orange_square")]
+PAIRS = [("blue_circle", "yellow_square"), ("yellow_square", "blue_triangle"),
+         ("blue_triangle", "yellow_circle"), ("yellow_circle", "blue_circle")]
 # Sampling that suits the toy: CFG 3 (7.5, doubled early by the sigma schedule, over-saturates it).
 SAMPLING = {"cfg_scale": 3.0, "cfg_schedule": "constant", "text_length": "words", "num_inference_steps": 30}
 TRAINING = ["--resolution", "64", "--max_train_steps", "300", "--learning_rate", "1e-3", "--text_length", "words",
@@ -293,7 +295,9 @@ def write_report(path, results, args):
             for v in c["composition"]) + " |")
     lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without and four "
               "with its residual; per pair, four without and four with layout guidance.", ""]
-    path.write_text("\n".join(lines))
+    # a hand-written analysis below the tables is kept when the tables are rewritten
+    analysis = path.read_text().partition("\n## Analysis")[2] if path.exists() else ""
+    path.write_text("\n".join(lines) + (f"\n## Analysis{analysis}" if analysis else ""))
 
 
 def parse_args(argv=None):
