@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (UserError, encode_ids, first_line, load_model, load_tokenizer, resolve_device,
-                            resolve_dtype, run_cli, token_ids, token_texts, word_ids, write_atomic)
+from pipeline_utils import (UserError, add_compile_argument, compile_unet, encode_ids, first_line, load_model,
+                            load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
+                            write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -396,6 +397,8 @@ def main(args):
     dtype = resolve_dtype(args.dtype, device)
     sd = load_model(model, device, dtype)
     guidance = install_guidance(sd.unet)
+    if args.compile:
+        compile_unet(sd.unet, args.compile)
 
     inputs = job_inputs(sd, job)
     release_text_encoder(sd)
@@ -413,7 +416,8 @@ def main(args):
     write_atomic(folder / "all_images.png", lambda tmp: image_grid(np.stack(images)).save(tmp, format="PNG"))
 
     settings.update(model=model, height=height, width=width, seed=args.seed, seeds=seeds,
-                    num_images=args.num_images, batch_size=args.batch_size, device=str(device),
+                    num_images=args.num_images, batch_size=args.batch_size, compile=args.compile,
+                    device=str(device),
                     dtype=str(dtype).replace("torch.", ""), prediction_type=sd.prediction_type,
                     versions=library_versions())
     write_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
@@ -437,6 +441,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto: fp16 on GPUs, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, default=1, help="images per UNet call")
+    add_compile_argument(p, "the UNet: faster on GPUs from the second batch on, after a minute of compiling")
     return p.parse_args(argv)
 
 

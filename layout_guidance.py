@@ -54,33 +54,34 @@ class LayoutGuidance:
     """State shared by the guided processors of one UNet; the sampler sets it before each UNet call.
 
     The UNet's batch is [unconditional (num_uncond rows); conditional]: only the conditional rows are guided.
+    Every value a UNet call reads is a tensor fixed per layout or a 0-d tensor per step, never a Python
+    number that changes, so a compiled UNet (torch.compile) runs all steps on one graph per `active` value.
     """
 
     def __init__(self):
-        self.weight_map = None  # [L, H, W]
-        self.latent_size = None  # (h, w) of the latents
-        self.strength = 0.0  # gamma * log(1 + sigma^2) of the current step
+        self.strength = None  # gamma * log(1 + sigma^2) of the current step, a 0-d tensor
         self.active = False
         self.num_uncond = 0
-        self._maps = {}
+        self.maps = {}  # h * w -> W resized to that attention grid, [h*w, L]
 
-    def set_layout(self, weight_map, latent_size):
-        self.weight_map, self.latent_size, self._maps = weight_map, tuple(latent_size), {}
+    def set_layout(self, weight_map, latent_size, device):
+        """W [L, H, W] resized (bilinear, corners aligned) to every UNet level of an h x w latent, on `device`."""
+        h, w = latent_size
+        self.maps = {}
+        while True:
+            resized = F.interpolate(weight_map[None].float(), size=(h, w), mode="bilinear", align_corners=True)[0]
+            self.maps[h * w] = resized.flatten(1).T.contiguous().to(device)  # [h*w, L]
+            if h == 1 and w == 1:
+                break
+            h, w = (h + 1) // 2, (w + 1) // 2  # each UNet level halves the grid (stride-2 conv: ceil)
 
-    def set_step(self, active, strength=0.0, num_uncond=0):
-        self.active, self.strength, self.num_uncond = active, float(strength), num_uncond
+    def set_step(self, active, strength=None, num_uncond=0):
+        """strength: a 0-d tensor on the UNet's device (or a float, for a single call) while active."""
+        self.active, self.strength, self.num_uncond = active, strength, num_uncond
 
-    def map_for(self, num_queries, device):
-        """W resized to the attention grid with `num_queries` = h * w cells, as [h*w, L] (bilinear, corners aligned)."""
-        key = (num_queries, device)
-        if key not in self._maps:
-            h, w = self.latent_size
-            while h * w > num_queries:  # each UNet level halves the grid (stride-2 conv: ceil)
-                h, w = (h + 1) // 2, (w + 1) // 2
-            assert h * w == num_queries, f"no UNet level of a {self.latent_size} latent has {num_queries} cells"
-            resized = F.interpolate(self.weight_map[None], size=(h, w), mode="bilinear", align_corners=True)[0]
-            self._maps[key] = resized.flatten(1).T.contiguous().to(device)  # [h*w, L]
-        return self._maps[key]
+    def map_for(self, num_queries):
+        assert num_queries in self.maps, f"no UNet level of the layout's latent has {num_queries} cells"
+        return self.maps[num_queries]
 
 
 def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=0, mask=None):
@@ -125,7 +126,7 @@ class GuidedCrossAttnProcessor:
         if attention_mask is not None:  # [B, 1, L] from encoder_attention_mask -> [B, heads, 1, L]
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        out = guided_attention(query, key, value, g.map_for(num_queries, query.device), g.strength, attn.scale,
+        out = guided_attention(query, key, value, g.map_for(num_queries), g.strength, attn.scale,
                                g.num_uncond, attention_mask)
         out = out.transpose(1, 2).reshape(batch, num_queries, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -172,8 +173,9 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
                       guidance=None, guided_steps=0, strengths=None, masks=None):
     """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
 
-    cond, uncond [B, L, d]; sigmas, scales, strengths: lists of floats; the layout guidance (if any) is
-    switched on for steps i < guided_steps. masks: (cond, uncond) [L] of 1 (attend) and 0, or None.
+    cond, uncond [B, L, d]; sigmas, scales: lists of floats; strengths: a list of 0-d tensors on the UNet's
+    device. The layout guidance (if any) is switched on for steps i < guided_steps. masks: (cond, uncond)
+    [L] of 1 (attend) and 0, or None.
     """
     encoder_states = torch.cat([uncond, cond]).to(unet.dtype)  # [2B, L, d]
     batch = cond.shape[0]
@@ -186,7 +188,7 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
         sigma = sigmas[i]
         if guidance is not None:
             active = i < guided_steps
-            guidance.set_step(active, strengths[i] if active else 0.0, num_uncond=batch)
+            guidance.set_step(active, strengths[i] if active else None, num_uncond=batch)
         x_in = (x / math.sqrt(sigma ** 2 + 1)).to(unet.dtype)
         out = unet(torch.cat([x_in, x_in]), timesteps[i], encoder_hidden_states=encoder_states, **extra).sample.float()
         out_uncond, out_cond = out.chunk(2)
@@ -216,9 +218,10 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     guided_steps, strengths = 0, None
     if guidance is not None:
         if weight_map is not None and guidance_steps > 0:
-            guidance.set_layout(weight_map, (height // 8, width // 8))
+            guidance.set_layout(weight_map, (height // 8, width // 8), device)
             guided_steps = min(guidance_steps, num_inference_steps)
-            strengths = (guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)).tolist()
+            strengths = guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)
+            strengths = [s.clone().to(device) for s in strengths]  # 0-d tensors, each its own
         guidance.set_step(False)
 
     # One CPU generator per image: its initial latents first, then each recurrence noise in order. All are

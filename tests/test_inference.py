@@ -213,11 +213,11 @@ def test_guided_processor_off_or_zero_map_equals_default(tiny_model):
     assert names == {"AttnProcessor2_0"}
     off = sd.unet(x, 500, encoder_hidden_states=states).sample
     assert torch.equal(off, reference)
-    guidance.set_layout(torch.zeros(7, 64, 64), (8, 8))
+    guidance.set_layout(torch.zeros(7, 64, 64), (8, 8), "cpu")
     guidance.set_step(True, strength=5.0, num_uncond=1)
     zero_map = sd.unet(x, 500, encoder_hidden_states=states).sample
     torch.testing.assert_close(zero_map, reference, rtol=1e-4, atol=1e-5)
-    guidance.set_layout(torch.randn(7, 64, 64), (8, 8))
+    guidance.set_layout(torch.randn(7, 64, 64), (8, 8), "cpu")
     guided = sd.unet(x, 500, encoder_hidden_states=states).sample
     torch.testing.assert_close(guided[0], reference[0], rtol=1e-4, atol=1e-5)  # the unconditional half is untouched
     assert (guided[1] - reference[1]).abs().max() > 1e-3
@@ -509,8 +509,34 @@ def test_guided_processor_honours_the_encoder_attention_mask(tiny_model):
     unmasked = sd.unet(x, 500, encoder_hidden_states=states).sample
     assert (reference - unmasked).abs().max() > 1e-3
     guidance = install_guidance(sd.unet)
-    guidance.set_layout(torch.zeros(7, 64, 64), (8, 8))
+    guidance.set_layout(torch.zeros(7, 64, 64), (8, 8), "cpu")
     guidance.set_step(True, strength=5.0, num_uncond=1)
     guided = sd.unet(x, 500, encoder_hidden_states=states, encoder_attention_mask=mask).sample
     torch.testing.assert_close(guided, reference, rtol=1e-4, atol=1e-5)
     sd.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tiny_model, tmp_path, monkeypatch):
+    """--compile: the guidance state is tensors, so 4 steps (2 guided, 2 not) over 2 images compile 2 graphs."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # runs the captured graph as it is: exact
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_unet = inference.compile_unet
+    monkeypatch.setattr(inference, "compile_unet",
+                        lambda unet, mode: compile_unet(unet, mode, backend=counting_backend))
+    config = write_config(tmp_path / "cfg", guidance_steps=2)
+    steps = ("--num_inference_steps", "4", "--num_images", "2")
+    torch._dynamo.reset()
+    try:
+        eager = run(tiny_model, config, tmp_path / "eager", *steps)
+        compiled = run(tiny_model, config, tmp_path / "compiled", *steps, "--compile")
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2
+    assert json.loads((compiled / "config.json").read_text())["compile"] == "default"
+    for seed in (0, 1):
+        a, b = (np.asarray(Image.open(folder / f"{seed}.png")) for folder in (eager, compiled))
+        assert np.array_equal(a, b)
