@@ -40,6 +40,7 @@ from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
 from layout_guidance import decode_latents, guidance_sigmas
+from pipeline_utils import add_compile_argument, compile_unet
 
 # ------------------------------------------------------------------------------------------------
 # The naive method
@@ -345,6 +346,8 @@ def bench_inference(args):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         guidance = install_guidance(sd.unet)
+        if args.compile:  # guided and stock alike; the warm-up runs compile
+            compile_unet(sd.unet, args.compile)
         inputs_warm, inputs = job_inputs(sd, warm), job_inputs(sd, job)
         release_text_encoder(sd)
         sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution)
@@ -373,7 +376,8 @@ def bench_inference(args):
         results["stock"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
     summary = dict(mode="inference", preset=args.preset, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                   resolution=resolution, steps=steps, unet_evaluations_per_image=evaluations, **results,
+                   compile=args.compile, resolution=resolution, steps=steps,
+                   unet_evaluations_per_image=evaluations, **results,
                    overhead_vs_stock=results["guided"]["s_per_eval"] / results["stock"]["s_per_eval"],
                    speedup_vs_naive=results["naive"]["s_per_image"] / results["guided"]["s_per_image"],
                    memory_guided_over_naive=results["guided"]["peak_gb"] / results["naive"]["peak_gb"],
@@ -381,7 +385,8 @@ def bench_inference(args):
     rows = [(name, f"{r['s_per_image']:.3f}", f"{1000 * r['s_per_eval']:.2f}", f"{r['peak_gb']:.2f}")
             for name, r in results.items()]
     print_table(f"inference {args.preset} {resolution}px, {steps} steps all guided ({evaluations} UNet evaluations), "
-                f"{summary['dtype']} on {summary['versions']['device_name']}",
+                f"{summary['dtype']}{', compiled: ' + args.compile if args.compile else ''} on "
+                f"{summary['versions']['device_name']}",
                 ("method", "s/image", "ms/eval", "peak GB"), rows)
     print(f"overhead_vs_stock {summary['overhead_vs_stock']:.3f}   speedup_vs_naive {summary['speedup_vs_naive']:.2f}"
           f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}")
@@ -395,12 +400,17 @@ def bench_training(args):
     from diffusers import DDPMScheduler
 
     from pipeline_utils import token_ids
-    from train import sample_noise, training_loss  # the project's own training step
+    from train import MicroBatchLoss  # the project's own training step, data to loss
 
     device = torch.device(args.device)
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
     mixed = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    loss_args = SimpleNamespace(token_num=1, loss_rate_first=1e-2, loss_rate_second=1e-3)
+    # square photos, as DreamBench's, already resized to the training resolution (train.py's load_instance_images)
+    generator = torch.Generator().manual_seed(0)
+    photos = [torch.randint(0, 256, (3, resolution, resolution), dtype=torch.uint8, generator=generator)
+              for _ in range(args.photos)]
+    train_args = SimpleNamespace(seed=0, train_batch_size=1, resolution=resolution, center_crop=False,
+                                 token_num=1, loss_rate_first=1e-2, loss_rate_second=1e-3)
     results = {}
     for method in ("project", "naive"):
         naive = method == "naive"
@@ -410,9 +420,12 @@ def bench_training(args):
         if naive:
             install_naive(sd.unet)
             sd.text_encoder.set_attn_implementation("eager")
-        elif args.gradient_checkpointing:
-            sd.unet.enable_gradient_checkpointing()
-            sd.text_encoder.gradient_checkpointing_enable()
+        else:
+            if args.gradient_checkpointing:
+                sd.unet.enable_gradient_checkpointing()
+                sd.text_encoder.gradient_checkpointing_enable()
+            if args.compile:
+                compile_unet(sd.unet, args.compile)
         text_encoder = sd.text_encoder.requires_grad_(True).train()
         if args.use_8bit_adam and not naive:
             import bitsandbytes as bnb
@@ -423,18 +436,17 @@ def bench_training(args):
         ids = torch.tensor([token_ids(sd.tokenizer, "dog", 77)], device=device)
         with torch.no_grad():
             e0 = text_encoder(ids)[0].float()
-        pixels = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        pixels = pixels.to(device, weight_dtype)
-        latent_shape = (4, resolution // 8, resolution // 8)
-        counter = iter(range(10_000))
+        # the reference encodes every step's photo with the VAE; the project caches the latents
+        cache_bytes = 0 if naive or args.no_latent_cache else 2 ** 30
+        loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
+                                 latent_cache_bytes=cache_bytes)
+        counter = iter(range(100_000))
         autocast = (torch.autocast(device.type, dtype=mixed) if weight_dtype != torch.float32
                     else torch.autocast(device.type, enabled=False))
 
         def step():
-            vae_noise, noise, timesteps = (t.to(device) for t in sample_noise(0, [next(counter)], latent_shape, 1000))
             with autocast:  # what accelerate's mixed precision wraps the prepared text encoder in
-                loss, _, _ = training_loss(text_encoder, sd.unet, sd.vae, scheduler, ids, e0, pixels, vae_noise,
-                                           noise, timesteps, loss_args)
+                loss, _, _ = loss_of(next(counter))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
             optimizer.step()
@@ -442,23 +454,28 @@ def bench_training(args):
 
         for _ in range(args.warmup_steps):
             step()
+        encoded = loss_of.cache.encoded
         seconds, memory = timed(device, step, args.train_steps)
-        results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory)
-        sd = text_encoder = optimizer = None  # free the model before the next is built
+        results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory,
+                               vae_encodes_per_step=(loss_of.cache.encoded - encoded) / args.train_steps)
+        sd = text_encoder = optimizer = loss_of = None  # free the model before the next is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     summary = dict(mode="training", preset=args.preset, device=str(device), resolution=resolution,
                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                   use_8bit_adam=args.use_8bit_adam, **results,
-                   speedup_vs_naive=results["naive"]["s_per_step"] / results["project"]["s_per_step"],
+                   use_8bit_adam=args.use_8bit_adam, compile=args.compile, photos=args.photos,
+                   latent_cache=not args.no_latent_cache,
+                   **results, speedup_vs_naive=results["naive"]["s_per_step"] / results["project"]["s_per_step"],
                    versions=versions(device), date=time.strftime("%Y-%m-%d"))
-    rows = [(name, f"{r['s_per_step']:.3f}", f"{r['minutes_for_4000']:.1f}", f"{r['peak_gb']:.2f}")
-            for name, r in results.items()]
-    print_table(f"training {args.preset} {resolution}px batch 1, project: {args.mixed_precision}"
-                f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
-                f"{', 8-bit Adam' if args.use_8bit_adam else ''}; naive: fp32, hand-written attention, on "
-                f"{summary['versions']['device_name']}", ("method", "s/step", "min/4000 steps", "peak GB"), rows)
+    rows = [(name, f"{r['s_per_step']:.3f}", f"{r['minutes_for_4000']:.1f}", f"{r['peak_gb']:.2f}",
+             f"{r['vae_encodes_per_step']:.2f}") for name, r in results.items()]
+    print_table(f"training {args.preset} {resolution}px batch 1, {args.photos} square photos, project: "
+                f"{args.mixed_precision}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+                f"{', 8-bit Adam' if args.use_8bit_adam else ''}{', no latent cache' if args.no_latent_cache else ''}"
+                f"{', compiled: ' + args.compile if args.compile else ''}"
+                f"; naive: fp32, hand-written attention, on {summary['versions']['device_name']}",
+                ("method", "s/step", "min/4000 steps", "peak GB", "VAE encodes/step"), rows)
     print(f"speedup_vs_naive {summary['speedup_vs_naive']:.2f}")
     return summary
 
@@ -478,11 +495,15 @@ def parse_args(argv=None):
     inference.add_argument("--images", type=int, default=2, help="timed images of guided and stock")
     inference.add_argument("--naive_images", type=int, default=1, help="timed images of naive")
     inference.add_argument("--profile", action="store_true", help="also print where one guided step's time goes")
+    add_compile_argument(inference, "the UNet of guided and stock (naive stays eager, as the reference runs)")
     training = modes.choices["training"]
     training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     training.add_argument("--gradient_checkpointing", action="store_true")
     training.add_argument("--use_8bit_adam", action="store_true")
-    training.add_argument("--warmup_steps", type=int, default=2)
+    training.add_argument("--warmup_steps", type=int, default=6, help="untimed steps (they see every photo once)")
+    training.add_argument("--photos", type=int, default=5, help="square photos of the concept")
+    training.add_argument("--no_latent_cache", action="store_true", help="encode each step's photo with the VAE")
+    add_compile_argument(training, "the project's UNet (the warm-up steps compile)")
     training.add_argument("--train_steps", type=int, default=5, help="timed steps")
     return p.parse_args(argv)
 

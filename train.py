@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipeline_utils import (UserError, encode_ids, load_model, load_tokenizer, run_cli, token_ids,
-                            word_ids)
+from pipeline_utils import (UserError, add_compile_argument, compile_unet, encode_ids, load_model, load_tokenizer,
+                            run_cli, token_ids, word_ids)
 from residual_utils import find_sequence, save_residual
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
 
 # The textual-inversion "small" templates, in order (A.7).
 TEMPLATES = [
@@ -73,25 +74,30 @@ def sample_order(seed, num_images, sample_index):
     return int(permutation[index])
 
 
-def crop(image, resolution, center, seed, sample_index):
-    """A resolution x resolution crop mapped to [-1, 1]; its offset comes from (seed, sample index)."""
-    _, h, w = image.shape
+def crop_offset(shape, resolution, center, seed, sample_index):
+    """(top, left) of the R x R crop of an image of `shape` [3, h, w]; random ones from (seed, sample index)."""
+    _, h, w = shape
     if center:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-    else:
-        rng = np.random.default_rng([seed, sample_index])
-        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
-    patch = image[:, top:top + resolution, left:left + resolution]
-    return patch.float() / 127.5 - 1.0
+        return (h - resolution) // 2, (w - resolution) // 2
+    rng = np.random.default_rng([seed, sample_index])
+    return int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+
+
+def crop_pixels(images, key, resolution):
+    """The crop key = (image, top, left) as [3, R, R] float32 in [-1, 1]."""
+    index, top, left = key
+    return images[index][:, top:top + resolution, left:left + resolution].float() / 127.5 - 1.0
 
 
 def micro_batch(images, args, micro_step, rank, world_size):
-    """Sample indices and images [B, 3, R, R] in [-1, 1] of process `rank` for micro-step `micro_step`."""
+    """Sample indices and crop keys (image, top, left) of process `rank` for micro-step `micro_step`."""
     first = (micro_step * world_size + rank) * args.train_batch_size
     indices = list(range(first, first + args.train_batch_size))
-    batch = [crop(images[sample_order(args.seed, len(images), j)], args.resolution, args.center_crop, args.seed, j)
-             for j in indices]
-    return indices, torch.stack(batch)
+    keys = []
+    for j in indices:
+        index = sample_order(args.seed, len(images), j)
+        keys.append((index, *crop_offset(images[index].shape, args.resolution, args.center_crop, args.seed, j)))
+    return indices, keys
 
 
 def sample_noise(seed, indices, latent_shape, num_train_timesteps):
@@ -121,17 +127,55 @@ def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second):
     return (loss_rate_first * first + loss_rate_second * rest).mean()
 
 
-def training_loss(text_encoder, unet, vae, noise_scheduler, instance_ids, e0, pixels, vae_noise, noise,
-                  timesteps, args, encoder_attention_mask=None):
+def to_device(tensor, device):
+    """A host-to-device copy that lets the CPU run ahead of the GPU (pinned memory, non-blocking)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class LatentCache:
+    """The VAE posterior (mean, std) of every crop seen so far, kept on the VAE's device.
+
+    A square photo has a single crop at the training resolution (DreamBench's are all square), so after one
+    pass over the photos the VAE encoder stops running. Each crop is encoded on its own, cached or not, so
+    the latents do not depend on the cache or on how samples are grouped into batches. At most `max_bytes`
+    are kept; crops beyond that (random crops of large non-square photos) are encoded every time.
+    """
+
+    def __init__(self, vae, max_bytes=2 ** 30):
+        self.vae, self.max_bytes = vae, max_bytes
+        self.entries, self.bytes, self.encoded = {}, 0, 0
+
+    @torch.no_grad()
+    def posterior(self, key, make_pixels):
+        """(mean, std) [C, h, w] of crop `key`; make_pixels() -> its pixels [3, R, R] in [-1, 1] on the CPU."""
+        if key in self.entries:
+            return self.entries[key]
+        pixels = to_device(make_pixels()[None], self.vae.device).to(self.vae.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        entry = posterior.mean[0].clone(), posterior.std[0]
+        self.encoded += 1
+        size = sum(t.numel() * t.element_size() for t in entry)
+        if self.bytes + size <= self.max_bytes:
+            self.entries[key] = entry
+            self.bytes += size
+        return entry
+
+    def latents(self, keys, make_pixels, vae_noise):
+        """z = (mean + std * vae_noise) * scaling_factor, float32 [B, C, h, w], for crops `keys`."""
+        posteriors = [self.posterior(key, lambda key=key: make_pixels(key)) for key in keys]
+        mean, std = (torch.stack(t) for t in zip(*posteriors))
+        return (mean.float() + std.float() * vae_noise) * self.vae.config.scaling_factor
+
+
+def training_loss(text_encoder, unet, noise_scheduler, instance_ids, e0, latents, noise, timesteps, args,
+                  encoder_attention_mask=None):
     """Diffusion loss of the photos plus the preservation loss (A.5); returns (total, diffusion, preservation).
 
-    pixels [B, 3, R, R] in the UNet's dtype; vae_noise, noise [B, 4, R/8, R/8] and timesteps [B] from
-    sample_noise. The gradient reaches the text encoder through the frozen UNet. encoder_attention_mask [B, 77]
-    hides EOS and padding from the UNet (text length "words").
+    latents, noise [B, 4, R/8, R/8] float32 and timesteps [B]. The gradient reaches the text encoder through
+    the frozen UNet. encoder_attention_mask [B, 77] hides EOS and padding from the UNet (text length "words").
     """
-    with torch.no_grad():
-        posterior = vae.encode(pixels).latent_dist
-        latents = (posterior.mean + posterior.std * vae_noise).float() * vae.config.scaling_factor
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
     pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=e.to(unet.dtype),
@@ -143,6 +187,30 @@ def training_loss(text_encoder, unet, vae, noise_scheduler, instance_ids, e0, pi
     diffusion = F.mse_loss(pred.float(), target.float())
     preserve = preservation_loss(e, e0, args.token_num, args.loss_rate_first, args.loss_rate_second)
     return diffusion + preserve, diffusion, preserve
+
+
+class MicroBatchLoss:
+    """loss(micro_step, rank, world_size): the losses of one process's micro-batch, from the sample indices
+    (data order, crop, VAE noise, noise and timestep all from the seed) to training_loss. train.py and the
+    benchmark both run this."""
+
+    def __init__(self, images, args, text_encoder, unet, vae, noise_scheduler, instance_ids, e0, unet_mask=None,
+                 latent_cache_bytes=2 ** 30):
+        self.images, self.args = images, args
+        self.text_encoder, self.unet, self.noise_scheduler = text_encoder, unet, noise_scheduler
+        self.instance_ids, self.e0, self.unet_mask = instance_ids, e0, unet_mask
+        self.cache = LatentCache(vae, latent_cache_bytes)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for Stable Diffusion
+        self.latent_shape = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
+
+    def __call__(self, micro_step, rank=0, world_size=1):
+        args, device = self.args, self.unet.device
+        indices, keys = micro_batch(self.images, args, micro_step, rank, world_size)
+        vae_noise, noise, timesteps = (to_device(t, device) for t in sample_noise(
+            args.seed, indices, self.latent_shape, self.noise_scheduler.config.num_train_timesteps))
+        latents = self.cache.latents(keys, lambda key: crop_pixels(self.images, key, args.resolution), vae_noise)
+        return training_loss(self.text_encoder, self.unet, self.noise_scheduler, self.instance_ids, self.e0,
+                             latents, noise, timesteps, args, self.unet_mask)
 
 
 def template_rows(tokenizer, instance_prompt, token_num):
@@ -211,6 +279,8 @@ def check_args(args):
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpoints_total_limit"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    if args.latent_cache_mb < 0:
+        raise UserError(f"--latent_cache_mb {args.latent_cache_mb}: expected an integer >= 0")
     if args.learning_rate < 0:
         raise UserError(f"--learning_rate {args.learning_rate}: expected a number >= 0")
     if args.use_8bit_adam:
@@ -273,6 +343,8 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         text_encoder.gradient_checkpointing_enable()
+    if args.compile:
+        compile_unet(unet, args.compile)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.AdamW8bit
@@ -316,19 +388,23 @@ def main(args):
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     rank, world = accelerator.process_index, accelerator.num_processes
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for Stable Diffusion
-    latent_shape = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
+    micro_batch_loss = MicroBatchLoss(images, args, text_encoder, unet, vae, noise_scheduler, instance_ids, e0,
+                                      unet_mask, latent_cache_bytes=args.latent_cache_mb * 2 ** 20)
+    pending = []  # (step, lr, losses) not logged yet: reading a loss waits for the GPU, so once every few steps
+
+    def log_pending():
+        if pending:
+            values = torch.stack([losses for _, _, losses in pending]).tolist()
+            for (step, lr, _), (total, diffusion, preserve) in zip(pending, values):
+                accelerator.log({"loss": total, "diffusion": diffusion, "preserve": preserve, "lr": lr}, step=step)
+            progress.set_postfix(loss=f"{values[-1][0]:.4f}")
+            pending.clear()
+
     while global_step < args.max_train_steps:
         for micro in range(args.gradient_accumulation_steps):
-            micro_step = global_step * args.gradient_accumulation_steps + micro
-            indices, pixels = micro_batch(images, args, micro_step, rank, world)
-            vae_noise, noise, timesteps = (t.to(accelerator.device) for t in sample_noise(
-                args.seed, indices, latent_shape, noise_scheduler.config.num_train_timesteps))
             with accelerator.accumulate(text_encoder):
-                loss, diffusion, preserve = training_loss(
-                    text_encoder, unet, vae, noise_scheduler, instance_ids, e0,
-                    pixels.to(accelerator.device, weight_dtype), vae_noise, noise, timesteps, args, unet_mask)
-                accelerator.backward(loss)
+                losses = micro_batch_loss(global_step * args.gradient_accumulation_steps + micro, rank, world)
+                accelerator.backward(losses[0])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)
                 optimizer.step()
@@ -336,15 +412,16 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
         global_step += 1
         progress.update(1)
-        logs = {"loss": loss.item(), "diffusion": diffusion.item(), "preserve": preserve.item(),
-                "lr": lr_scheduler.get_last_lr()[0]}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=global_step)
+        pending.append((global_step, lr_scheduler.get_last_lr()[0], torch.stack(losses).detach()))
+        if global_step % LOG_EVERY == 0:
+            log_pending()
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 \
                 and global_step < args.max_train_steps:
+            log_pending()
             save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             validate(global_step)
+    log_pending()
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -423,6 +500,9 @@ def parse_args(argv=None):
                    help="dtype of the frozen UNet and VAE; the text encoder trains in float32")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--use_8bit_adam", action="store_true")
+    add_compile_argument(p, "the frozen UNet (its forward and backward); the first steps compile")
+    p.add_argument("--latent_cache_mb", type=int, default=1024,
+                   help="device memory for the VAE latents of the crops seen (0: encode every step; same results)")
     p.add_argument("--checkpointing_steps", type=int, default=500, help="0: no checkpoints")
     p.add_argument("--checkpoints_total_limit", type=int, default=1, help="checkpoints kept (the newest)")
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")

@@ -20,9 +20,12 @@ def test_inference_mode_reports_every_figure(capsys):
 
 def test_training_mode_reports_every_figure(capsys):
     summary = benchmark.main(benchmark.parse_args(
-        ["training", "--device", "cpu", "--preset", "tiny", "--warmup_steps", "1", "--train_steps", "1"]))
+        ["training", "--device", "cpu", "--preset", "tiny", "--photos", "2", "--warmup_steps", "2",
+         "--train_steps", "1"]))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "training"
     for method in ("project", "naive"):
         figures = summary[method]
         assert figures["s_per_step"] > 0 and figures["peak_gb"] > 0
         assert abs(figures["minutes_for_4000"] - figures["s_per_step"] * 4000 / 60) < 1e-9
+    # the project's latents are cached once every photo has been seen; the naive step encodes every time
+    assert summary["project"]["vae_encodes_per_step"] == 0 and summary["naive"]["vae_encodes_per_step"] == 1

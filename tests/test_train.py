@@ -165,6 +165,64 @@ def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
     assert (folder / "0.png").is_file()
 
 
+def test_latent_cache_encodes_each_crop_once_with_the_same_latents(tiny_model):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae").eval()
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    keys = [(0, 0, 0), (1, 0, 16), (0, 0, 0), (1, 0, 16), (1, 0, 3)]
+    noise = torch.randn(len(keys), 4, 8, 8, generator=generator)
+
+    def pixels(key):
+        return train.crop_pixels(images, key, 64)
+
+    cache, uncached = train.LatentCache(vae), train.LatentCache(vae, max_bytes=0)
+    for j, key in enumerate(keys):
+        a = cache.latents([key], pixels, noise[j:j + 1])
+        b = uncached.latents([key], pixels, noise[j:j + 1])
+        with torch.no_grad():
+            posterior = vae.encode(pixels(key)[None]).latent_dist
+        by_hand = (posterior.mean + posterior.std * noise[j:j + 1]) * vae.config.scaling_factor
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, by_hand, rtol=1e-5, atol=1e-6)
+    assert cache.encoded == 3 and uncached.encoded == 5
+    assert len(cache.entries) == 3 and not uncached.entries
+    assert cache.latents(keys, pixels, noise).shape == (5, 4, 8, 8) and cache.encoded == 3
+
+
+def test_latent_cache_leaves_the_residual_unchanged(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data", count=2, size=(64, 64))  # square: one crop per photo
+    common = ["--max_train_steps", "4", "--train_batch_size", "2", "--checkpointing_steps", "0"]
+    cached = run_train(*train_args(tiny_model, data, tmp_path / "cached", *common))
+    encoded = run_train(*train_args(tiny_model, data, tmp_path / "encoded", *common, "--latent_cache_mb", "0"))
+    a, b = load_residual(cached).tensor, load_residual(encoded).tensor
+    assert a.abs().sum() > 0
+    assert torch.equal(a, b)
+
+
+def test_compiled_unet_trains_the_same_residual_on_one_graph(tiny_model, tmp_path, monkeypatch):
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # runs the captured graph as it is: exact
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_unet = train.compile_unet
+    monkeypatch.setattr(train, "compile_unet", lambda unet, mode: compile_unet(unet, mode, backend=counting_backend))
+    data = make_images(tmp_path / "data")
+    torch._dynamo.reset()
+    try:
+        eager = run_train(*train_args(tiny_model, data, tmp_path / "eager"))
+        compiled = run_train(*train_args(tiny_model, data, tmp_path / "compiled", "--compile"))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    a, b = load_residual(eager).tensor, load_residual(compiled).tensor
+    assert a.abs().sum() > 0
+    assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -191,6 +249,7 @@ def test_bad_training_input(tiny_model, tmp_path, capsys):
     expect_error(capsys, train_args(tiny_model, broken, out), f"{broken / '01.jpg'}: cannot read the image", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--resolution", "60"), "--resolution 60", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--token_num", "0"), "--token_num 0", out)
+    expect_error(capsys, train_args(tiny_model, good, out, "--latent_cache_mb", "-1"), "--latent_cache_mb -1", out)
     argv = train_args(tiny_model, good, out)
     argv[argv.index("dog")] = " "
     expect_error(capsys, argv, "--instance_prompt", out)
