@@ -397,10 +397,11 @@ def bench_inference(args):
 # training
 
 def bench_training(args):
+    from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     from pipeline_utils import token_ids
-    from train import MicroBatchLoss  # the project's own training step, data to loss
+    from train import MicroBatchLoss, optimisation_step  # the project's own training step, data to update
 
     device = torch.device(args.device)
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
@@ -438,19 +439,26 @@ def bench_training(args):
             e0 = text_encoder(ids)[0].float()
         # the reference encodes every step's photo with the VAE; the project caches the latents
         cache_bytes = 0 if naive or args.no_latent_cache else 2 ** 30
-        loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
-                                 latent_cache_bytes=cache_bytes)
         counter = iter(range(100_000))
-        autocast = (torch.autocast(device.type, dtype=mixed) if weight_dtype != torch.float32
-                    else torch.autocast(device.type, enabled=False))
+        if naive:  # plain float32: backward, clip, update
+            loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
+                                     latent_cache_bytes=0)
 
-        def step():
-            with autocast:  # what accelerate's mixed precision wraps the prepared text encoder in
+            def step():
                 loss, _, _ = loss_of(next(counter))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:  # train.py's step: accelerate's mixed precision wraps the text encoder, as there
+            accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
+            lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
+            loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
+                                     latent_cache_bytes=cache_bytes)
+
+            def step():
+                optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, loss_of, next(counter), 1)
 
         for _ in range(args.warmup_steps):
             step()
@@ -458,7 +466,9 @@ def bench_training(args):
         seconds, memory = timed(device, step, args.train_steps)
         results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory,
                                vae_encodes_per_step=(loss_of.cache.encoded - encoded) / args.train_steps)
-        sd = text_encoder = optimizer = loss_of = None  # free the model before the next is built
+        if not naive:
+            accelerator.free_memory()  # drops its references to the prepared objects
+        sd = text_encoder = optimizer = loss_of = lr_scheduler = accelerator = None  # free before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

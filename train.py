@@ -213,6 +213,22 @@ class MicroBatchLoss:
                              latents, noise, timesteps, args, self.unet_mask)
 
 
+def optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, step, accumulation):
+    """Optimisation step `step`: `accumulation` micro-batches of this process, the gradient norm clipped at 1,
+    one update (A.6). Returns the last micro-batch's (total, diffusion, preservation) losses."""
+    for micro in range(accumulation):
+        with accelerator.accumulate(text_encoder):
+            losses = micro_batch_loss(step * accumulation + micro, accelerator.process_index,
+                                      accelerator.num_processes)
+            accelerator.backward(losses[0])
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
 def template_rows(tokenizer, instance_prompt, token_num):
     """Ids [27, 77] of the templates filled with the prompt, and p: where its first token sits in each (A.7)."""
     first_token = word_ids(tokenizer, instance_prompt)[0]
@@ -387,7 +403,6 @@ def main(args):
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    rank, world = accelerator.process_index, accelerator.num_processes
     micro_batch_loss = MicroBatchLoss(images, args, text_encoder, unet, vae, noise_scheduler, instance_ids, e0,
                                       unet_mask, latent_cache_bytes=args.latent_cache_mb * 2 ** 20)
     pending = []  # (step, lr, losses) not logged yet: reading a loss waits for the GPU, so once every few steps
@@ -401,15 +416,8 @@ def main(args):
             pending.clear()
 
     while global_step < args.max_train_steps:
-        for micro in range(args.gradient_accumulation_steps):
-            with accelerator.accumulate(text_encoder):
-                losses = micro_batch_loss(global_step * args.gradient_accumulation_steps + micro, rank, world)
-                accelerator.backward(losses[0])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        losses = optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, global_step,
+                                   args.gradient_accumulation_steps)
         global_step += 1
         progress.update(1)
         pending.append((global_step, lr_scheduler.get_last_lr()[0], torch.stack(losses).detach()))
