@@ -441,7 +441,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto: fp16 on GPUs, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, default=1, help="images per UNet call")
-    add_compile_argument(p, "the UNet: faster on GPUs from the second batch on, after a minute of compiling")
+    add_compile_argument(p, "the UNet (the first batch compiles)")
     return p.parse_args(argv)
 
 

@@ -135,9 +135,9 @@ def add_compile_argument(parser, what):
 
 
 def compile_unet(unet, mode="default", backend="inductor"):
-    """torch.compile the UNet in place: its first calls compile (about a minute for SD on a GPU), later
-    calls run fused kernels; "reduce-overhead" adds CUDA graphs. The layout guidance keeps one graph per
-    guided and unguided step (layout_guidance.LayoutGuidance), so a run compiles twice, not once per step."""
+    """torch.compile the UNet in place: its first calls compile, later calls run fused kernels;
+    "reduce-overhead" adds CUDA graphs. The layout guidance keeps one graph for guided and one for unguided
+    steps (layout_guidance.LayoutGuidance), so a run compiles twice, not once per step."""
     unet.compile(backend=backend, mode=None if mode == "default" else mode)
     return unet
 
