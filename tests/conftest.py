@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,3 +40,22 @@ def seed_configs(tmp_path):
     target = tmp_path / "configs"
     shutil.copytree(SEED_EXAMPLE, target)
     return target
+
+
+@pytest.fixture()
+def counted_compile(monkeypatch):
+    """(patch, graphs): patch(module) makes module.compile_unet capture the UNet's graphs with torch.compile
+    and run each as captured (so results are exact); graphs lists every graph compiled."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def patch(module):
+        compile_unet = module.compile_unet
+        monkeypatch.setattr(module, "compile_unet", lambda unet, mode: compile_unet(unet, mode, backend=backend))
+
+    torch._dynamo.reset()
+    yield patch, graphs
+    torch._dynamo.reset()

@@ -516,25 +516,14 @@ def test_guided_processor_honours_the_encoder_attention_mask(tiny_model):
     sd.unet.set_attn_processor(AttnProcessor2_0())
 
 
-def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tiny_model, tmp_path, monkeypatch):
+def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tiny_model, tmp_path, counted_compile):
     """--compile: the guidance state is tensors, so 4 steps (2 guided, 2 not) over 2 images compile 2 graphs."""
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):  # runs the captured graph as it is: exact
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compile_unet = inference.compile_unet
-    monkeypatch.setattr(inference, "compile_unet",
-                        lambda unet, mode: compile_unet(unet, mode, backend=counting_backend))
+    patch, graphs = counted_compile
+    patch(inference)
     config = write_config(tmp_path / "cfg", guidance_steps=2)
     steps = ("--num_inference_steps", "4", "--num_images", "2")
-    torch._dynamo.reset()
-    try:
-        eager = run(tiny_model, config, tmp_path / "eager", *steps)
-        compiled = run(tiny_model, config, tmp_path / "compiled", *steps, "--compile")
-    finally:
-        torch._dynamo.reset()
+    eager = run(tiny_model, config, tmp_path / "eager", *steps)
+    compiled = run(tiny_model, config, tmp_path / "compiled", *steps, "--compile")
     assert len(graphs) == 2
     assert json.loads((compiled / "config.json").read_text())["compile"] == "default"
     for seed in (0, 1):

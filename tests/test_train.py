@@ -201,22 +201,12 @@ def test_latent_cache_leaves_the_residual_unchanged(tiny_model, tmp_path):
     assert torch.equal(a, b)
 
 
-def test_compiled_unet_trains_the_same_residual_on_one_graph(tiny_model, tmp_path, monkeypatch):
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):  # runs the captured graph as it is: exact
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compile_unet = train.compile_unet
-    monkeypatch.setattr(train, "compile_unet", lambda unet, mode: compile_unet(unet, mode, backend=counting_backend))
+def test_compiled_unet_trains_the_same_residual_on_one_graph(tiny_model, tmp_path, counted_compile):
+    patch, graphs = counted_compile
+    patch(train)
     data = make_images(tmp_path / "data")
-    torch._dynamo.reset()
-    try:
-        eager = run_train(*train_args(tiny_model, data, tmp_path / "eager"))
-        compiled = run_train(*train_args(tiny_model, data, tmp_path / "compiled", "--compile"))
-    finally:
-        torch._dynamo.reset()
+    eager = run_train(*train_args(tiny_model, data, tmp_path / "eager"))
+    compiled = run_train(*train_args(tiny_model, data, tmp_path / "compiled", "--compile"))
     assert len(graphs) == 1
     a, b = load_residual(eager).tensor, load_residual(compiled).tensor
     assert a.abs().sum() > 0
