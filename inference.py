@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (UserError, add_compile_argument, compile_unet, encode_ids, first_line, load_model,
-                            load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
-                            write_atomic)
+from pipeline_utils import (UserError, add_compile_argument, check_compile, compile_unet, encode_ids, first_line,
+                            load_model, load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids, token_texts,
+                            word_ids, write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -395,6 +395,7 @@ def main(args):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    check_compile(args.compile, device)
     sd = load_model(model, device, dtype)
     guidance = install_guidance(sd.unet)
     if args.compile:

@@ -134,6 +134,16 @@ def add_compile_argument(parser, what):
                              "graphs) or max-autotune")
 
 
+def check_compile(mode, device):
+    """Before any model is loaded: --compile on the CPU needs the C++ compiler torch.compile builds kernels with."""
+    if mode and device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception as e:
+            raise UserError(f"--compile on the CPU needs a C++ compiler (g++ or clang++): {first_line(e)}") from None
+
+
 def compile_unet(unet, mode="default", backend="inductor"):
     """torch.compile the UNet in place: its first calls compile, later calls run fused kernels;
     "reduce-overhead" adds CUDA graphs. The layout guidance keeps one graph for guided and one for unguided

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipeline_utils import (UserError, add_compile_argument, compile_unet, encode_ids, load_model, load_tokenizer,
-                            run_cli, token_ids, word_ids)
+from pipeline_utils import (UserError, add_compile_argument, check_compile, compile_unet, encode_ids, load_model,
+                            load_tokenizer, run_cli, token_ids, word_ids)
 from residual_utils import find_sequence, save_residual
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -335,6 +335,7 @@ def main(args):
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(output_dir / "logs"))
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    check_compile(args.compile, accelerator.device)
     # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
     sd = load_model(args.pretrained_model_name_or_path, accelerator.device, weight_dtype,
                     text_encoder_dtype=torch.float32)

@@ -529,3 +529,12 @@ def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tin
     for seed in (0, 1):
         a, b = (np.asarray(Image.open(folder / f"{seed}.png")) for folder in (eager, compiled))
         assert np.array_equal(a, b)
+
+
+def test_compile_without_a_cpu_compiler_is_one_clear_line(tiny_model, tmp_path, capsys):
+    from torch._inductor import config as inductor_config
+
+    config = write_config(tmp_path / "cfg")
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):
+        expect_error(capsys, tiny_model, config, tmp_path / "out", "--compile on the CPU needs a C++ compiler",
+                     extra=("--compile", "--device", "cpu"))

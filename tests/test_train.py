@@ -240,6 +240,9 @@ def test_bad_training_input(tiny_model, tmp_path, capsys):
     expect_error(capsys, train_args(tiny_model, good, out, "--resolution", "60"), "--resolution 60", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--token_num", "0"), "--token_num 0", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--latent_cache_mb", "-1"), "--latent_cache_mb -1", out)
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):
+        expect_error(capsys, train_args(tiny_model, good, out, "--compile"), "--compile on the CPU needs a C++", out)
     argv = train_args(tiny_model, good, out)
     argv[argv.index("dog")] = " "
     expect_error(capsys, argv, "--instance_prompt", out)
