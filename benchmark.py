@@ -40,7 +40,7 @@ from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
 from layout_guidance import decode_latents, guidance_sigmas
-from pipeline_utils import add_compile_argument, compile_unet
+from pipeline_utils import add_compile_argument, compile_unet, enable_gradient_checkpointing
 
 # ------------------------------------------------------------------------------------------------
 # The naive method
@@ -423,8 +423,7 @@ def bench_training(args):
             sd.text_encoder.set_attn_implementation("eager")
         else:
             if args.gradient_checkpointing:
-                sd.unet.enable_gradient_checkpointing()
-                sd.text_encoder.gradient_checkpointing_enable()
+                enable_gradient_checkpointing(sd.unet, sd.text_encoder)
             if args.compile:
                 compile_unet(sd.unet, args.compile)
         text_encoder = sd.text_encoder.requires_grad_(True).train()

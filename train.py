@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipeline_utils import (UserError, add_compile_argument, check_compile, compile_unet, encode_ids, load_model,
-                            load_tokenizer, run_cli, token_ids, word_ids)
+from pipeline_utils import (UserError, add_compile_argument, check_compile, compile_unet, enable_gradient_checkpointing,
+                            encode_ids, load_model, load_tokenizer, run_cli, token_ids, word_ids)
 from residual_utils import find_sequence, save_residual
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -358,8 +358,7 @@ def main(args):
     text_encoder.requires_grad_(True)
     text_encoder.train()
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(unet, text_encoder)
     if args.compile:
         compile_unet(unet, args.compile)
     if args.use_8bit_adam:

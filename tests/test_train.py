@@ -201,6 +201,15 @@ def test_latent_cache_leaves_the_residual_unchanged(tiny_model, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_gradient_checkpointing_trains_the_same_residual(tiny_model, tmp_path):
+    data = make_images(tmp_path / "data")
+    plain = run_train(*train_args(tiny_model, data, tmp_path / "plain"))
+    checkpointed = run_train(*train_args(tiny_model, data, tmp_path / "checkpointed", "--gradient_checkpointing"))
+    a, b = load_residual(plain).tensor, load_residual(checkpointed).tensor
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_unet_trains_the_same_residual_on_one_graph(tiny_model, tmp_path, counted_compile):
     patch, graphs = counted_compile
     patch(train)
