@@ -410,7 +410,10 @@ def main(args):
     from tqdm import tqdm
     for start in tqdm(range(0, len(seeds), args.batch_size), desc="batches", disable=len(seeds) <= args.batch_size):
         batch_seeds = seeds[start:start + args.batch_size]
-        batch = sample_job(sd, guidance, job, inputs, batch_seeds, height, width)
+        run_seeds = batch_seeds
+        if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad it
+            run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
+        batch = sample_job(sd, guidance, job, inputs, run_seeds, height, width)[:len(batch_seeds)]
         for seed, image in zip(batch_seeds, batch):
             write_atomic(folder / f"{seed}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
         images.extend(batch)

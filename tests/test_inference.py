@@ -517,18 +517,22 @@ def test_guided_processor_honours_the_encoder_attention_mask(tiny_model):
 
 
 def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tiny_model, tmp_path, counted_compile):
-    """--compile: the guidance state is tensors, so 4 steps (2 guided, 2 not) over 2 images compile 2 graphs."""
+    """--compile: the guidance state is tensors, so 4 steps (2 guided, 2 not) over 3 images compile 2 graphs."""
     patch, graphs = counted_compile
     patch(inference)
     config = write_config(tmp_path / "cfg", guidance_steps=2)
-    steps = ("--num_inference_steps", "4", "--num_images", "2")
+    steps = ("--num_inference_steps", "4", "--num_images", "3", "--batch_size", "2")
     eager = run(tiny_model, config, tmp_path / "eager", *steps)
     compiled = run(tiny_model, config, tmp_path / "compiled", *steps, "--compile")
-    assert len(graphs) == 2
+    assert len(graphs) == 2  # the last batch of one image is padded to two: no graph for a new shape
     assert json.loads((compiled / "config.json").read_text())["compile"] == "default"
-    for seed in (0, 1):
-        a, b = (np.asarray(Image.open(folder / f"{seed}.png")) for folder in (eager, compiled))
-        assert np.array_equal(a, b)
+    assert sorted(p.name for p in compiled.glob("*.png")) == ["0.png", "1.png", "2.png", "all_images.png"]
+    for seed in (0, 1, 2):
+        a, b = (np.asarray(Image.open(folder / f"{seed}.png")).astype(int) for folder in (eager, compiled))
+        if seed < 2:
+            assert np.array_equal(a, b)
+        else:  # computed in a batch of two here and alone in the eager run: float rounding at most
+            assert np.abs(a - b).max() <= 1
 
 
 def test_compile_without_a_cpu_compiler_is_one_clear_line(tiny_model, tmp_path, capsys):
