@@ -465,6 +465,8 @@ def bench_training(args):
         seconds, memory = timed(device, step, args.train_steps)
         results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory,
                                vae_encodes_per_step=(loss_of.cache.encoded - encoded) / args.train_steps)
+        if args.profile and not naive:
+            profile(device, step)
         if not naive:
             accelerator.free_memory()  # drops its references to the prepared objects
         sd = text_encoder = optimizer = loss_of = lr_scheduler = accelerator = None  # free before the next model
@@ -514,6 +516,7 @@ def parse_args(argv=None):
     training.add_argument("--no_latent_cache", action="store_true", help="encode each step's photo with the VAE")
     add_compile_argument(training, "the project's UNet (the warm-up steps compile)")
     training.add_argument("--train_steps", type=int, default=5, help="timed steps")
+    training.add_argument("--profile", action="store_true", help="also print where one project step's time goes")
     return p.parse_args(argv)
 
 

@@ -6,7 +6,7 @@ import benchmark
 
 def test_inference_mode_reports_every_figure(capsys):
     summary = benchmark.main(benchmark.parse_args(
-        ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1"]))
+        ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1", "--profile"]))
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(summary))
     assert summary["unet_evaluations_per_image"] == 2
@@ -21,7 +21,7 @@ def test_inference_mode_reports_every_figure(capsys):
 def test_training_mode_reports_every_figure(capsys):
     summary = benchmark.main(benchmark.parse_args(
         ["training", "--device", "cpu", "--preset", "tiny", "--photos", "2", "--warmup_steps", "2",
-         "--train_steps", "1"]))
+         "--train_steps", "1", "--profile"]))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "training"
     for method in ("project", "naive"):
         figures = summary[method]
