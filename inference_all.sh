@@ -29,4 +29,11 @@ for config in "${configs[@]}"; do
     exit $status
   fi
 done
-echo "done: ${#configs[@]} configs, results in $OUTPUT_DIR"
+results=$OUTPUT_DIR  # inference.py takes the last --output_dir given
+previous=""
+for arg in "$@"; do
+  [ "$previous" = "--output_dir" ] && results=$arg
+  case "$arg" in --output_dir=*) results=${arg#--output_dir=} ;; esac
+  previous=$arg
+done
+echo "done: ${#configs[@]} configs, results in $results"

@@ -488,6 +488,21 @@ def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
     assert written == ["A_flower_in_a_vase."]  # a.json ran, c.json did not
 
 
+def test_inference_all_reports_the_output_dir_given(tiny_model_1024, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("layouts", "residuals"):
+        (configs / name).symlink_to(ROOT / "configs" / name)
+    (configs / "a.json").write_text((ROOT / "configs" / "guidance_config_prompt1.json").read_text())
+    env = {**__import__("os").environ, "MODEL_NAME": str(tiny_model_1024), "CONFIG_DIR": str(configs),
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "1", "--num_inference_steps", "1",
+                           "--output_dir", str(tmp_path / "mine")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"done: 1 configs, results in {tmp_path / 'mine'}" in done.stdout
+    assert len(list((tmp_path / "mine").rglob("0.png"))) == 1
+
+
 def test_words_text_length_drops_eos_and_masks_the_unconditional(tmp_path):
     tokenizer = clip_tokenizer()
     config = write_config(tmp_path, text_length="words")
