@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (UserError, add_compile_argument, check_compile, compile_unet, encode_ids, first_line,
-                            load_model, load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids, token_texts,
-                            word_ids, write_atomic)
+from pipeline_utils import (Processes, UserError, add_compile_argument, check_compile, compile_unet, encode_ids,
+                            first_line, load_model, load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids,
+                            token_texts, word_ids, write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -379,6 +379,7 @@ def main(args):
     from layout_guidance import install_guidance
 
     check_args(args)
+    processes = Processes()  # several under accelerate launch / torchrun: they share out the seeds
     model = args.pretrained_model_name_or_path
     tokenizer = load_tokenizer(model)
     try:  # the small config files first, so a bad config fails before gigabytes are loaded
@@ -391,9 +392,10 @@ def main(args):
     job = prepare_job(args.inference_config, tokenizer, embedding_dim, height, width, overrides)
     settings = job.settings
     for s in job.subjects:
-        print(f"{s.name} -> position {s.position} '{settings['subject_tokens'][s.name]}'")
+        if processes.is_main:
+            print(f"{s.name} -> position {s.position} '{settings['subject_tokens'][s.name]}'")
 
-    device = resolve_device(args.device)
+    device = processes.device(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     check_compile(args.compile, device)
     sd = load_model(model, device, dtype)
@@ -406,25 +408,29 @@ def main(args):
     folder = output_folder(args.output_dir, job.subjects, settings["prompt"])
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + j for j in range(args.num_images)]
-    images = []
+    mine = processes.share(seeds)
     from tqdm import tqdm
-    for start in tqdm(range(0, len(seeds), args.batch_size), desc="batches", disable=len(seeds) <= args.batch_size):
-        batch_seeds = seeds[start:start + args.batch_size]
+    for start in tqdm(range(0, len(mine), args.batch_size), desc="batches",
+                      disable=len(mine) <= args.batch_size or not processes.is_main):
+        batch_seeds = mine[start:start + args.batch_size]
         run_seeds = batch_seeds
         if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad it
             run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
         batch = sample_job(sd, guidance, job, inputs, run_seeds, height, width)[:len(batch_seeds)]
         for seed, image in zip(batch_seeds, batch):
             write_atomic(folder / f"{seed}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
-        images.extend(batch)
-    write_atomic(folder / "all_images.png", lambda tmp: image_grid(np.stack(images)).save(tmp, format="PNG"))
+    processes.wait_for_all()
+    if not processes.is_main:
+        return folder
 
+    images = np.stack([np.asarray(Image.open(folder / f"{seed}.png").convert("RGB")) for seed in seeds])
+    write_atomic(folder / "all_images.png", lambda tmp: image_grid(images).save(tmp, format="PNG"))
     settings.update(model=model, height=height, width=width, seed=args.seed, seeds=seeds,
                     num_images=args.num_images, batch_size=args.batch_size, compile=args.compile,
-                    device=str(device),
-                    dtype=str(dtype).replace("torch.", ""), prediction_type=sd.prediction_type,
-                    versions=library_versions())
-    write_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
+                    processes=processes.count, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                    prediction_type=sd.prediction_type, versions=library_versions())
+    write_atomic(folder / "config.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
     print(f"wrote {len(images)} images to {folder}")
     return folder
 

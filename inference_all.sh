@@ -4,14 +4,18 @@
 #   bash inference_all.sh                          # SD 2.1, 10 images per config
 #   MODEL_NAME=path/to/model bash inference_all.sh --num_images 2 --resolution 512
 #
+#   LAUNCHER="accelerate launch --num_processes 4" bash inference_all.sh   # 4 GPUs share each config's seeds
+#
 # Environment: MODEL_NAME (default stabilityai/stable-diffusion-2-1), CONFIG_DIR (configs),
-# OUTPUT_DIR (inference_results), PYTHON (python). Further arguments go to inference.py.
+# OUTPUT_DIR (inference_results), PYTHON (python), LAUNCHER (what runs inference.py; default: $PYTHON).
+# Further arguments go to inference.py.
 set -uo pipefail
 cd "$(dirname "$0")"
 MODEL_NAME=${MODEL_NAME:-stabilityai/stable-diffusion-2-1}
 CONFIG_DIR=${CONFIG_DIR:-configs}
 OUTPUT_DIR=${OUTPUT_DIR:-inference_results}
 PYTHON=${PYTHON:-python}
+read -r -a launcher <<< "${LAUNCHER:-$PYTHON}"
 
 shopt -s nullglob
 configs=("$CONFIG_DIR"/*.json)
@@ -21,7 +25,7 @@ if [ ${#configs[@]} -eq 0 ]; then
 fi
 for config in "${configs[@]}"; do
   echo "== $config"
-  "$PYTHON" inference.py --pretrained_model_name_or_path "$MODEL_NAME" --inference_config "$config" \
+  "${launcher[@]}" inference.py --pretrained_model_name_or_path "$MODEL_NAME" --inference_config "$config" \
     --output_dir "$OUTPUT_DIR" "$@"
   status=$?
   if [ $status -ne 0 ]; then

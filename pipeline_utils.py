@@ -65,6 +65,43 @@ def resolve_dtype(name, device):
     return DTYPES[name]
 
 
+class Processes:
+    """This process's place among those `accelerate launch` or `torchrun` started; one process when run plainly.
+
+    Several processes share a job's work and wait for each other through a gloo process group (CPU-side, so
+    it needs no GPU collective); each uses the GPU of its local rank.
+    """
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.count = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.count > 1:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def device(self, device):
+        """`device` (resolved), pinned to this process's GPU when there are several processes."""
+        if self.count > 1 and device.type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def share(self, items):
+        """This process's share of `items`: every count-th item from its rank on."""
+        return items[self.rank::self.count]
+
+    def wait_for_all(self):
+        if self.count > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+
 # ------------------------------------------------------------------------------------------------
 # The model
 

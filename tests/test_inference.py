@@ -488,19 +488,44 @@ def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
     assert written == ["A_flower_in_a_vase."]  # a.json ran, c.json did not
 
 
-def test_inference_all_reports_the_output_dir_given(tiny_model_1024, tmp_path):
+def test_two_processes_share_the_seeds_and_make_the_same_images(tiny_model, tmp_path):
+    """torchrun (or accelerate launch) with 2 processes: seeds 0 and 2 on one, 1 on the other; one grid."""
+    config = write_config(tmp_path / "cfg")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}  # the same float rounding in every process
+
+    def launch(launcher, out):
+        done = subprocess.run([sys.executable, *launcher, str(ROOT / "inference.py"), "--pretrained_model_name_or_path",
+                               str(tiny_model), "--inference_config", str(config), "--output_dir", str(out),
+                               "--device", "cpu", "--num_inference_steps", "2", "--num_images", "3"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("<cat> -> position") == 1  # printed by the main process only
+        return next(out.rglob("config.json")).parent
+
+    alone = launch([], tmp_path / "alone")
+    shared = launch(["-m", "torch.distributed.run", "--nproc_per_node", "2"], tmp_path / "shared")
+    assert json.loads((alone / "config.json").read_text())["processes"] == 1
+    settings = json.loads((shared / "config.json").read_text())
+    assert settings["processes"] == 2 and settings["seeds"] == [0, 1, 2]
+    for name in ("0.png", "1.png", "2.png", "all_images.png"):
+        assert np.array_equal(np.asarray(Image.open(alone / name)), np.asarray(Image.open(shared / name))), name
+
+
+def test_inference_all_with_a_launcher_and_an_output_dir(tiny_model_1024, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
     for name in ("layouts", "residuals"):
         (configs / name).symlink_to(ROOT / "configs" / name)
     (configs / "a.json").write_text((ROOT / "configs" / "guidance_config_prompt1.json").read_text())
     env = {**__import__("os").environ, "MODEL_NAME": str(tiny_model_1024), "CONFIG_DIR": str(configs),
-           "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "1", "--num_inference_steps", "1",
-                           "--output_dir", str(tmp_path / "mine")], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
+           "LAUNCHER": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "2", "--num_inference_steps", "1",
+                           "--device", "cpu", "--output_dir", str(tmp_path / "mine")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert f"done: 1 configs, results in {tmp_path / 'mine'}" in done.stdout
-    assert len(list((tmp_path / "mine").rglob("0.png"))) == 1
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*.png")) == ["0.png", "1.png", "all_images.png"]
+    assert json.loads(next((tmp_path / "mine").rglob("config.json")).read_text())["processes"] == 2
 
 
 def test_words_text_length_drops_eos_and_masks_the_unconditional(tmp_path):
