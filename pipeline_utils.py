@@ -193,7 +193,8 @@ def compile_unet(unet, mode="default", backend="inductor"):
     """torch.compile the UNet in place: its first calls compile, later calls run fused kernels;
     "reduce-overhead" adds CUDA graphs. The layout guidance keeps one graph for guided and one for unguided
     steps (layout_guidance.LayoutGuidance), so a run compiles twice, not once per step."""
-    unet.compile(backend=backend, mode=None if mode == "default" else mode)
+    modes = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}  # inductor's modes
+    unet.compile(backend=backend, **modes)
     return unet
 
 
