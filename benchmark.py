@@ -436,28 +436,24 @@ def bench_training(args):
         ids = torch.tensor([token_ids(sd.tokenizer, "dog", 77)], device=device)
         with torch.no_grad():
             e0 = text_encoder(ids)[0].float()
-        # the reference encodes every step's photo with the VAE; the project caches the latents
-        cache_bytes = 0 if naive or args.no_latent_cache else 2 ** 30
-        counter = iter(range(100_000))
-        if naive:  # plain float32: backward, clip, update
-            loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
-                                     latent_cache_bytes=0)
-
-            def step():
-                loss, _, _ = loss_of(next(counter))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        else:  # train.py's step: accelerate's mixed precision wraps the text encoder, as there
+        if not naive:  # train.py's step: accelerate's mixed precision wraps the text encoder, as there
             accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
             lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
-            loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
-                                     latent_cache_bytes=cache_bytes)
+        # the reference encodes every step's photo with the VAE; the project caches the latents
+        loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
+                                 latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30)
+        counter = iter(range(100_000))
 
-            def step():
+        def step():
+            if not naive:
                 optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, loss_of, next(counter), 1)
+                return
+            loss, _, _ = loss_of(next(counter))  # plain float32: backward, clip, update
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         for _ in range(args.warmup_steps):
             step()
