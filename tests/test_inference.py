@@ -468,12 +468,17 @@ def test_missing_model(tmp_path, capsys):
     expect_error(capsys, tmp_path / "no_model", config, tmp_path / "out", "cannot load the tokenizer of model")
 
 
-def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
-    configs = tmp_path / "configs"
+def config_folder(configs):
+    """A folder for inference_all.sh with the seed's layouts and residuals and a.json (the flower in a vase)."""
     configs.mkdir()
     for name in ("layouts", "residuals"):
         (configs / name).symlink_to(ROOT / "configs" / name)
     (configs / "a.json").write_text((ROOT / "configs" / "guidance_config_prompt1.json").read_text())
+    return configs
+
+
+def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
+    configs = config_folder(tmp_path / "configs")
     data = json.loads((ROOT / "configs" / "guidance_config_prompt0.json").read_text())
     data[0]["guidance_wieght"] = data[0].pop("guidance_weight")
     (configs / "b.json").write_text(json.dumps(data))
@@ -512,11 +517,7 @@ def test_two_processes_share_the_seeds_and_make_the_same_images(tiny_model, tmp_
 
 
 def test_inference_all_with_a_launcher_and_an_output_dir(tiny_model_1024, tmp_path):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    for name in ("layouts", "residuals"):
-        (configs / name).symlink_to(ROOT / "configs" / name)
-    (configs / "a.json").write_text((ROOT / "configs" / "guidance_config_prompt1.json").read_text())
+    configs = config_folder(tmp_path / "configs")
     env = {**__import__("os").environ, "MODEL_NAME": str(tiny_model_1024), "CONFIG_DIR": str(configs),
            "LAUNCHER": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "2", "--num_inference_steps", "1",
