@@ -40,7 +40,9 @@ from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
 from layout_guidance import decode_latents, guidance_sigmas
-from pipeline_utils import add_compile_argument, compile_unet, enable_gradient_checkpointing
+from pipeline_utils import (StableDiffusion, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
+                            compile_unet, enable_gradient_checkpointing, require_package, resolve_device, resolve_dtype,
+                            run_cli, token_ids)
 
 # ------------------------------------------------------------------------------------------------
 # The naive method
@@ -178,8 +180,6 @@ def build_model(preset, device, dtype, text_encoder_dtype=None):
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from pipeline_utils import StableDiffusion
-
     spec = PRESETS[preset]
     torch.manual_seed(0)
     with torch.device(device):
@@ -315,7 +315,6 @@ def bench_inference(args):
 
     from inference import job_inputs, prepare_job, release_text_encoder, sample_job
     from layout_guidance import install_guidance
-    from pipeline_utils import resolve_dtype
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -400,7 +399,6 @@ def bench_training(args):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from pipeline_utils import token_ids
     from train import MicroBatchLoss, optimisation_step  # the project's own training step, data to update
 
     device = torch.device(args.device)
@@ -516,9 +514,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Bad arguments are one line and exit status 2, before any model is built."""
+    device = resolve_device(args.device)
+    check_multiple_of_8(args, "resolution")
+    check_at_least(args, 1, "threads")
+    if args.mode == "inference":
+        check_at_least(args, 1, "steps", "images", "naive_images")
+    else:
+        check_at_least(args, 1, "train_steps", "photos")
+        check_at_least(args, 0, "warmup_steps")
+        if args.use_8bit_adam:
+            require_package("--use_8bit_adam", "bitsandbytes")
+    check_compile(args.compile, device)
+
+
 def main(args):
     from diffusers.utils import logging as diffusers_logging
 
+    check_args(args)
     diffusers_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -528,4 +542,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

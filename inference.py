@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (Processes, UserError, add_compile_argument, check_compile, compile_unet, encode_ids,
-                            first_line, load_model, load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids,
-                            token_texts, word_ids, write_atomic)
+from pipeline_utils import (Processes, UserError, add_compile_argument, check_at_least, check_compile,
+                            check_multiple_of_8, compile_unet, encode_ids, first_line, load_model, load_tokenizer,
+                            resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids, write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -360,16 +360,8 @@ def check_args(args):
         args.height = args.resolution
     if args.width is None:
         args.width = args.resolution
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise UserError(f"--{name} {value}: expected a positive multiple of 8")
-    if args.num_images < 1:
-        raise UserError(f"--num_images {args.num_images}: expected an integer >= 1")
-    if args.num_inference_steps is not None and args.num_inference_steps < 1:
-        raise UserError(f"--num_inference_steps {args.num_inference_steps}: expected an integer >= 1")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: expected an integer >= 1")
+    check_multiple_of_8(args, "height", "width")
+    check_at_least(args, 1, "num_images", "num_inference_steps", "batch_size")
 
 
 def main(args):

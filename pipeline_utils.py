@@ -25,6 +25,30 @@ def run_cli(main, args):
         sys.exit(2)
 
 
+def check_at_least(args, minimum, *names):
+    """Each named command-line integer (None: not given) must be >= minimum."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name} {value}: expected an integer >= {minimum}")
+
+
+def check_multiple_of_8(args, *names):
+    """Image sizes (None: not given) must be positive multiples of 8: the VAE's latents are 1/8 of the image."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{name} {value}: expected a positive multiple of 8")
+
+
+def require_package(flag, module, package=None):
+    """An optional dependency a flag needs: a missing one is one line naming the flag and the pip command."""
+    try:
+        __import__(module)
+    except ImportError:
+        raise UserError(f"{flag} needs {package or module}: pip install {package or module}") from None
+
+
 def write_atomic(path, write):
     """Call write(tmp_path) beside `path`, then rename it into place: an interrupted write leaves no half file."""
     path = Path(path)

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipeline_utils import (UserError, add_compile_argument, check_compile, compile_unet, enable_gradient_checkpointing,
-                            encode_ids, load_model, load_tokenizer, run_cli, token_ids, word_ids)
+from pipeline_utils import (UserError, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
+                            compile_unet, enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
+                            require_package, run_cli, token_ids, word_ids)
 from residual_utils import find_sequence, save_residual
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -286,29 +287,18 @@ def save_checkpoint(accelerator, output_dir, step, keep):
 # ------------------------------------------------------------------------------------------------
 
 def check_args(args):
-    if args.resolution <= 0 or args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution}: expected a positive multiple of 8")
-    if args.token_num < 1:
-        raise UserError(f"--token_num {args.token_num}: expected an integer >= 1")
+    check_multiple_of_8(args, "resolution")
+    check_at_least(args, 1, "token_num", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                   "checkpoints_total_limit")
+    check_at_least(args, 0, "latent_cache_mb")
     if not args.instance_prompt.strip():
         raise UserError("--instance_prompt: expected the concept's class word(s), e.g. 'dog', got an empty string")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpoints_total_limit"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
-    if args.latent_cache_mb < 0:
-        raise UserError(f"--latent_cache_mb {args.latent_cache_mb}: expected an integer >= 0")
     if args.learning_rate < 0:
         raise UserError(f"--learning_rate {args.learning_rate}: expected a number >= 0")
     if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        require_package("--use_8bit_adam", "bitsandbytes")
     if args.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError("--report_to tensorboard needs tensorboard: pip install tensorboard") from None
+        require_package("--report_to tensorboard", "tensorboard")
 
 
 def main(args):

@@ -1,7 +1,11 @@
 """benchmark.py runs both modes end to end on the tiny preset, so it cannot rot."""
 import json
 
+import pytest
+import torch
+
 import benchmark
+from pipeline_utils import run_cli
 
 
 def test_inference_mode_reports_every_figure(capsys):
@@ -43,3 +47,21 @@ def test_compile_option_reaches_guided_stock_and_training(capsys, counted_compil
          "--train_steps", "1", "--compile", "reduce-overhead"]))
     assert summary["compile"] == "reduce-overhead" and summary["naive"]["s_per_step"] > 0
     assert len(graphs) == 3  # the project's training UNet
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inference", "--steps", "0"], "--steps 0: expected an integer >= 1"),
+    (["inference", "--images", "-1"], "--images -1: expected an integer >= 1"),
+    (["training", "--resolution", "100"], "--resolution 100: expected a positive multiple of 8"),
+    (["training", "--warmup_steps", "-1"], "--warmup_steps -1: expected an integer >= 0"),
+    (["training", "--device", "cuda"], "--device cuda: no CUDA device is available"),
+])
+def test_bad_arguments_are_one_line_before_any_model_is_built(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    built = []
+    monkeypatch.setattr(benchmark, "build_model", lambda *a, **k: built.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(benchmark.main, benchmark.parse_args(argv + ["--preset", "tiny"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert built == []
