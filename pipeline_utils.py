@@ -147,13 +147,36 @@ class StableDiffusion:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
 
+MODEL_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+def check_model_location(model):
+    """A local folder must hold a diffusers Stable Diffusion; a name that can only be a path must exist.
+
+    Anything else is taken for a hub id. Checked first, so a mistyped path fails at once instead of after the
+    hub's retries (which take minutes on a machine without internet).
+    """
+    folder = Path(model).expanduser()
+    if folder.exists():
+        missing = [part for part in MODEL_PARTS if not (folder / part).is_dir()]
+        if missing:
+            raise UserError(f"model '{model}': not a diffusers Stable Diffusion folder (no "
+                            f"{', '.join(part + '/' for part in missing)}; expected {', '.join(MODEL_PARTS)})")
+    elif model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:  # hub ids are owner/name
+        raise UserError(f"model '{model}': folder not found (and not a hub id, which is 'owner/name')")
+
+
 def load_tokenizer(model):
     from transformers import CLIPTokenizer
 
+    check_model_location(model)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     except Exception as e:  # hub errors, missing folders and broken files all end up here
         raise UserError(f"cannot load the tokenizer of model '{model}': {first_line(e)}") from None
+    if len(tokenizer) < 1000:  # transformers builds a 2-3 token vocabulary when the vocabulary files are missing
+        raise UserError(f"cannot load the tokenizer of model '{model}': tokenizer/ holds no vocabulary "
+                        f"(tokenizer.json, or vocab.json and merges.txt; {len(tokenizer)} tokens loaded)")
     if tokenizer.model_max_length > 1000:  # a tokenizer saved without its length: CLIP's is 77
         tokenizer.model_max_length = 77
     return tokenizer

@@ -1,6 +1,7 @@
 """inference.py, layout_guidance.py and residual_utils.py on tiny random models and the real tokenizer."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -463,9 +464,22 @@ def test_bad_arguments(tiny_model, tmp_path, capsys, extra, fragment):
     expect_error(capsys, tiny_model, config, tmp_path / "out", fragment, extra=extra)
 
 
-def test_missing_model(tmp_path, capsys):
+def test_missing_or_incomplete_model(tiny_model, tmp_path, capsys):
     config = write_config(tmp_path / "cfg")
-    expect_error(capsys, tmp_path / "no_model", config, tmp_path / "out", "cannot load the tokenizer of model")
+    out = tmp_path / "out"
+    # a path that does not exist fails at once, without asking the hub
+    expect_error(capsys, tmp_path / "no_model", config, out, "no_model': folder not found")
+    # a folder without the parts of a diffusers Stable Diffusion
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model, partial, ignore=shutil.ignore_patterns("vae", "scheduler"))
+    expect_error(capsys, partial, config, out, "not a diffusers Stable Diffusion folder (no vae/, scheduler/;")
+    # transformers quietly builds a 2-token vocabulary when the tokenizer's files are missing
+    shutil.copytree(tiny_model / "vae", partial / "vae")
+    shutil.copytree(tiny_model / "scheduler", partial / "scheduler")
+    for file in (partial / "tokenizer").iterdir():
+        if file.name != "tokenizer_config.json":
+            file.unlink()
+    expect_error(capsys, partial, config, out, "tokenizer/ holds no vocabulary")
 
 
 def config_folder(configs):

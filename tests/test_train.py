@@ -255,7 +255,7 @@ def test_bad_training_input(tiny_model, tmp_path, capsys):
     argv = train_args(tiny_model, good, out)
     argv[argv.index("dog")] = " "
     expect_error(capsys, argv, "--instance_prompt", out)
-    expect_error(capsys, train_args(tmp_path / "no_model", good, out), "cannot load the tokenizer of model", out)
+    expect_error(capsys, train_args(tmp_path / "no_model", good, out), "no_model': folder not found", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--validation_prompt", "a cat"),
                  "must contain the instance prompt 'dog'", out)
 
