@@ -265,8 +265,10 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides)
                             f"(nor is it a subject name)")
             rows = [m + j for m in matches for j in range(len(seq))]
         if not (layout == np.array(rgb, dtype=np.uint8)).all(-1).any():
+            jpeg = Path(layout_path).suffix.lower() in (".jpg", ".jpeg")
+            hint = "; JPEG changes colours, save the layout as PNG" if jpeg else ""
             reader.fail(key, f"colour {rgb} does not occur in the layout {layout_path} at {width}x{height} "
-                        f"(its colours: {_layout_colours(layout)})")
+                        f"(its colours: {_layout_colours(layout)}){hint}")
         regions.append((rgb, rows, float(w_active)))
 
     settings.update(

@@ -451,6 +451,9 @@ def test_bad_files(tiny_model, tmp_path, capsys):
     write_config(folder)
     (folder / "layout.png").write_text("not an image")
     expect_error(capsys, tiny_model, config, out, "layout", "not a readable image")
+    write_config(folder, layout="layout.jpg")
+    Image.open(folder / "layout.png").save(folder / "layout.jpg", quality=90)  # no colour stays exact
+    expect_error(capsys, tiny_model, config, out, "does not occur in the layout", "save the layout as PNG")
 
 
 @pytest.mark.parametrize("extra,fragment", [
