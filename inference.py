@@ -6,9 +6,15 @@
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
 all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
 The config format is the seed's (ALGORITHM.md B5); see README.md.
+
+    python inference.py --rerun inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left./config.json \
+        --output_dir rerun_results
+
+makes the same images again from that record alone (its residual and layout files must be unchanged).
 """
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import platform
@@ -21,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (Processes, UserError, add_compile_argument, check_at_least, check_compile,
-                            check_multiple_of_8, compile_unet, encode_ids, first_line, load_model, load_tokenizer,
-                            resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids, write_atomic)
+from pipeline_utils import (COMPILE_MODES, DTYPES, Processes, UserError, add_compile_argument, check_at_least,
+                            check_compile, check_multiple_of_8, compile_unet, encode_ids, first_line, load_model,
+                            load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
+                            write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -44,21 +51,19 @@ CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "m
 # Reading and checking a config
 
 class ConfigReader:
-    """Checks the raw JSON of one config; every complaint names the file and the key."""
+    """Checks the raw JSON of one config; every complaint names the file and the key.
 
-    def __init__(self, path):
-        self.path = Path(path)
+    data: the config already read (the config part of a run record); by default it is read from `path`.
+    """
+
+    def __init__(self, path, data=None):
+        self.path, self.data = Path(path), data
 
     def fail(self, key, message):
         raise UserError(f"{self.path}: {key}: {message}")
 
     def read(self):
-        if not self.path.is_file():
-            raise UserError(f"{self.path}: config file not found")
-        try:
-            data = json.loads(self.path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.path}: not valid JSON ({e})") from None
+        data = self.data if self.data is not None else read_json(self.path, "config file")
         if isinstance(data, list):
             if len(data) != 1:
                 raise UserError(f"{self.path}: expected a list holding one config object, got {len(data)} items")
@@ -139,6 +144,15 @@ class ConfigReader:
         self.fail(key, f"file not found: '{value}' (looked in {self.path.parent} and {Path.cwd()})")
 
 
+def read_json(path, what):
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -179,9 +193,12 @@ class Job:
     layout: np.ndarray  # [H, W, 3] uint8
 
 
-def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides):
-    """Read, check and resolve one config; raises UserError before anything is generated."""
-    reader = ConfigReader(config_path)
+def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides, data=None):
+    """Read, check and resolve one config; raises UserError before anything is generated.
+
+    data: the config itself, when it does not come from the file `config_path` (a run record's).
+    """
+    reader = ConfigReader(config_path, data)
     data = reader.read()
     settings = {**DEFAULTS, **{k: data[k] for k in DEFAULTS if k in data},
                 **{k: v for k, v in overrides.items() if v is not None}}
@@ -281,11 +298,56 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides)
         subject_list=[[s.name, s.position] for s in subjects],
         subject_tokens={s.name: " ".join(tokens[r] for r in s.rows) for s in subjects},
         text_tokens=length, config_file=str(config_path),
+        file_sha256={**{f"residual_dict.{n}": file_sha256(r.path) for n, r in residuals.items()},
+                     "layout": file_sha256(layout_path)},
     )
     masks = None
     if settings["text_length"] == "words":
         masks = tuple([1] * (n - 1) + [0] * (length - n + 1) for n in (prompt_len, negative_len))
     return Job(settings, prompt_ids, uncond_ids, masks, subjects, regions, layout)
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Running again from a run's record (the config.json beside its images)
+
+RUN_SETTINGS = ("model", "height", "width", "seed", "num_images", "batch_size", "compile", "dtype", "file_sha256")
+RERUN_OPTIONS = ("output_dir", "device", "pretrained_model_name_or_path")  # what --rerun may be given with
+
+
+def read_run_record(path):
+    """(config, run settings) of the config.json inference.py wrote beside a run's images.
+
+    The config is the record's resolved config (absolute paths, positions filled in); the files it names must
+    hold what they held during the run (their sha256 is recorded). The dtype comes back as its option name.
+    """
+    record = read_json(path, "run record")
+    missing = [key for key in RUN_SETTINGS + REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise UserError(f"{path}: not a run record written by inference.py (missing {', '.join(missing)})")
+    run = {key: record[key] for key in RUN_SETTINGS}
+    dtypes = {str(dtype).replace("torch.", ""): name for name, dtype in DTYPES.items()}
+    checks = {"model": isinstance(run["model"], str), "dtype": run["dtype"] in dtypes,
+              "compile": run["compile"] in (None, *COMPILE_MODES), "file_sha256": isinstance(run["file_sha256"], dict),
+              **{key: isinstance(run[key], int) for key in ("height", "width", "seed", "num_images", "batch_size")}}
+    for key, ok in checks.items():
+        if not ok:
+            raise UserError(f"{path}: {key}: unexpected value {run[key]!r} (was the record edited?)")
+    run["dtype"] = dtypes[run["dtype"]]
+    config = {key: record[key] for key in REQUIRED_KEYS + tuple(DEFAULTS) if key in record}
+    files = {"layout": config["layout"]}
+    if isinstance(config["residual_dict"], dict):
+        files.update({f"residual_dict.{name}": file for name, file in config["residual_dict"].items()})
+    for key, digest in run["file_sha256"].items():
+        file = Path(str(files.get(key, "")))
+        if not file.is_file():
+            raise UserError(f"{path}: {key}: file not found: '{file}'")
+        if file_sha256(file) != digest:
+            raise UserError(f"{path}: {key}: {file} has changed since the run (its sha256 differs)")
+    return config, run
 
 
 def _layout_colours(layout, limit=8):
@@ -357,13 +419,38 @@ def sample_job(sd, guidance, job, inputs, seeds, height, width):
 
 # ------------------------------------------------------------------------------------------------
 
+OPTION_DEFAULTS = {"num_images": 10, "seed": 0, "batch_size": 1, "dtype": "auto"}  # None in the parser: see below
+
+
 def check_args(args):
+    """Fills in the defaults; with --rerun, every setting but RERUN_OPTIONS comes from the run record.
+
+    Returns the config data for prepare_job: None (read --inference_config) or the record's config.
+    """
+    config = None
+    if args.rerun:
+        given = [name for name in ("inference_config", "resolution", "height", "width", "num_inference_steps",
+                                   "cfg_scale", "compile", *OPTION_DEFAULTS) if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"--{given[0]}: --rerun takes every setting from the run record; only "
+                            f"{', '.join('--' + name for name in RERUN_OPTIONS)} may be given with it")
+        config, run = read_run_record(Path(args.rerun))
+        for name in ("height", "width", "seed", "num_images", "batch_size", "compile", "dtype"):
+            setattr(args, name, run[name])
+        args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or run["model"]
+        args.inference_config = args.rerun
+    elif args.inference_config is None or args.pretrained_model_name_or_path is None:
+        raise UserError("expected --pretrained_model_name_or_path and --inference_config (or --rerun RUN/config.json)")
+    for name, default in OPTION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.height is None:
         args.height = args.resolution
     if args.width is None:
         args.width = args.resolution
     check_multiple_of_8(args, "height", "width")
     check_at_least(args, 1, "num_images", "num_inference_steps", "batch_size")
+    return config
 
 
 def main(args):
@@ -372,7 +459,7 @@ def main(args):
 
     from layout_guidance import install_guidance
 
-    check_args(args)
+    config = check_args(args)
     processes = Processes()  # several under accelerate launch / torchrun: they share out the seeds
     model = args.pretrained_model_name_or_path
     tokenizer = load_tokenizer(model)
@@ -383,7 +470,7 @@ def main(args):
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     height, width = args.height or native, args.width or native
     overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
-    job = prepare_job(args.inference_config, tokenizer, embedding_dim, height, width, overrides)
+    job = prepare_job(args.inference_config, tokenizer, embedding_dim, height, width, overrides, config)
     settings = job.settings
     for s in job.subjects:
         if processes.is_main:
@@ -431,20 +518,23 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder")
-    p.add_argument("--inference_config", required=True, help="JSON config (README: the config format)")
+    p.add_argument("--pretrained_model_name_or_path", help="hub id or local diffusers folder")
+    p.add_argument("--inference_config", help="JSON config (README: the config format)")
+    p.add_argument("--rerun", metavar="RUN/config.json", help="make a run's images again from the config.json beside "
+                   "them (every setting from there; --output_dir, --device and the model's location may change)")
     p.add_argument("--output_dir", default="inference_results")
-    p.add_argument("--num_images", type=int, default=10, help="images per config; image j uses seed + j")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=None, help="square size; default: the model's own (768 for SD 2.1)")
+    p.add_argument("--num_images", type=int, help="images per config; image j uses seed + j (default 10)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square size; default: the model's own (768 for SD 2.1)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num_inference_steps", type=int, default=None, help="overrides the config (default 50)")
     p.add_argument("--cfg_scale", type=float, default=None, help="overrides the config (default 7.5)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="auto: fp16 on GPUs, fp32 on the CPU")
-    p.add_argument("--batch_size", type=int, default=1, help="images per UNet call")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto (default): fp16 on GPUs, fp32 on the CPU")
+    p.add_argument("--batch_size", type=int, help="images per UNet call (default 1)")
     add_compile_argument(p, "the UNet (the first batch compiles)")
     return p.parse_args(argv)
 

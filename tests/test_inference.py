@@ -467,6 +467,47 @@ def test_bad_arguments(tiny_model, tmp_path, capsys, extra, fragment):
     expect_error(capsys, tiny_model, config, tmp_path / "out", fragment, extra=extra)
 
 
+def test_rerun_makes_the_same_images_from_the_run_record_alone(tiny_model, tmp_path, capsys):
+    config = write_config(tmp_path / "cfg", guidance_steps=2, subject_list=["<cat>", "<dog>"])
+    first = run(tiny_model, config, tmp_path / "first", "--num_images", "2", "--seed", "5", "--height", "64",
+                "--width", "72", "--cfg_scale", "6")
+    record = first / "config.json"
+    config.unlink()  # the record is all a rerun reads
+
+    def rerun(record, *extra):
+        return run_cli(inference.main, inference.parse_args(["--rerun", str(record), *extra]))
+
+    again = rerun(record, "--output_dir", str(tmp_path / "again"))
+    assert sorted(p.name for p in again.glob("*.png")) == ["5.png", "6.png", "all_images.png"]
+    for name in ("5.png", "6.png"):
+        a, b = (np.asarray(Image.open(folder / name)) for folder in (first, again))
+        assert a.shape == (64, 72, 3) and np.array_equal(a, b)
+    before, after = (json.loads((folder / "config.json").read_text()) for folder in (first, again))
+    assert before.pop("config_file") == str(config) and after.pop("config_file") == str(record)
+    assert before == after and after["cfg_scale"] == 6 and after["subject_list"] == [["<cat>", 2], ["<dog>", 8]]
+
+    def expect_rerun_error(record, fragments, extra=()):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            rerun(record, "--output_dir", str(tmp_path / "bad"), *extra)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), lines
+        assert not (tmp_path / "bad").exists()
+
+    expect_rerun_error(record, ["--seed: --rerun takes every setting from the run record"], extra=("--seed", "1"))
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**json.loads(record.read_text()), "dtype": "float64"}))
+    expect_rerun_error(edited, [f"{edited}: dtype: unexpected value 'float64'"])
+    write_residual(tmp_path / "cfg" / "dog.safetensors", 32, "dog", seed=3)
+    expect_rerun_error(record, [f"{record}: residual_dict.<dog>: ", "dog.safetensors has changed since the run"])
+    write_config(tmp_path / "cfg")  # a config is not a run's record
+    expect_rerun_error(config, ["not a run record written by inference.py (missing model, height, width"])
+    with pytest.raises(SystemExit):
+        run_cli(inference.main, inference.parse_args(["--inference_config", str(config)]))
+    assert "expected --pretrained_model_name_or_path and --inference_config" in capsys.readouterr().err
+
+
 def test_missing_or_incomplete_model(tiny_model, tmp_path, capsys):
     config = write_config(tmp_path / "cfg")
     out = tmp_path / "out"
