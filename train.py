@@ -47,7 +47,11 @@ TEMPLATES = [
 # Data
 
 def load_instance_images(folder, resolution):
-    """Every image in `folder`, EXIF-rotated, RGB, shorter side resized to `resolution` (bilinear)."""
+    """Every image in `folder`, EXIF-rotated, RGB, shorter side resized to `resolution` (bilinear).
+
+    The longer side becomes int(resolution * long / short), truncated, as torchvision's Resize (the reference's
+    transform) computes it, so a non-square photo gives the reference's pixels.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--instance_data_dir {folder}: folder not found")
@@ -61,9 +65,9 @@ def load_instance_images(folder, resolution):
                 image = ImageOps.exif_transpose(image).convert("RGB")
         except Exception as e:
             raise UserError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
-        scale = resolution / min(image.size)
-        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.BILINEAR)
+        short, long = sorted(image.size)
+        size = (resolution, int(resolution * long / short))
+        image = image.resize(size if image.width <= image.height else size[::-1], Image.BILINEAR)
         images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # [3, h, w] uint8
     return files, images
 
@@ -78,8 +82,8 @@ def sample_order(seed, num_images, sample_index):
 def crop_offset(shape, resolution, center, seed, sample_index):
     """(top, left) of the R x R crop of an image of `shape` [3, h, w]; random ones from (seed, sample index)."""
     _, h, w = shape
-    if center:
-        return (h - resolution) // 2, (w - resolution) // 2
+    if center:  # torchvision's CenterCrop: round half to even
+        return int(round((h - resolution) / 2)), int(round((w - resolution) / 2))
     rng = np.random.default_rng([seed, sample_index])
     return int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
 

@@ -79,6 +79,24 @@ def test_zero_learning_rate_gives_zero_residual(tiny_model, tmp_path):
     assert torch.equal(load_residual(path).tensor, torch.zeros(1, 32))
 
 
+def test_photos_are_resized_and_centre_cropped_as_torchvision_does(tmp_path):
+    """The reference's Resize(R) truncates the long side, int(R * long / short), and its CenterCrop rounds half
+    to even: a 107x80 photo becomes 85x64 (not 86), a 80x89 one 64x71 with its centre crop 4 rows down (not 3)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    photos = {"a.png": (107, 80), "b.png": (80, 89), "c.png": (64, 64)}  # PIL sizes (width, height)
+    for name, (w, h) in photos.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    _, images = train.load_instance_images(folder, 64)
+    assert [tuple(image.shape) for image in images] == [(3, 64, 85), (3, 71, 64), (3, 64, 64)]
+    expected = np.asarray(Image.open(folder / "a.png").resize((85, 64), Image.BILINEAR))
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), expected)
+    assert np.array_equal(images[2].permute(1, 2, 0).numpy(), np.asarray(Image.open(folder / "c.png")))
+    offsets = [train.crop_offset(image.shape, 64, True, 0, 0) for image in images]
+    assert offsets == [(0, 10), (4, 0), (0, 0)]  # round(21 / 2) = 10, round(7 / 2) = 4
+
+
 def test_preservation_loss_by_hand():
     torch.manual_seed(0)
     e, e0 = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
