@@ -41,12 +41,12 @@ def check_multiple_of_8(args, *names):
             raise UserError(f"--{name} {value}: expected a positive multiple of 8")
 
 
-def require_package(flag, module, package=None):
+def require_package(flag, package):
     """An optional dependency a flag needs: a missing one is one line naming the flag and the pip command."""
     try:
-        __import__(module)
+        __import__(package)
     except ImportError:
-        raise UserError(f"{flag} needs {package or module}: pip install {package or module}") from None
+        raise UserError(f"{flag} needs {package}: pip install {package}") from None
 
 
 def write_atomic(path, write):
