@@ -5,7 +5,8 @@
 
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
 all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
-The config format is the seed's (ALGORITHM.md B5); see README.md.
+The config format is the seed's (ALGORITHM.md B5); see README.md. Several configs after --inference_config
+are all read and checked first, then sampled in turn by one model.
 
     python inference.py --rerun inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left./config.json \
         --output_dir rerun_results
@@ -438,7 +439,7 @@ def check_args(args):
         for name in ("height", "width", "seed", "num_images", "batch_size", "compile", "dtype"):
             setattr(args, name, run[name])
         args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or run["model"]
-        args.inference_config = args.rerun
+        args.inference_config = [args.rerun]
     elif args.inference_config is None or args.pretrained_model_name_or_path is None:
         raise UserError("expected --pretrained_model_name_or_path and --inference_config (or --rerun RUN/config.json)")
     for name, default in OPTION_DEFAULTS.items():
@@ -454,6 +455,10 @@ def check_args(args):
 
 
 def main(args):
+    """Every config is read and checked first, then the model loads once and samples them in turn.
+
+    Returns the output folder of each config.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
@@ -470,11 +475,20 @@ def main(args):
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     height, width = args.height or native, args.width or native
     overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
-    job = prepare_job(args.inference_config, tokenizer, embedding_dim, height, width, overrides, config)
-    settings = job.settings
-    for s in job.subjects:
+    jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config)
+            for path in args.inference_config]
+    folders = [output_folder(args.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            first = args.inference_config[folders.index(folder)]
+            raise UserError(f"{first} and {args.inference_config[i]}: both would write to {folder} (the same "
+                            f"subjects and prompt); run them with different --output_dir")
+    for path, job in zip(args.inference_config, jobs):
         if processes.is_main:
-            print(f"{s.name} -> position {s.position} '{settings['subject_tokens'][s.name]}'")
+            if len(jobs) > 1:
+                print(f"== {path}")
+            for s in job.subjects:
+                print(f"{s.name} -> position {s.position} '{job.settings['subject_tokens'][s.name]}'")
 
     device = processes.device(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
@@ -483,43 +497,49 @@ def main(args):
     guidance = install_guidance(sd.unet)
     if args.compile:
         compile_unet(sd.unet, args.compile)
-
-    inputs = job_inputs(sd, job)
+    inputs = [job_inputs(sd, job) for job in jobs]
     release_text_encoder(sd)
-    folder = output_folder(args.output_dir, job.subjects, settings["prompt"])
+    run = dict(model=model, height=height, width=width, seed=args.seed, num_images=args.num_images,
+               batch_size=args.batch_size, compile=args.compile, processes=processes.count, device=str(device),
+               dtype=str(dtype).replace("torch.", ""), prediction_type=sd.prediction_type,
+               versions=library_versions())
+    for job, job_input, folder in zip(jobs, inputs, folders):
+        sample_to_folder(sd, guidance, job, job_input, folder, args, processes, run)
+    return folders
+
+
+def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
+    """This process's share of the job's images, then (main process) the grid and config.json."""
+    from tqdm import tqdm
+
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + j for j in range(args.num_images)]
     mine = processes.share(seeds)
-    from tqdm import tqdm
     for start in tqdm(range(0, len(mine), args.batch_size), desc="batches",
                       disable=len(mine) <= args.batch_size or not processes.is_main):
         batch_seeds = mine[start:start + args.batch_size]
         run_seeds = batch_seeds
         if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad it
             run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
-        batch = sample_job(sd, guidance, job, inputs, run_seeds, height, width)[:len(batch_seeds)]
+        batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"])[:len(batch_seeds)]
         for seed, image in zip(batch_seeds, batch):
             write_atomic(folder / f"{seed}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
     processes.wait_for_all()
     if not processes.is_main:
-        return folder
+        return
 
     images = np.stack([np.asarray(Image.open(folder / f"{seed}.png").convert("RGB")) for seed in seeds])
     write_atomic(folder / "all_images.png", lambda tmp: image_grid(images).save(tmp, format="PNG"))
-    settings.update(model=model, height=height, width=width, seed=args.seed, seeds=seeds,
-                    num_images=args.num_images, batch_size=args.batch_size, compile=args.compile,
-                    processes=processes.count, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                    prediction_type=sd.prediction_type, versions=library_versions())
-    write_atomic(folder / "config.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
+    settings = {**job.settings, **run, "seeds": seeds}
+    write_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
     print(f"wrote {len(images)} images to {folder}")
-    return folder
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", help="hub id or local diffusers folder")
-    p.add_argument("--inference_config", help="JSON config (README: the config format)")
+    p.add_argument("--inference_config", nargs="+", metavar="CONFIG.json",
+                   help="one or more JSON configs (README: the config format), all checked before the model loads")
     p.add_argument("--rerun", metavar="RUN/config.json", help="make a run's images again from the config.json beside "
                    "them (every setting from there; --output_dir, --device and the model's location may change)")
     p.add_argument("--output_dir", default="inference_results")

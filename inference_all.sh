@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run inference.py on every config in configs/, stopping at the first failure.
+# Run inference.py on every config in configs/, loading the model once.
 #
 #   bash inference_all.sh                          # SD 2.1, 10 images per config
 #   MODEL_NAME=path/to/model bash inference_all.sh --num_images 2 --resolution 512
@@ -23,16 +23,15 @@ if [ ${#configs[@]} -eq 0 ]; then
   echo "error: no *.json config in $CONFIG_DIR" >&2
   exit 2
 fi
-for config in "${configs[@]}"; do
-  echo "== $config"
-  "${launcher[@]}" inference.py --pretrained_model_name_or_path "$MODEL_NAME" --inference_config "$config" \
-    --output_dir "$OUTPUT_DIR" "$@"
-  status=$?
-  if [ $status -ne 0 ]; then
-    echo "error: inference failed on $config (exit status $status); later configs were not run" >&2
-    exit $status
-  fi
-done
+# One process for all configs: every config is checked before the model loads (a mistake in any of them
+# stops the run before an image is written), then the model loads once and samples them in turn.
+"${launcher[@]}" inference.py --pretrained_model_name_or_path "$MODEL_NAME" --inference_config "${configs[@]}" \
+  --output_dir "$OUTPUT_DIR" "$@"
+status=$?
+if [ $status -ne 0 ]; then
+  echo "error: inference failed (exit status $status)" >&2
+  exit $status
+fi
 results=$OUTPUT_DIR  # inference.py takes the last --output_dir given
 previous=""
 for arg in "$@"; do

@@ -67,7 +67,7 @@ def write_config(folder, dim=32, **changes):
 def run(model, config, out, *extra):
     argv = ["--pretrained_model_name_or_path", str(model), "--inference_config", str(config),
             "--output_dir", str(out), "--num_images", "1", "--num_inference_steps", "2", *extra]
-    return run_cli(inference.main, inference.parse_args(argv))
+    return run_cli(inference.main, inference.parse_args(argv))[0]  # the first config's output folder
 
 
 def expect_error(capsys, model, config, out, *fragments, extra=()):
@@ -475,7 +475,8 @@ def test_rerun_makes_the_same_images_from_the_run_record_alone(tiny_model, tmp_p
     config.unlink()  # the record is all a rerun reads
 
     def rerun(record, *extra):
-        return run_cli(inference.main, inference.parse_args(["--rerun", str(record), *extra]))
+        [folder] = run_cli(inference.main, inference.parse_args(["--rerun", str(record), *extra]))
+        return folder
 
     again = rerun(record, "--output_dir", str(tmp_path / "again"))
     assert sorted(p.name for p in again.glob("*.png")) == ["5.png", "6.png", "all_images.png"]
@@ -508,6 +509,14 @@ def test_rerun_makes_the_same_images_from_the_run_record_alone(tiny_model, tmp_p
     assert "expected --pretrained_model_name_or_path and --inference_config" in capsys.readouterr().err
 
 
+def test_two_configs_writing_to_one_folder_are_refused(tiny_model, tmp_path, capsys):
+    config = write_config(tmp_path / "cfg")
+    twin = tmp_path / "cfg" / "twin.json"
+    twin.write_text(config.read_text())
+    expect_error(capsys, tiny_model, config, tmp_path / "out", f"{config} and {twin}: both would write to",
+                 extra=("--inference_config", str(config), str(twin)))
+
+
 def test_missing_or_incomplete_model(tiny_model, tmp_path, capsys):
     config = write_config(tmp_path / "cfg")
     out = tmp_path / "out"
@@ -535,7 +544,7 @@ def config_folder(configs):
     return configs
 
 
-def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
+def test_inference_all_checks_every_config_before_any_image_then_runs_them_all(tiny_model_1024, tmp_path):
     configs = config_folder(tmp_path / "configs")
     data = json.loads((ROOT / "configs" / "guidance_config_prompt0.json").read_text())
     data[0]["guidance_wieght"] = data[0].pop("guidance_weight")
@@ -543,12 +552,24 @@ def test_inference_all_stops_at_first_failure(tiny_model_1024, tmp_path):
     (configs / "c.json").write_text((ROOT / "configs" / "guidance_config_prompt3.json").read_text())
     env = {**__import__("os").environ, "MODEL_NAME": str(tiny_model_1024), "CONFIG_DIR": str(configs),
            "OUTPUT_DIR": str(tmp_path / "out"), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "1", "--num_inference_steps", "1"],
-                          capture_output=True, text=True, env=env)
+
+    def inference_all():
+        return subprocess.run(["bash", str(ROOT / "inference_all.sh"), "--num_images", "1",
+                               "--num_inference_steps", "1"], capture_output=True, text=True, env=env)
+
+    done = inference_all()
     assert done.returncode == 2
-    assert f"error: inference failed on {configs / 'b.json'}" in done.stderr
+    assert f"error: {configs / 'b.json'}: guidance_wieght: unknown key" in done.stderr
+    assert not (tmp_path / "out").exists()  # a.json comes first, but nothing ran
+    data[0]["guidance_weight"] = data[0].pop("guidance_wieght")
+    (configs / "b.json").write_text(json.dumps(data))
+    done = inference_all()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("Loading weights") <= 2  # the text encoder's load bar (0% and 100%): one load
+    assert done.stdout.count("== ") == 3 and "done: 3 configs" in done.stdout
     written = sorted(p.parent.name for p in (tmp_path / "out").rglob("0.png"))
-    assert written == ["A_flower_in_a_vase."]  # a.json ran, c.json did not
+    assert written == ["A_cat_on_the_right_and_a_dog_on_the_left.",
+                       "A_cat_wearing_wearable_glasses_in_a_watercolor_style.", "A_flower_in_a_vase."]
 
 
 def test_two_processes_share_the_seeds_and_make_the_same_images(tiny_model, tmp_path):
@@ -632,6 +653,20 @@ def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tin
             assert np.array_equal(a, b)
         else:  # computed in a batch of two here and alone in the eager run: float rounding at most
             assert np.abs(a - b).max() <= 1
+
+
+def test_configs_of_three_prompt_lengths_compile_four_graphs_in_one_run(tiny_model, tmp_path, counted_compile):
+    """The second text length recompiles the two graphs with the length dynamic; the third reuses them."""
+    patch, graphs = counted_compile
+    patch(inference)
+    prompts = ["A cat on the right and a dog on the left.", "A cat on the right and a big dog on the left.",
+               "A cat on the right and a very big dog on the left today."]
+    configs = [write_config(tmp_path / f"cfg{i}", prompt=prompt, guidance_steps=1, subject_list=["<cat>", "<dog>"])
+               for i, prompt in enumerate(prompts)]
+    folder = run(tiny_model, configs[0], tmp_path / "out", "--inference_config", *map(str, configs), "--compile")
+    assert len(graphs) == 4
+    assert len(list((tmp_path / "out").rglob("0.png"))) == 3
+    assert folder.name == "A_cat_on_the_right_and_a_dog_on_the_left."
 
 
 def test_compile_without_a_cpu_compiler_is_one_clear_line(tiny_model, tmp_path, capsys):

@@ -176,7 +176,7 @@ def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
         "prompt": "A photo of a dog on a beach.", "residual_dict": {"<my_dog>": str(residual)},
         "color_context": {"255,255,255": ["<my_dog>", 2.5]}, "guidance_steps": 2, "guidance_weight": 0.08,
         "weight_negative": -1e8, "layout": "layout.png", "subject_list": ["<my_dog>"]}))
-    folder = run_cli(inference.main, inference.parse_args([
+    [folder] = run_cli(inference.main, inference.parse_args([
         "--pretrained_model_name_or_path", str(tiny_model), "--inference_config", str(config),
         "--output_dir", str(tmp_path / "images"), "--num_images", "1", "--num_inference_steps", "2"]))
     assert "<my_dog> -> position 5 'dog'" in capsys.readouterr().out
