@@ -330,14 +330,15 @@ def bench_inference(args):
             return prepare_job(config, sd.tokenizer, sd.embedding_dim, resolution, resolution,
                                {"num_inference_steps": num_steps})
 
-        # naive, in fp32 as the reference runs
-        state = install_naive(sd.unet)
-        residual_paths = [Path(tmp) / "cat.safetensors", Path(tmp) / "dog.safetensors"]
+        # naive, in fp32 as the reference runs (--naive_images 0: left out)
         warm, job = job_for(1), job_for(steps)
-        naive_image(sd, state, warm, residual_paths, 0, resolution, resolution)
-        seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths, 0, resolution, resolution),
-                                args.naive_images)
-        results["naive"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
+        if args.naive_images:
+            state = install_naive(sd.unet)
+            residual_paths = [Path(tmp) / "cat.safetensors", Path(tmp) / "dog.safetensors"]
+            naive_image(sd, state, warm, residual_paths, 0, resolution, resolution)
+            seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths, 0, resolution,
+                                                                resolution), args.naive_images)
+            results["naive"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # guided: the project's path, in the chosen dtype
         for module in (sd.unet, sd.vae, sd.text_encoder):
@@ -378,8 +379,8 @@ def bench_inference(args):
                    compile=args.compile, resolution=resolution, steps=steps,
                    unet_evaluations_per_image=evaluations, **results,
                    overhead_vs_stock=results["guided"]["s_per_eval"] / results["stock"]["s_per_eval"],
-                   speedup_vs_naive=results["naive"]["s_per_image"] / results["guided"]["s_per_image"],
-                   memory_guided_over_naive=results["guided"]["peak_gb"] / results["naive"]["peak_gb"],
+                   speedup_vs_naive=ratio(results, "naive", "guided", "s_per_image"),
+                   memory_guided_over_naive=ratio(results, "guided", "naive", "peak_gb"),
                    versions=versions(device), date=time.strftime("%Y-%m-%d"))
     rows = [(name, f"{r['s_per_image']:.3f}", f"{1000 * r['s_per_eval']:.2f}", f"{r['peak_gb']:.2f}")
             for name, r in results.items()]
@@ -387,9 +388,17 @@ def bench_inference(args):
                 f"{summary['dtype']}{', compiled: ' + args.compile if args.compile else ''} on "
                 f"{summary['versions']['device_name']}",
                 ("method", "s/image", "ms/eval", "peak GB"), rows)
-    print(f"overhead_vs_stock {summary['overhead_vs_stock']:.3f}   speedup_vs_naive {summary['speedup_vs_naive']:.2f}"
-          f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}")
+    print(f"overhead_vs_stock {summary['overhead_vs_stock']:.3f}" + (
+        f"   speedup_vs_naive {summary['speedup_vs_naive']:.2f}"
+        f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}" if "naive" in results else ""))
     return summary
+
+
+def ratio(results, top, bottom, figure):
+    """results[top][figure] / results[bottom][figure], or None when a method was left out."""
+    if top not in results or bottom not in results:
+        return None
+    return results[top][figure] / results[bottom][figure]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,7 +507,7 @@ def parse_args(argv=None):
     inference.add_argument("--steps", type=int, default=50)
     inference.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     inference.add_argument("--images", type=int, default=2, help="timed images of guided and stock")
-    inference.add_argument("--naive_images", type=int, default=1, help="timed images of naive")
+    inference.add_argument("--naive_images", type=int, default=1, help="timed images of naive (0: leave it out)")
     inference.add_argument("--profile", action="store_true", help="also print where one guided step's time goes")
     add_compile_argument(inference, "the UNet of guided and stock (naive stays eager, as the reference runs)")
     training = modes.choices["training"]
@@ -520,7 +529,8 @@ def check_args(args):
     check_multiple_of_8(args, "resolution")
     check_at_least(args, 1, "threads")
     if args.mode == "inference":
-        check_at_least(args, 1, "steps", "images", "naive_images")
+        check_at_least(args, 1, "steps", "images")
+        check_at_least(args, 0, "naive_images")
     else:
         check_at_least(args, 1, "train_steps", "photos")
         check_at_least(args, 0, "warmup_steps")

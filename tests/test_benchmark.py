@@ -22,6 +22,14 @@ def test_inference_mode_reports_every_figure(capsys):
     assert summary["speedup_vs_naive"] == summary["naive"]["s_per_image"] / summary["guided"]["s_per_image"]
 
 
+def test_naive_can_be_left_out_of_a_rerun_of_inference(capsys):
+    summary = benchmark.main(benchmark.parse_args(
+        ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1", "--naive_images", "0"]))
+    assert "naive" not in summary and summary["guided"]["s_per_image"] > 0
+    assert summary["speedup_vs_naive"] is None and summary["memory_guided_over_naive"] is None
+    assert "speedup_vs_naive" not in capsys.readouterr().out.strip().splitlines()[-2]
+
+
 def test_training_mode_reports_every_figure(capsys):
     summary = benchmark.main(benchmark.parse_args(
         ["training", "--device", "cpu", "--preset", "tiny", "--photos", "2", "--warmup_steps", "2",
