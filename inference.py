@@ -420,7 +420,8 @@ def sample_job(sd, guidance, job, inputs, seeds, height, width):
 
 # ------------------------------------------------------------------------------------------------
 
-OPTION_DEFAULTS = {"num_images": 10, "seed": 0, "batch_size": 1, "dtype": "auto"}  # None in the parser: see below
+# Defaults of the options the parser leaves at None, so that check_args sees whether they were given
+OPTION_DEFAULTS = {"num_images": 10, "seed": 0, "batch_size": 1, "dtype": "auto"}
 
 
 def check_args(args):
@@ -483,8 +484,8 @@ def main(args):
             first = args.inference_config[folders.index(folder)]
             raise UserError(f"{first} and {args.inference_config[i]}: both would write to {folder} (the same "
                             f"subjects and prompt); run them with different --output_dir")
-    for path, job in zip(args.inference_config, jobs):
-        if processes.is_main:
+    if processes.is_main:  # where each subject landed, before the model loads
+        for path, job in zip(args.inference_config, jobs):
             if len(jobs) > 1:
                 print(f"== {path}")
             for s in job.subjects:
