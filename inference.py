@@ -29,8 +29,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline_utils import (COMPILE_MODES, DTYPES, Processes, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_multiple_of_8, compile_unet, encode_ids, first_line, load_model,
-                            load_tokenizer, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
+                            check_compile, check_multiple_of_8, compile_unet, encode_ids, load_model, load_tokenizer,
+                            model_sizes, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
                             write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
@@ -460,20 +460,13 @@ def main(args):
 
     Returns the output folder of each config.
     """
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
     from layout_guidance import install_guidance
 
     config = check_args(args)
     processes = Processes()  # several under accelerate launch / torchrun: they share out the seeds
     model = args.pretrained_model_name_or_path
     tokenizer = load_tokenizer(model)
-    try:  # the small config files first, so a bad config fails before gigabytes are loaded
-        embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size
-        native = UNet2DConditionModel.load_config(model, subfolder="unet")["sample_size"] * 8
-    except Exception as e:
-        raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
+    embedding_dim, native = model_sizes(model)  # the small config files first: a bad config fails before the weights
     height, width = args.height or native, args.width or native
     overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
     jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config)

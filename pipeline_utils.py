@@ -182,6 +182,20 @@ def load_tokenizer(model):
     return tokenizer
 
 
+def model_sizes(model):
+    """(text width d, the model's own image size in pixels) from its config files, before any weights load."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    check_model_location(model)
+    try:
+        embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size
+        native = UNet2DConditionModel.load_config(model, subfolder="unet")["sample_size"] * 8  # latents are 1/8
+    except Exception as e:
+        raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
+    return embedding_dim, native
+
+
 def load_model(model, device, dtype, text_encoder_dtype=None):
     """Load tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion (hub id or folder).
 

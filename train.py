@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from PIL import Image, ImageOps
 
 from pipeline_utils import (UserError, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
                             compile_unet, enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
-                            require_package, run_cli, token_ids, word_ids)
+                            model_sizes, require_package, run_cli, token_ids, word_ids)
 from residual_utils import find_sequence, save_residual
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -312,8 +313,14 @@ def main(args):
     from tqdm import tqdm
 
     check_args(args)
-    files, images = load_instance_images(args.instance_data_dir, args.resolution)
     tokenizer = load_tokenizer(args.pretrained_model_name_or_path)
+    _, native = model_sizes(args.pretrained_model_name_or_path)
+    if args.resolution is None:
+        args.resolution = native
+    elif args.resolution != native and os.environ.get("RANK", "0") == "0":  # once under accelerate launch
+        print(f"warning: --resolution {args.resolution}: the model's own size is {native} px; a residual learned "
+              f"at another size may not carry over to the model's images", file=sys.stderr)
+    files, images = load_instance_images(args.instance_data_dir, args.resolution)
     if not word_ids(tokenizer, args.instance_prompt):
         raise UserError(f"--instance_prompt '{args.instance_prompt}': has no tokens")
     validation_prompt = args.validation_prompt or f"a photo of a {args.instance_prompt}"
@@ -485,7 +492,8 @@ def parse_args(argv=None):
     p.add_argument("--instance_prompt", required=True, help="the subject's class word(s): dog, cat, pet_cat")
     p.add_argument("--token_num", type=int, default=1, help="token rows k of the residual")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--resolution", type=int, default=768)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training crop; default: the model's own size (768 for SD 2.1, 512 for SD 1.5 and -base)")
     p.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)

@@ -2,7 +2,7 @@
 # Learn a residual for every concept of a list: Data/concept_image/<name> -> My_residuals/<name>.
 #
 #   bash training_all.sh                                    # SD 2.1, the seed's concepts
-#   MODEL_NAME=path/to/model bash training_all.sh --resolution 512 --max_train_steps 2000
+#   MODEL_NAME=path/to/sd15 bash training_all.sh --max_train_steps 2000     # trains at the model's size
 #
 # Environment: MODEL_NAME (default stabilityai/stable-diffusion-2-1), DATA_DIR (Data/concept_image),
 # OUTPUT_DIR (My_residuals), CONCEPTS_FILE (a file of "name instance_prompt" lines; default: the seed's

@@ -79,6 +79,20 @@ def test_zero_learning_rate_gives_zero_residual(tiny_model, tmp_path):
     assert torch.equal(load_residual(path).tensor, torch.zeros(1, 32))
 
 
+def test_resolution_defaults_to_the_models_own_size(tiny_model, tmp_path, capsys):
+    """The tiny model's UNet has sample_size 8: it makes 64 px images, so it trains at 64 px unless told
+    otherwise; another size is trained as asked, with a warning (a -base model trained at 768 is a known trap)."""
+    data = make_images(tmp_path / "data", count=1)
+    argv = train_args(tiny_model, data, tmp_path / "own", "--max_train_steps", "1")
+    del argv[argv.index("--resolution"):argv.index("--resolution") + 2]
+    run_train(*argv)
+    assert json.loads((tmp_path / "own" / "train_config.json").read_text())["resolution"] == 64
+    assert "warning" not in capsys.readouterr().err
+    run_train(*train_args(tiny_model, data, tmp_path / "other", "--max_train_steps", "1", "--resolution", "128"))
+    assert json.loads((tmp_path / "other" / "train_config.json").read_text())["resolution"] == 128
+    assert "warning: --resolution 128: the model's own size is 64 px" in capsys.readouterr().err
+
+
 def test_photos_are_resized_and_centre_cropped_as_torchvision_does(tmp_path):
     """The reference's Resize(R) truncates the long side, int(R * long / short), and its CenterCrop rounds half
     to even: a 107x80 photo becomes 85x64 (not 86), a 80x89 one 64x71 with its centre crop 4 rows down (not 3)."""
