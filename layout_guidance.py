@@ -59,25 +59,41 @@ class LayoutGuidance:
     """
 
     def __init__(self):
-        self.strength = None  # gamma * log(1 + sigma^2) of the current step, a 0-d tensor
+        self.strength = None  # gamma * log(1 + sigma^2) of the current step: one 0-d tensor, filled in place
         self.active = False
         self.num_uncond = 0
         self.maps = {}  # h * w -> W resized to that attention grid, [h*w, L]
 
+    # torch.compile treats tensors reached through the UNet's modules (these maps and the strength) as static
+    # inputs, and CUDA graphs (--compile reduce-overhead) replay them from the address they were captured at:
+    # a new tensor would make them record the graph again. So each tensor is allocated once and refilled.
+
     def set_layout(self, weight_map, latent_size, device):
         """W [L, H, W] resized (bilinear, corners aligned) to every UNet level of an h x w latent, on `device`."""
+        device = torch.device(device)
         h, w = latent_size
-        self.maps = {}
+        maps = {}
         while True:
             resized = F.interpolate(weight_map[None].float(), size=(h, w), mode="bilinear", align_corners=True)[0]
-            self.maps[h * w] = resized.flatten(1).T.contiguous().to(device)  # [h*w, L]
+            resized = resized.flatten(1).T  # [h*w, L]
+            kept = self.maps.get(h * w)
+            if kept is not None and kept.shape == resized.shape and kept.device == device:
+                maps[h * w] = kept.copy_(resized)
+            else:
+                maps[h * w] = resized.contiguous().to(device)
             if h == 1 and w == 1:
                 break
             h, w = (h + 1) // 2, (w + 1) // 2  # each UNet level halves the grid (stride-2 conv: ceil)
+        self.maps = maps
+        if self.strength is None or self.strength.device != device:
+            self.strength = torch.zeros((), device=device)
 
     def set_step(self, active, strength=None, num_uncond=0):
-        """strength: a 0-d tensor on the UNet's device (or a float, for a single call) while active."""
-        self.active, self.strength, self.num_uncond = active, strength, num_uncond
+        """strength: a float or a 0-d tensor (on the UNet's device: no wait) while active; needs set_layout."""
+        self.active, self.num_uncond = active, num_uncond
+        if active:
+            assert self.strength is not None, "set_layout comes before a guided step"
+            self.strength.fill_(strength)
 
     def map_for(self, num_queries):
         assert num_queries in self.maps, f"no UNet level of the layout's latent has {num_queries} cells"
@@ -173,7 +189,7 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
                       guidance=None, guided_steps=0, strengths=None, masks=None):
     """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
 
-    cond, uncond [B, L, d]; sigmas, scales: lists of floats; strengths: a list of 0-d tensors on the UNet's
+    cond, uncond [B, L, d]; sigmas, scales: lists of floats; strengths: a [G] tensor on the UNet's
     device. The layout guidance (if any) is switched on for steps i < guided_steps. masks: (cond, uncond)
     [L] of 1 (attend) and 0, or None.
     """
@@ -221,7 +237,7 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
             guidance.set_layout(weight_map, (height // 8, width // 8), device)
             guided_steps = min(guidance_steps, num_inference_steps)
             strengths = guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)
-            strengths = [s.clone().to(device) for s in strengths]  # 0-d tensors, each its own
+            strengths = strengths.float().to(device)  # [G]: set_step copies one on the device, no wait
         guidance.set_step(False)
 
     # One CPU generator per image: its initial latents first, then each recurrence noise in order. All are

@@ -655,6 +655,36 @@ def test_compiled_unet_gives_the_same_images_with_one_graph_per_kind_of_step(tin
             assert np.abs(a - b).max() <= 1
 
 
+def test_compiled_unet_reads_the_guidance_from_fixed_addresses(tiny_model, tmp_path, monkeypatch):
+    """CUDA graphs (--compile reduce-overhead) replay static inputs from the address they were captured at, and
+    torch.compile makes the layout maps and the step's strength static inputs: every call of a graph must find
+    them where the first call did, over steps and images, while the strength's value changes per step."""
+    calls = []  # per call of any graph: (graph index, {input index: data pointer}, strengths seen)
+
+    def backend(graph_module, example_inputs):
+        index = len({c[0] for c in calls}) if calls else 0
+        static = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)
+                  and getattr(t, "_dynamo_static_input_type", None) and not isinstance(t, torch.nn.Parameter)]
+        scalars = [i for i in static if example_inputs[i].ndim == 0]
+
+        def call(*args):
+            calls.append((index, {i: args[i].data_ptr() for i in static}, [float(args[i]) for i in scalars]))
+            return graph_module.forward(*args)
+        return call
+
+    compile_unet = inference.compile_unet
+    monkeypatch.setattr(inference, "compile_unet", lambda unet, mode: compile_unet(unet, mode, backend=backend))
+    torch._dynamo.reset()
+    config = write_config(tmp_path / "cfg", guidance_steps=3)
+    run(tiny_model, config, tmp_path / "out", "--num_inference_steps", "4", "--num_images", "2", "--batch_size", "1",
+        "--compile")
+    guided = [c for c in calls if c[2]]  # the guided graph has the strength among its static inputs
+    assert len(guided) == 2 * 3 * 2  # 2 images x 3 guided steps x 2 passes (self-recurrence)
+    assert all(c[1] == guided[0][1] for c in guided)  # maps and strength never moved
+    strengths = [c[2][0] for c in guided[:6]]
+    assert strengths[0] == strengths[1] > strengths[2] == strengths[3] > strengths[4] == strengths[5] > 0
+
+
 def test_configs_of_three_prompt_lengths_compile_four_graphs_in_one_run(tiny_model, tmp_path, counted_compile):
     """The second text length recompiles the two graphs with the length dynamic; the third reuses them."""
     patch, graphs = counted_compile
