@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from diffusers import LMSDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from pipeline_utils import UserError
+
+class NonFiniteError(UserError):
+    """Sampling ended in NaN or infinite latents."""
+
+
 # Stable Diffusion's training noise schedule; the guidance strength follows its sigmas (B3).
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -235,8 +241,8 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     if guidance is not None:
         if weight_map is not None and guidance_steps > 0:
             guidance.set_layout(weight_map, (height // 8, width // 8), device)
-            guided_steps = min(guidance_steps, num_inference_steps)
-            strengths = guidance_weight * torch.log1p(guidance_sigmas(guidance_steps) ** 2)
+            guided_steps = min(guidance_steps, num_inference_steps)  # the strength's schedule has as many steps
+            strengths = guidance_weight * torch.log1p(guidance_sigmas(guided_steps) ** 2)
             strengths = strengths.float().to(device)  # [G]: set_step copies one on the device, no wait
         guidance.set_step(False)
 
@@ -258,6 +264,11 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
     if guidance is not None:
         guidance.set_step(False)
+    bad = [seed for seed, finite in zip(seeds, torch.isfinite(x).flatten(1).all(dim=1).tolist()) if not finite]
+    if bad:  # checked once, at the end: NaN latents decode to a black image that looks like a result
+        raise NonFiniteError(f"sampling diverged (NaN or infinite latents) for seed{'s' if len(bad) > 1 else ''} "
+                             f"{', '.join(map(str, bad))}: lower cfg_scale or the guidance weights, or check "
+                             f"the residuals; no image was written")
     return decode_latents(sd.vae, x)
 
 
