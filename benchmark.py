@@ -20,7 +20,7 @@ overhead_vs_stock = guided / stock seconds per evaluation; speedup_vs_naive = na
 training: seconds per optimisation step (batch 1, the preset's resolution) of train.py's own loss and update,
 against a naive fp32 step with hand-written attention, and the minutes 4000 steps would take.
 
-The naive method, kept here as the baseline: the same algorithm (ALGORITHM.md B) written the way the
+The naive method, kept here as the baseline: the same algorithm (docs/METHOD.md B) written the way the
 reference runs it. The tests also use it as an independent implementation to check the fast sampler.
 """
 import argparse

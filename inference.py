@@ -5,7 +5,7 @@
 
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
 all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
-The config format is the seed's (ALGORITHM.md B5); see README.md. Several configs after --inference_config
+The config format is the seed's (docs/METHOD.md B5); see README.md. Several configs after --inference_config
 are all read and checked first, then sampled in turn by one model.
 
     python inference.py --rerun inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left./config.json \

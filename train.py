@@ -1,4 +1,4 @@
-"""Learn a concept's residual embedding from a few photos (Cones 2, ALGORITHM.md A).
+"""Learn a concept's residual embedding from a few photos (Cones 2, docs/METHOD.md A).
 
     accelerate launch train.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1 \
         --instance_data_dir Data/concept_image/dog6 --instance_prompt dog --output_dir My_residuals/dog6
