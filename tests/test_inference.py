@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import inference
-from benchmark import install_naive, naive_sample
 from conftest import ROOT, clip_tokenizer
 from layout_guidance import (cfg_scales, generate, guidance_sigmas, guided_attention, install_guidance,
                              layout_weight_map)
+from naive_sampler import install_naive, naive_sample
 from pipeline_utils import encode_ids, load_model, run_cli, token_ids
 from residual_utils import apply_residuals, find_sequence, load_residual, save_residual
 
