@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
 from world import scene  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip_tokenizer"
