@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from layout_guidance import SD_BETAS
 from naive_sampler import install_naive, naive_image
 from pipeline_utils import (StableDiffusion, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
-                            compile_unet, enable_gradient_checkpointing, require_package, resolve_device, resolve_dtype,
-                            run_cli, token_ids)
+                            compile_unet, enable_gradient_checkpointing, library_versions, mixed_precision_dtype,
+                            require_package, resolve_device, resolve_dtype, run_cli, token_ids)
 
 # ------------------------------------------------------------------------------------------------
 # Presets: real architectures, random weights
@@ -99,10 +100,8 @@ def build_model(preset, device, dtype, text_encoder_dtype=None):
         module.set_attn_processor(AttnProcessor2_0())
     for module, module_dtype in ((unet, dtype), (vae, dtype), (text_encoder, text_encoder_dtype or dtype)):
         module.requires_grad_(False).eval().to(module_dtype)
-    scheduler_config = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
-                        "clip_sample": False, "set_alpha_to_one": False,
-                        "prediction_type": spec["prediction_type"]}
+    scheduler_config = {"_class_name": "DDIMScheduler", **SD_BETAS, "steps_offset": 1, "clip_sample": False,
+                        "set_alpha_to_one": False, "prediction_type": spec["prediction_type"]}
     # the real CLIP vocabulary, as every Stable Diffusion uses
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parent / "tests" / "fixtures" /
                                                   "clip_tokenizer"), model_max_length=77)
@@ -176,12 +175,9 @@ def profile(device, fn):
 
 
 def versions(device):
-    import diffusers
-    import transformers
-
-    info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-    info["device_name"] = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    return info
+    """The library versions and the device the figures were measured on."""
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return {**library_versions(), "device_name": device_name}
 
 
 def print_table(title, header, rows):
@@ -318,7 +314,7 @@ def bench_training(args):
 
     device = torch.device(args.device)
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
-    mixed = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    mixed = mixed_precision_dtype(args.mixed_precision)
     # square photos, as DreamBench's, already resized to the training resolution (train.py's load_instance_images)
     generator = torch.Generator().manual_seed(0)
     photos = [torch.randint(0, 256, (3, resolution, resolution), dtype=torch.uint8, generator=generator)

@@ -18,7 +18,6 @@ import difflib
 import hashlib
 import json
 import math
-import platform
 import re
 import sys
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline_utils import (COMPILE_MODES, DTYPES, Processes, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_multiple_of_8, compile_unet, encode_ids, load_model, load_tokenizer,
-                            model_sizes, resolve_device, resolve_dtype, run_cli, token_ids, token_texts, word_ids,
-                            write_atomic)
+                            check_compile, check_multiple_of_8, compile_unet, encode_ids, library_versions,
+                            load_model, load_tokenizer, model_sizes, resolve_device, resolve_dtype, run_cli, token_ids,
+                            token_texts, word_ids, write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -378,14 +377,6 @@ def image_grid(images):
         r, c = divmod(i, cols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
     return Image.fromarray(grid)
-
-
-def library_versions():
-    import diffusers
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
 # ------------------------------------------------------------------------------------------------

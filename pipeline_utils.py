@@ -1,9 +1,12 @@
 """Loading a Stable Diffusion model, choosing device and dtype, tokenizing and encoding prompts.
 
-Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way.
+Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way; small facts
+they all use (the dtype names, the "words" attention mask, the library versions of a record) live here once.
 Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
 """
+import importlib
 import os
+import platform
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -49,6 +52,12 @@ def require_package(flag, package):
         raise UserError(f"{flag} needs {package}: pip install {package}") from None
 
 
+def library_versions(libraries=("torch", "diffusers", "transformers")):
+    """Python's version and each named library's, for the record saved with an output."""
+    return {"python": platform.python_version(),
+            **{name: importlib.import_module(name).__version__ for name in libraries}}
+
+
 def write_atomic(path, write):
     """Call write(tmp_path) beside `path`, then rename it into place: an interrupted write leaves no half file."""
     path = Path(path)
@@ -66,6 +75,11 @@ def write_atomic(path, write):
 # Device and dtype
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def mixed_precision_dtype(mixed_precision):
+    """The dtype of the frozen modules under accelerate's --mixed_precision (no, fp16 or bf16)."""
+    return torch.float32 if mixed_precision == "no" else DTYPES[mixed_precision]
 
 
 def resolve_device(name):
@@ -279,6 +293,12 @@ def token_ids(tokenizer, text, length=None):
     if length is None:
         return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return tokenizer(text, padding="max_length", truncation=True, max_length=length).input_ids
+
+
+def words_mask(num_visible, length):
+    """The attention mask of text length "words" [length]: 1 for the first num_visible rows (BOS and the words),
+    0 for EOS and padding, which the UNet of a model trained that way never sees."""
+    return [1] * num_visible + [0] * (length - num_visible)
 
 
 def word_ids(tokenizer, text):

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from pipeline_utils import (UserError, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
                             compile_unet, enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
-                            model_sizes, require_package, run_cli, token_ids, word_ids)
+                            model_sizes, require_package, run_cli, token_ids, word_ids, words_mask)
 from residual_utils import find_sequence, save_residual
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -466,7 +466,7 @@ def write_validation(sd, residual, embeddings, position, args, output_dir, step)
     length = embeddings.shape[1]
     masks = None
     if args.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
-        masks = ([1] * (length - 1) + [0], [1] + [0] * (length - 1))
+        masks = (words_mask(length - 1, length), words_mask(1, length))
     images = generate(sd, cond, embeddings[1], seeds, args.resolution, args.resolution,
                       args.validation_inference_steps, cfg_scale=args.validation_cfg_scale, masks=masks)
     sd.unet.train(was_training)
