@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline_utils import (COMPILE_MODES, DTYPES, Processes, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_multiple_of_8, compile_unet, encode_ids, library_versions,
-                            load_model, load_tokenizer, model_sizes, resolve_device, resolve_dtype, run_cli, token_ids,
-                            token_texts, word_ids, write_atomic)
+from pipeline_utils import (COMPILE_MODES, DTYPES, DefaultsHelpFormatter, Processes, UserError, add_compile_argument,
+                            check_at_least, check_compile, check_multiple_of_8, compile_unet, encode_ids,
+                            library_versions, load_model, load_tokenizer, model_sizes, resolve_device, resolve_dtype,
+                            run_cli, token_ids, token_texts, word_ids, write_atomic)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -521,22 +521,27 @@ def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", help="hub id or local diffusers folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", metavar="MODEL",
+                   help="hub id or local diffusers folder; required unless --rerun (which takes the record's model, "
+                        "or this one if given: the model moved to another folder)")
     p.add_argument("--inference_config", nargs="+", metavar="CONFIG.json",
-                   help="one or more JSON configs (README: the config format), all checked before the model loads")
+                   help="one or more JSON configs (README: the config format), all checked before the model loads; "
+                        "required unless --rerun")
     p.add_argument("--rerun", metavar="RUN/config.json", help="make a run's images again from the config.json beside "
                    "them (every setting from there; --output_dir, --device and the model's location may change)")
-    p.add_argument("--output_dir", default="inference_results")
+    p.add_argument("--output_dir", default="inference_results",
+                   help="images go to OUTPUT_DIR/{subjects}/{prompt}/, beside all_images.png and config.json")
     p.add_argument("--num_images", type=int, help="images per config; image j uses seed + j (default 10)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--resolution", type=int, default=None,
                    help="square size; default: the model's own (768 for SD 2.1)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8; default: --resolution")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8; default: --resolution")
     p.add_argument("--num_inference_steps", type=int, default=None, help="overrides the config (default 50)")
     p.add_argument("--cfg_scale", type=float, default=None, help="overrides the config (default 7.5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto: a CUDA GPU, else Apple's MPS, else the CPU")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto (default): fp16 on GPUs, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, help="images per UNet call (default 1)")

@@ -4,6 +4,7 @@ Shared by inference.py, train.py and benchmark.py so that every script reads a m
 they all use (the dtype names, the "words" attention mask, the library versions of a record) live here once.
 Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
 """
+import argparse
 import importlib
 import os
 import platform
@@ -26,6 +27,16 @@ def run_cli(main, args):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default after its help; None (the help says what happens then) and off flags
+    are left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_at_least(args, minimum, *names):

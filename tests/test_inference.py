@@ -706,3 +706,12 @@ def test_compile_without_a_cpu_compiler_is_one_clear_line(tiny_model, tmp_path, 
     with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):
         expect_error(capsys, tiny_model, config, tmp_path / "out", "--compile on the CPU needs a C++ compiler",
                      extra=("--compile", "--device", "cpu"))
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MODEL hub id or local diffusers folder; required unless --rerun" in text
+    assert "HEIGHT image height" in text and "WIDTH image width" in text
+    assert "(default: inference_results)" in text

@@ -419,3 +419,12 @@ def test_words_text_length_trains_with_the_unet_mask(tiny_model, tmp_path):
     assert a.abs().sum() > 0 and not torch.allclose(a, b)
     assert json.loads((tmp_path / "words" / "train_config.json").read_text())["text_length"] == "words"
     assert (tmp_path / "words" / "validation" / "step-3" / "0.png").is_file()
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 4000)", "(default: 5e-06)", "(default: 0.01)", "(default: 0.001)", "(default: 1024)",
+                    "(default: constant)", "(default: no)", "(default: 500)", "(default: max)"):
+        assert default in text
