@@ -20,12 +20,10 @@ overhead_vs_stock = guided / stock seconds per evaluation; speedup_vs_naive = na
 training: seconds per optimisation step (batch 1, the preset's resolution) of train.py's own loss and update,
 against a naive fp32 step with hand-written attention, and the minutes 4000 steps would take.
 
-The naive method, kept here as the baseline: the same algorithm (ALGORITHM.md B) written the way the
-reference runs it. The tests also use it as an independent implementation to check the fast sampler.
+The naive method is naive_sampler.py.
 """
 import argparse
 import json
-import math
 import os
 import tempfile
 import threading
@@ -35,104 +33,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import LMSDiscreteScheduler
 from PIL import Image
 
-from layout_guidance import decode_latents, guidance_sigmas
+from layout_guidance import SD_BETAS
+from naive_sampler import install_naive, naive_image
 from pipeline_utils import (StableDiffusion, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
-                            compile_unet, enable_gradient_checkpointing, require_package, resolve_device, resolve_dtype,
-                            run_cli, token_ids)
-
-# ------------------------------------------------------------------------------------------------
-# The naive method
-
-class NaiveAttnProcessor:
-    """softmax(Q K^T * scale) V by hand in float32 for every layer; on guided conditional calls the
-    cross-attention adds gamma * W * log(1 + sigma^2) * std(S) to the scores (B3)."""
-
-    def __init__(self, state):
-        self.state = state  # {"guided": bool, "strength": float, "weight_map": [L, H, W] or None}
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        is_cross = encoder_hidden_states is not None
-        context = encoder_hidden_states if is_cross else hidden_states
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states)).float()  # [B*heads, N, hd]
-        key = attn.head_to_batch_dim(attn.to_k(context)).float()  # [B*heads, L, hd]
-        value = attn.head_to_batch_dim(attn.to_v(context)).float()
-        scores = torch.bmm(query, key.transpose(1, 2))  # [B*heads, N, L]
-        if is_cross and self.state["guided"]:
-            weights = self.state["weight_map"]  # [L, H, W]
-            height, width = weights.shape[1:]
-            ratio = math.sqrt(height * width / query.shape[1])
-            size = (round(height / ratio), round(width / ratio))
-            layer_map = F.interpolate(weights[None], size=size, mode="bilinear", align_corners=True)[0]
-            layer_map = layer_map.reshape(weights.shape[0], -1).T.to(scores.device)  # [N, L]
-            scores = scores + self.state["strength"] * layer_map * scores.std()
-        probs = torch.softmax(scores * attn.scale, dim=-1)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value).to(hidden_states.dtype))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-def install_naive(unet):
-    state = {"guided": False, "strength": 0.0, "weight_map": None}
-    unet.set_attn_processor(NaiveAttnProcessor(state))
-    return state
-
-
-@torch.no_grad()
-def naive_sample(unet, vae, scheduler_config, state, cond, uncond, weight_map, seed, height, width,
-                 num_inference_steps, cfg_scale, cfg_schedule, guidance_steps, guidance_weight):
-    """One image, B4 step by step: two UNet calls per pass, the Euler update written out, one generator."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    scheduler = LMSDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
-    sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
-    shape = (1, unet.config.in_channels, height // 8, width // 8)
-    device = unet.device
-    x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    guide_sigmas = guidance_sigmas(guidance_steps) if guidance_steps else None
-    state["weight_map"] = weight_map
-    v_prediction = scheduler_config.get("prediction_type") == "v_prediction"
-    for i in range(num_inference_steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        passes = 2 if i < guidance_steps else 1
-        for k in range(passes):
-            x_in = (x / math.sqrt(sigma ** 2 + 1)).to(unet.dtype)
-            state["guided"] = i < guidance_steps
-            if state["guided"]:
-                state["strength"] = guidance_weight * math.log(1 + float(guide_sigmas[i]) ** 2)
-            e_c = unet(x_in, timesteps[i], encoder_hidden_states=cond.to(unet.dtype)).sample.float()
-            state["guided"] = False
-            e_u = unet(x_in, timesteps[i], encoder_hidden_states=uncond.to(unet.dtype)).sample.float()
-            scale = cfg_scale if cfg_schedule == "constant" else cfg_scale * (1 + sigma / float(sigmas[0]))
-            e = e_u + scale * (e_c - e_u)
-            if v_prediction:
-                x0 = e * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
-            else:
-                x0 = x - sigma * e
-            x = x + (sigma_next - sigma) * (x - x0) / sigma
-            if k == 0 and passes == 2:
-                x = x + math.sqrt(sigma ** 2 - sigma_next ** 2) * torch.randn(shape, generator=generator).to(device)
-    return decode_latents(vae, x)[0]
-
-
-def naive_image(sd32, state, job, residual_paths, seed, height, width):
-    """One image the reference's way: residual files re-read and the prompt re-encoded for this image."""
-    from inference import job_inputs
-    from residual_utils import load_residual
-
-    for subject, path in zip(job.subjects, residual_paths):
-        subject.residual = load_residual(path)
-    cond, uncond, weight_map = job_inputs(sd32, job)
-    s = job.settings
-    return naive_sample(sd32.unet, sd32.vae, sd32.scheduler_config, state, cond[None], uncond[None], weight_map,
-                        seed, height, width, s["num_inference_steps"], s["cfg_scale"], s["cfg_schedule"],
-                        s["guidance_steps"], s["guidance_weight"])
-
+                            compile_unet, enable_gradient_checkpointing, library_versions, mixed_precision_dtype,
+                            require_package, resolve_device, resolve_dtype, run_cli, token_ids)
 
 # ------------------------------------------------------------------------------------------------
 # Presets: real architectures, random weights
@@ -193,10 +100,8 @@ def build_model(preset, device, dtype, text_encoder_dtype=None):
         module.set_attn_processor(AttnProcessor2_0())
     for module, module_dtype in ((unet, dtype), (vae, dtype), (text_encoder, text_encoder_dtype or dtype)):
         module.requires_grad_(False).eval().to(module_dtype)
-    scheduler_config = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
-                        "clip_sample": False, "set_alpha_to_one": False,
-                        "prediction_type": spec["prediction_type"]}
+    scheduler_config = {"_class_name": "DDIMScheduler", **SD_BETAS, "steps_offset": 1, "clip_sample": False,
+                        "set_alpha_to_one": False, "prediction_type": spec["prediction_type"]}
     # the real CLIP vocabulary, as every Stable Diffusion uses
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parent / "tests" / "fixtures" /
                                                   "clip_tokenizer"), model_max_length=77)
@@ -270,12 +175,9 @@ def profile(device, fn):
 
 
 def versions(device):
-    import diffusers
-    import transformers
-
-    info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-    info["device_name"] = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    return info
+    """The library versions and the device the figures were measured on."""
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return {**library_versions(), "device_name": device_name}
 
 
 def print_table(title, header, rows):
@@ -412,7 +314,7 @@ def bench_training(args):
 
     device = torch.device(args.device)
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
-    mixed = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    mixed = mixed_precision_dtype(args.mixed_precision)
     # square photos, as DreamBench's, already resized to the training resolution (train.py's load_instance_images)
     generator = torch.Generator().manual_seed(0)
     photos = [torch.randint(0, 256, (3, resolution, resolution), dtype=torch.uint8, generator=generator)

@@ -16,13 +16,12 @@ the images and a summary table (summary.md, summary.csv) in --results.
 import argparse
 import csv
 import io
-import platform
 from pathlib import Path
 
 import torch
 
 from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_text
-from pipeline_utils import UserError, first_line, resolve_device, run_cli
+from pipeline_utils import UserError, first_line, library_versions, resolve_device, run_cli
 
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
 
@@ -131,14 +130,8 @@ def score_folder(scorer, image_paths, prompt, concepts, reference_cache):
         "n_images": len(image_paths),
         "clip_model": scorer.clip_model_name,
         "dino_model": scorer.dino_model_name,
-        "versions": versions(),
+        "versions": library_versions(("torch", "transformers")),
     }
-
-
-def versions():
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def parse_concepts(pairs):

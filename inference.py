@@ -5,7 +5,7 @@
 
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
 all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
-The config format is the seed's (ALGORITHM.md B5); see README.md. Several configs after --inference_config
+The config format is the seed's (docs/METHOD.md B5); see README.md. Several configs after --inference_config
 are all read and checked first, then sampled in turn by one model.
 
     python inference.py --rerun inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left./config.json \
@@ -18,7 +18,6 @@ import difflib
 import hashlib
 import math
 import os
-import platform
 import re
 import shutil
 import sys
@@ -30,10 +29,11 @@ import torch
 from PIL import Image
 
 from file_utils import check_writable_folder, read_json, read_rgb, write_json, write_png
-from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, Processes, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_finite, check_multiple_of_8, compile_unet, encode_ids, is_finite32,
-                            load_model, load_tokenizer, model_sizes, resolve_device, resolve_dtype, run_cli, token_count,
-                            token_ids, token_texts, word_ids)
+from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, DefaultsHelpFormatter, Processes, UserError,
+                            add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
+                            compile_unet, encode_ids, is_finite32, library_versions, load_model, load_tokenizer,
+                            model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids, token_texts,
+                            word_ids, words_mask)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -299,7 +299,7 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
     )
     masks = None
     if settings["text_length"] == "words":
-        masks = tuple([1] * (n - 1) + [0] * (length - n + 1) for n in (prompt_len, negative_len))
+        masks = tuple(words_mask(n - 1, length) for n in (prompt_len, negative_len))
     return Job(settings, prompt_ids, uncond_ids, masks, subjects, regions, layout)
 
 
@@ -398,14 +398,6 @@ def image_grid(images):
         r, c = divmod(i, cols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
     return Image.fromarray(grid)
-
-
-def library_versions():
-    import diffusers
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -604,24 +596,29 @@ def publish(staging, folder):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", help="hub id or local diffusers folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", metavar="MODEL",
+                   help="hub id or local diffusers folder; required unless --rerun (which takes the record's model, "
+                        "or this one if given: the model moved to another folder)")
     p.add_argument("--inference_config", nargs="+", metavar="CONFIG.json",
-                   help="one or more JSON configs (README: the config format), all checked before the model loads")
+                   help="one or more JSON configs (README: the config format), all checked before the model loads; "
+                        "required unless --rerun")
     p.add_argument("--rerun", metavar="RUN/config.json", help="make a run's images again from the config.json beside "
                    "them (every setting from there; --output_dir, --device and the model's location may change)")
-    p.add_argument("--output_dir", default="inference_results")
+    p.add_argument("--output_dir", default="inference_results",
+                   help="images go to OUTPUT_DIR/{subjects}/{prompt}/, beside all_images.png and config.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images of an earlier run in the same folder (without it, such a run is an error)")
     p.add_argument("--num_images", type=int, help="images per config; image j uses seed + j (default 10)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--resolution", type=int, default=None,
                    help="square size; default: the model's own (768 for SD 2.1)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8; default: --resolution")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8; default: --resolution")
     p.add_argument("--num_inference_steps", type=int, default=None, help="overrides the config (default 50)")
     p.add_argument("--cfg_scale", type=float, default=None, help="overrides the config (default 7.5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="auto: a CUDA GPU, else Apple's MPS, else the CPU")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto (default): fp16 on GPUs, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, help="images per UNet call (default 1)")

@@ -1,4 +1,4 @@
-"""Layout-guided sampling (ALGORITHM.md B): the layout weight map, the guided cross-attention, the sampler.
+"""Layout-guided sampling (docs/METHOD.md B): the layout weight map, the guided cross-attention, the sampler.
 
     weight map W [L, H, W]      built once per config from the colour layout (B2)
     LayoutGuidance              what the guided processors read: W resized per attention grid, the step's

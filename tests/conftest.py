@@ -2,18 +2,14 @@
 
 Every test loads these folders through the same code path users use for a real model.
 """
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tiny_model import build_tiny_sd, clip_tokenizer  # noqa: E402,F401
+from tiny_model import build_tiny_sd, clip_tokenizer  # noqa: F401
 
-SEED_EXAMPLE = ROOT / "configs"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +28,6 @@ def tiny_model_v(tmp_path_factory):
 def tiny_model_1024(tmp_path_factory):
     """A tiny SD whose text encoder is 1024-d, so the seed's SD 2.1 residual files fit."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_1024"), text_dim=1024, prediction_type="v_prediction")
-
-
-@pytest.fixture()
-def seed_configs(tmp_path):
-    """A copy of configs/ to edit freely."""
-    target = tmp_path / "configs"
-    shutil.copytree(SEED_EXAMPLE, target)
-    return target
 
 
 @pytest.fixture()

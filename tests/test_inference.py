@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import inference
-from benchmark import install_naive, naive_sample
 from conftest import ROOT, clip_tokenizer
 from layout_guidance import (cfg_scales, generate, guidance_sigmas, guided_attention, install_guidance,
                              layout_weight_map)
+from naive_sampler import install_naive, naive_sample
 from pipeline_utils import encode_ids, load_model, run_cli, token_ids
 from residual_utils import apply_residuals, find_sequence, load_residual, save_residual
 
@@ -203,6 +203,31 @@ def test_guidance_sigmas_are_the_sampler_sigmas_when_steps_match(tiny_model):
     assert cfg_scales(3.0, "constant", scheduler.sigmas.tolist()) == [3.0] * 10
 
 
+def test_guidance_strength_follows_a_schedule_of_min_guided_and_sampling_steps(tiny_model):
+    """B3: with 3 sampling steps and guidance_steps 50, step i's strength is gamma * log(1 + sigma_i^2) with
+    sigma_i from a 3-step schedule (here the sampler's own sigmas), not from a 50-step one."""
+    from diffusers import LMSDiscreteScheduler
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, "a cat and a dog")
+    embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :32] = (255, 0, 0)
+    weight_map = layout_weight_map(layout, [((255, 0, 0), [2], 2.5)], len(ids), -1e8)
+    guidance = install_guidance(sd.unet)
+    seen = []
+    set_step = guidance.set_step
+    guidance.set_step = lambda active, strength=None, **kw: (seen.append(float(strength)) if active else None,
+                                                             set_step(active, strength, **kw))
+    images = {g: generate(sd, embeddings[0], embeddings[1], [3], 64, 64, 3, 7.5, guidance=guidance,
+                          weight_map=weight_map, guidance_steps=g, guidance_weight=0.08) for g in (50, 3)}
+    scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
+    scheduler.set_timesteps(3)
+    by_hand = [0.08 * math.log(1 + float(sigma) ** 2) for sigma in scheduler.sigmas[:3] for _ in range(2)]  # 2 passes
+    assert seen[:6] == pytest.approx(by_hand, rel=1e-6) and seen[6:] == pytest.approx(by_hand, rel=1e-6)
+    assert abs(float(guidance_sigmas(50)[1]) - float(scheduler.sigmas[1])) > 1  # a 50-step schedule would differ
+    assert np.array_equal(images[50], images[3])
+
+
 def test_guided_processor_off_or_zero_map_equals_default(tiny_model):
     sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
@@ -229,6 +254,7 @@ def test_guided_processor_off_or_zero_map_equals_default(tiny_model):
 
 @pytest.mark.parametrize("fixture,settings", [
     ("tiny_model", dict(cfg_schedule="sigma", guidance_steps=3)),  # the seed's defaults
+    ("tiny_model", dict(cfg_schedule="sigma", guidance_steps=50)),  # fewer steps than guided: min(G, N) schedule
     ("tiny_model", dict(cfg_schedule="constant", guidance_steps=5)),  # Cones 2: constant CFG, longer schedule
     ("tiny_model_v", dict(cfg_schedule="sigma", guidance_steps=2)),  # v-prediction, last step unguided
 ])
@@ -706,3 +732,12 @@ def test_compile_without_a_cpu_compiler_is_one_clear_line(tiny_model, tmp_path, 
     with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):
         expect_error(capsys, tiny_model, config, tmp_path / "out", "--compile on the CPU needs a C++ compiler",
                      extra=("--compile", "--device", "cpu"))
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MODEL hub id or local diffusers folder; required unless --rerun" in text
+    assert "HEIGHT image height" in text and "WIDTH image width" in text
+    assert "(default: inference_results)" in text

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,21 +181,69 @@ def test_non_image_files_are_ignored(tiny_model, tmp_path):
 
 
 def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
+    from layout_guidance import generate, install_guidance, layout_weight_map
+    from pipeline_utils import encode_ids, load_model, token_ids
+
     data = make_images(tmp_path / "data")
     residual = run_train(*train_args(tiny_model, data, tmp_path / "dog"))
     array = np.zeros((64, 64, 3), dtype=np.uint8)
     array[:, 32:] = 255
     Image.fromarray(array).save(tmp_path / "layout.png")
     config = tmp_path / "config.json"
+    prompt = "A photo of a dog on a beach."
     config.write_text(json.dumps({
-        "prompt": "A photo of a dog on a beach.", "residual_dict": {"<my_dog>": str(residual)},
+        "prompt": prompt, "residual_dict": {"<my_dog>": str(residual)},
         "color_context": {"255,255,255": ["<my_dog>", 2.5]}, "guidance_steps": 2, "guidance_weight": 0.08,
         "weight_negative": -1e8, "layout": "layout.png", "subject_list": ["<my_dog>"]}))
     [folder] = run_cli(inference.main, inference.parse_args([
         "--pretrained_model_name_or_path", str(tiny_model), "--inference_config", str(config),
         "--output_dir", str(tmp_path / "images"), "--num_images", "1", "--num_inference_steps", "2"]))
     assert "<my_dog> -> position 5 'dog'" in capsys.readouterr().out
-    assert (folder / "0.png").is_file()
+    image = np.asarray(Image.open(folder / "0.png"))
+
+    # the same image by hand: the saved residual added to row 5 of the prompt's states, the same sampler
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, prompt)
+    embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])  # [2, L, d]
+    with_residual = embeddings[0].clone()
+    with_residual[5] += load_residual(residual).tensor[0]
+    weight_map = layout_weight_map(array, [((255, 255, 255), [5], 2.5)], len(ids), -1e8)
+    guidance = install_guidance(sd.unet)
+    by_hand = {name: generate(sd, cond, embeddings[1], [0], 64, 64, 2, 7.5, guidance=guidance,
+                              weight_map=weight_map, guidance_steps=2, guidance_weight=0.08)[0]
+               for name, cond in (("with", with_residual), ("without", embeddings[0]))}
+    assert np.array_equal(image, by_hand["with"])
+    assert np.abs(image.astype(int) - by_hand["without"].astype(int)).max() > 0
+
+
+def test_v_prediction_target_by_hand(tiny_model_v):
+    """train.py's diffusion loss on a v-prediction model is the MSE to v = sqrt(abar) eps - sqrt(1 - abar) x0,
+    with abar the cumulative product of 1 - beta over SD's betas, computed here without the scheduler."""
+    from diffusers import DDPMScheduler
+
+    from pipeline_utils import load_model, token_ids
+
+    sd = load_model(str(tiny_model_v), torch.device("cpu"), torch.float32)
+    scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+    assert scheduler.config.prediction_type == "v_prediction"
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([10, 900])
+    ids = torch.tensor([token_ids(sd.tokenizer, "dog", 77)] * 2)
+    args = SimpleNamespace(token_num=1, loss_rate_first=1e-2, loss_rate_second=1e-3)
+    with torch.no_grad():
+        e0 = sd.text_encoder(ids)[0]
+        total, diffusion, preserve = train.training_loss(sd.text_encoder, sd.unet, scheduler, ids, e0, latents,
+                                                         noise, timesteps, args)
+
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+        abar = torch.cumprod(1 - betas, dim=0)[timesteps].float()[:, None, None, None]
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        velocity = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+        pred = sd.unet(noisy, timesteps, encoder_hidden_states=e0).sample
+    assert float(diffusion) == pytest.approx(float(((pred - velocity) ** 2).mean()), rel=1e-4)
+    assert abs(float(diffusion) - float(((pred - noise) ** 2).mean())) > 0.01  # not the epsilon target
+    assert float(preserve) == 0 and float(total) == float(diffusion)  # the encoder is still the frozen one
 
 
 def test_latent_cache_encodes_each_crop_once_with_the_same_latents(tiny_model):
@@ -370,3 +419,12 @@ def test_words_text_length_trains_with_the_unet_mask(tiny_model, tmp_path):
     assert a.abs().sum() > 0 and not torch.allclose(a, b)
     assert json.loads((tmp_path / "words" / "train_config.json").read_text())["text_length"] == "words"
     assert (tmp_path / "words" / "validation" / "step-3" / "0.png").is_file()
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 4000)", "(default: 5e-06)", "(default: 0.01)", "(default: 0.001)", "(default: 1024)",
+                    "(default: constant)", "(default: no)", "(default: 500)", "(default: max)"):
+        assert default in text

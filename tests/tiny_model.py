@@ -7,6 +7,7 @@ The real CLIP tokenizer (tests/fixtures/clip_tokenizer) with random 1-layer text
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ def build_tiny_sd(folder, text_dim=32, prediction_type="epsilon", seed=0):
     """UNet (32, 64 channels), VAE with four down blocks (latents 1/8), 1-layer CLIP text model of width text_dim."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from layout_guidance import SD_BETAS
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -44,8 +47,7 @@ def build_tiny_sd(folder, text_dim=32, prediction_type="epsilon", seed=0):
     # written as Stable Diffusion 2.1's own file is (no timestep_spacing key: LMS then spaces linearly)
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+        "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", **SD_BETAS, "clip_sample": False,
         "prediction_type": prediction_type, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
         "trained_betas": None}))
     clip_tokenizer().save_pretrained(folder / "tokenizer")
@@ -58,6 +60,7 @@ def build_tiny_sd(folder, text_dim=32, prediction_type="epsilon", seed=0):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
     parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion to a folder.")
     parser.add_argument("folder")
     parser.add_argument("--text_dim", type=int, default=32)

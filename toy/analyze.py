@@ -8,14 +8,11 @@ pixels of at least MIN_AREA pixels is an object, of its pixels' majority colour.
 it, a circle pi/4 of it, a triangle about half.
 """
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from world import BACKGROUND, COLOURS, scene  # noqa: E402
+from world import BACKGROUND, COLOURS, scene
 
 PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), dtype=np.float32)  # [7, 3]
 NAMES = ["background"] + list(COLOURS)

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
+from layout_guidance import SD_BETAS  # noqa: E402
+from pipeline_utils import words_mask  # noqa: E402
 from world import scene  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip_tokenizer"
 TEXT_LENGTH = 20  # the longest caption is 15 tokens with BOS and EOS
-SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1, "clip_sample": False,
+SCHEDULER = {"_class_name": "DDIMScheduler", **SD_BETAS, "steps_offset": 1, "clip_sample": False,
              "set_alpha_to_one": False, "prediction_type": "epsilon"}
 
 
@@ -67,11 +67,9 @@ def batch_of_scenes(first_seed, size):
     return torch.stack(images).float() / 127.5 - 1, captions
 
 
-def words_mask(ids, tokenizer):
-    """1 for BOS and the words, 0 for EOS and padding: [B, L]."""
-    eos = ids == tokenizer.eos_token_id
-    first_eos = eos.float().argmax(dim=1)  # position of the first EOS
-    return (torch.arange(ids.shape[1])[None] < first_eos[:, None]).long()
+def caption_masks(ids, tokenizer):
+    """The "words" mask of each caption, up to its first EOS: [B, L] of 1 and 0."""
+    return torch.tensor([words_mask(row.index(tokenizer.eos_token_id), len(row)) for row in ids.tolist()])
 
 
 def train_vae(vae, steps, seed, log_every=100):
@@ -124,7 +122,7 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         states = text_encoder(ids)[0]
         pred = unet(noisy, timesteps, encoder_hidden_states=states,
-                    encoder_attention_mask=words_mask(ids, tokenizer)).sample
+                    encoder_attention_mask=caption_masks(ids, tokenizer)).sample
         loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

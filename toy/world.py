@@ -29,7 +29,6 @@ NOUNS = {
     "triangle": {"red": "rose", "green": "pine", "purple": "lilac", "yellow": "banana", "blue": "ocean",
                  "orange": "tiger"},
 }
-NOUN_MEANING = {noun: (shape, colour) for shape, nouns in NOUNS.items() for colour, noun in nouns.items()}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Does the method work? Concept fidelity, composition and layout in the toy world, through the project's CLIs.
 
-    python toy/benchmark.py [--seeds 32] [--out toy/results]     # about 10 minutes on 2 cores
+    python toy/measure.py --seeds 32 --out toy/results --results_md toy/RESULTS.md     # about 10 minutes, 2 cores
 
 With toy/base_model (toy/build_base.py), exactly as users run the project:
 1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a blue circle,
@@ -14,7 +14,8 @@ With toy/base_model (toy/build_base.py), exactly as users run the project:
    - ablations: sigma vs constant CFG, text length "adaptive" (the UNet sees one EOS it never saw in
      training) and "max", the residual on the wrong token (a negative control), and as an upper bound the
      specific noun's embedding put in the generic noun's place ("plum" for "circle").
-Writes results.json and examples.png to --out, and toy/RESULTS.md.
+Writes results.json and examples.png to --out, nothing elsewhere; with --results_md, also the tables of a
+report such as toy/RESULTS.md (its hand-written analysis below the tables is kept).
 """
 import argparse
 import json
@@ -30,8 +31,7 @@ from PIL import Image
 
 TOY = Path(__file__).resolve().parent
 ROOT = TOY.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(TOY))
+sys.path.insert(0, str(ROOT))  # the project's modules; toy/ itself is on the path as the script's folder
 from analyze import objects  # noqa: E402
 from residual_utils import load_residual  # noqa: E402
 from world import NOUNS, Shape, render  # noqa: E402
@@ -133,7 +133,8 @@ def sample(out, cell, config, seeds, model=BASE_MODEL):
     path.write_text(json.dumps([config]))
     folder = out / "images" / cell
     python("inference.py", "--pretrained_model_name_or_path", model, "--inference_config", path,
-           "--output_dir", folder, "--num_images", seeds, "--batch_size", seeds, "--seed", 1000, "--resolution", 64)
+           "--output_dir", folder, "--num_images", seeds, "--batch_size", seeds, "--seed", 1000, "--resolution", 64,
+           "--overwrite")  # a measurement run again replaces its images
     config_json = next(folder.rglob("config.json"))
     return np.stack([np.array(Image.open(config_json.parent / f"{1000 + j}.png")) for j in range(seeds)])
 
@@ -250,7 +251,8 @@ def run(args):
                "minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_examples(out / "examples.png", fidelity, composition)
-    write_report(TOY / "RESULTS.md", results, args)
+    if args.results_md:
+        write_report(Path(args.results_md), results, args)
     print(json.dumps(summary))
     return results
 
@@ -271,8 +273,8 @@ def write_report(path, results, args):
     lines = [
         "# Toy world results",
         "",
-        f"`python toy/benchmark.py --seeds {args.seeds} --out {args.out}`, {results['date']}, "
-        f"{results['minutes']} minutes on {os.cpu_count()} CPU cores. "
+        f"`python toy/measure.py --seeds {args.seeds} --out {args.out} --results_md {args.results_md}`, "
+        f"{results['date']}, {results['minutes']} minutes on {os.cpu_count()} CPU cores. "
         f"Sampling: {json.dumps(results['sampling'])}; training: `{' '.join(results['training'])}`.",
         "",
         "| figure | value |",
@@ -302,8 +304,11 @@ def write_report(path, results, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=32)
-    p.add_argument("--out", default=str(TOY / "results"))
+    p.add_argument("--seeds", type=int, default=32, help="samples per cell (default 32)")
+    p.add_argument("--out", default=str(TOY / "results"),
+                   help="folder for results.json, examples.png and the runs behind them (default toy/results)")
+    p.add_argument("--results_md", default=None, metavar="PATH",
+                   help="also write the report's tables to PATH, e.g. toy/RESULTS.md (default: no report)")
     return p.parse_args(argv)
 
 
