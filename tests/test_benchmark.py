@@ -103,7 +103,7 @@ def test_compile_option_reaches_guided_stock_and_training(capsys, counted_compil
 @pytest.mark.parametrize("argv, message", [
     (["inference", "--steps", "0"], "--steps 0: expected an integer >= 1"),
     (["inference", "--images", "-1"], "--images -1: expected an integer >= 1"),
-    (["training", "--resolution", "100"], "--resolution 100: expected a positive multiple of 8"),
+    (["training", "--resolution", "100"], "--resolution 100: expected a positive multiple of 8, at most 8192"),
     (["training", "--warmup_steps", "-1"], "--warmup_steps -1: expected an integer >= 0"),
     (["training", "--device", "cuda"], "--device cuda: no CUDA device is available"),
 ])
