@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -310,7 +309,7 @@ def bench_training(args):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from train import MicroBatchLoss, optimisation_step  # the project's own training step, data to update
+    from train import MicroBatchLoss, StepSettings, optimisation_step  # the project's own step, data to update
 
     device = torch.device(args.device)
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
@@ -319,8 +318,7 @@ def bench_training(args):
     generator = torch.Generator().manual_seed(0)
     photos = [torch.randint(0, 256, (3, resolution, resolution), dtype=torch.uint8, generator=generator)
               for _ in range(args.photos)]
-    train_args = SimpleNamespace(seed=0, train_batch_size=1, resolution=resolution, center_crop=False,
-                                 token_num=1, loss_rate_first=1e-2, loss_rate_second=1e-3)
+    settings = StepSettings(resolution=resolution)
     results = {}
     for method in ("project", "naive"):
         naive = method == "naive"
@@ -350,7 +348,7 @@ def bench_training(args):
             lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
         # the reference encodes every step's photo with the VAE; the project caches the latents
-        loss_of = MicroBatchLoss(photos, train_args, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
+        loss_of = MicroBatchLoss(photos, settings, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
                                  latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30)
         counter = iter(range(100_000))
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_text
+from file_utils import (check_writable_folder, image_files, read_image, read_json, resolve_relative, write_json,
+                        write_text)
 from pipeline_utils import UserError, first_line, library_versions, resolve_device, run_cli
 
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
@@ -183,16 +184,12 @@ def batch_jobs(results_dir, concepts_file):
             raise UserError(f"{config_path}: subject {unknown[0]} has no reference folder in {concepts_file} "
                             f"(it maps: {', '.join(mapping) or 'nothing'})")
         base = concepts_file.parent
-        concepts = {s: images_in(_resolve(mapping[s], base), f"{concepts_file}: {s}:") for s in subjects}
+        concepts = {s: images_in(resolve_relative(mapping[s], base) or mapping[s], f"{concepts_file}: {s}:")
+                    for s in subjects}
         jobs.append((config_path.parent, prompt, concepts))
     if not jobs:
         raise UserError(f"--results {results_dir}: no config.json below it (is it an inference.py output folder?)")
     return jobs
-
-
-def _resolve(folder, base):
-    folder = Path(folder)
-    return folder if folder.is_absolute() or folder.exists() else base / folder
 
 
 def write_summary(results_dir, rows):

@@ -36,6 +36,15 @@ def regular_file(path, what):
     return path
 
 
+def resolve_relative(value, base):
+    """The file or folder `value` names: as given if absolute; a relative one beside `base` first (the config
+    or list that names it), then in the working directory. None if neither exists."""
+    for candidate in (Path(base) / value, Path(value)):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
 def read_json(path, what):
     """The JSON value in file `path`; bad JSON, duplicate keys and deep nesting are one-line errors."""
     path = regular_file(path, what)

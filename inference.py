@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from file_utils import check_writable_folder, read_json, read_rgb, write_json, write_png
+from file_utils import check_writable_folder, read_json, read_rgb, resolve_relative, write_json, write_png
 from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, DefaultsHelpFormatter, Processes, UserError,
                             add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
                             compile_unet, encode_ids, is_finite32, library_versions, load_model, load_tokenizer,
@@ -96,8 +96,9 @@ class ConfigReader:
                 self.fail(f"residual_dict.{name}", f"expected a file path, got {file!r}")
         if not isinstance(data["color_context"], dict) or not data["color_context"]:
             self.fail("color_context", 'expected an object {"r,g,b": [phrase, weight]}')
+        self.colours = {}  # colour key -> (r, g, b)
         for colour, entry in data["color_context"].items():
-            parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
+            self.colours[colour] = parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
             if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
                     or not is_finite32(entry[1])):
                 self.fail(f"color_context.{colour}", f"expected [phrase, weight] with a finite weight, got {entry!r}")
@@ -105,6 +106,7 @@ class ConfigReader:
                 self.fail(f"color_context.{colour}", "the phrase is empty")
         if not isinstance(data["subject_list"], list) or not data["subject_list"]:
             self.fail("subject_list", 'expected a list of [name, position], [name] or "name"')
+        self.subjects = self.subject_entries(data)  # [(name, position or None)]
         if "cfg_scale" in data:
             self.number(data, "cfg_scale")
         if "num_inference_steps" in data:
@@ -148,10 +150,10 @@ class ConfigReader:
 
     def resolve_path(self, key, value):
         """A relative path is looked up beside the config first, then in the working directory."""
-        for candidate in (self.path.parent / value, Path(value)):
-            if candidate.exists():
-                return candidate.resolve()
-        self.fail(key, f"file not found: '{value}' (looked in {self.path.parent} and {Path.cwd()})")
+        found = resolve_relative(value, self.path.parent)
+        if found is None:
+            self.fail(key, f"file not found: '{value}' (looked in {self.path.parent} and {Path.cwd()})")
+        return found
 
 
 def parse_colour(text, fail):
@@ -190,6 +192,32 @@ class Job:
     layout: np.ndarray  # [H, W, 3] uint8
 
 
+@dataclass
+class Text:
+    """The prompt and the unconditional text as token ids at the config's text length L (B1)."""
+    prompt: str
+    ids: list  # [L]
+    uncond_ids: list  # [L]
+    num_tokens: int  # the prompt's tokens with BOS and EOS (its words are 1 .. num_tokens - 2)
+    num_uncond_tokens: int
+    tokens: list  # [L] readable tokens of ids
+
+    @property
+    def length(self):
+        return len(self.ids)
+
+    @property
+    def num_words(self):
+        return self.num_tokens - 2
+
+    def find(self, seq):
+        """Positions where the word ids `seq` occur among the prompt's BOS and words."""
+        return find_sequence(self.ids[:self.num_tokens - 1], seq)
+
+    def words(self):
+        return " ".join(f"{i}:{t}" for i, t in enumerate(self.tokens[1:self.num_words + 1], 1))
+
+
 def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides, data=None):
     """Read, check and resolve one config; raises UserError before anything is generated.
 
@@ -199,108 +227,127 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
     data = reader.read()
     settings = {**DEFAULTS, **{k: data[k] for k in DEFAULTS if k in data},
                 **{k: v for k, v in overrides.items() if v is not None}}
-
-    # Text length L (B1): the prompt's real token count, or the tokenizer's maximum.
-    prompt_len = checked_length(reader, tokenizer, data, "prompt")
-    negative_len = checked_length(reader, tokenizer, settings, "negative_prompt")
-    if settings["text_length"] == "max":
-        length = tokenizer.model_max_length
-    elif settings["text_length"] == "words":  # BOS and the words: no EOS
-        length = max(prompt_len, negative_len) - 1
-    else:
-        length = max(prompt_len, negative_len)
-    # padded to at least the full length, then cut: "words" drops EOS (the tokenizer's own cut would drop a word)
-    prompt_ids = token_ids(tokenizer, data["prompt"], max(length, prompt_len))[:length]
-    uncond_ids = token_ids(tokenizer, settings["negative_prompt"], max(length, negative_len))[:length]
-    tokens = token_texts(tokenizer, prompt_ids)
-    num_words = prompt_len - 2
-
-    residuals = {}
-    for name, file in data["residual_dict"].items():
-        residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
-        if residual.embedding_dim != embedding_dim:
-            reader.fail(f"residual_dict.{name}", f"{residual.path} holds {residual.embedding_dim}-d rows, but the "
-                        f"model's text encoder is {embedding_dim}-d (a residual is tied to its base model)")
-        residuals[name] = residual
-
-    subjects = []
-    for name, position in reader.subject_entries(data):
-        if name not in residuals:
-            reader.fail("subject_list", f"subject '{name}' has no entry in residual_dict "
-                        f"(it has: {', '.join(residuals)})")
-        residual = residuals[name]
-        phrase = residual.class_phrase
-        if position is None:
-            if not phrase:
-                reader.fail("subject_list", f"'{name}': {residual.path} records no class_phrase, so its position "
-                            f"cannot be found; write it as [\"{name}\", position]")
-            found = find_sequence(prompt_ids[:prompt_len - 1], word_ids(tokenizer, phrase))
-            if len(found) != 1:
-                where = ", ".join(f"{p} '{tokens[p]}'" for p in found) or "none"
-                reader.fail("subject_list", f"'{name}': its class phrase '{phrase}' must occur once in the prompt "
-                            f"to place it; positions found: {where}. Write it as [\"{name}\", position]")
-            position = found[0]
-        if not 1 <= position <= num_words or position + residual.token_num > length:
-            reader.fail("subject_list", f"'{name}': position {position} is outside the prompt's words "
-                        f"(1..{num_words}: {' '.join(f'{i}:{t}' for i, t in enumerate(tokens[1:num_words + 1], 1))})")
-        if phrase:
-            seq = word_ids(tokenizer, phrase)
-            if prompt_ids[position:position + len(seq)] != seq:
-                found = find_sequence(prompt_ids[:prompt_len - 1], seq)
-                reader.fail("subject_list", f"'{name}' at position {position} is '{tokens[position]}', but its "
-                            f"residual was learned for '{phrase}' (found at positions {found or 'none'})")
-        elif tokens[position].lower() not in name.lower():
-            print(f"warning: {config_path}: subject_list: '{name}' sits on '{tokens[position]}' (position "
-                  f"{position}), which is not part of its name; check the position", file=sys.stderr)
-        subjects.append(Subject(name, residual, position))
+    text = encode_text(reader, tokenizer, data["prompt"], settings)
+    residuals = load_residuals(reader, data["residual_dict"], embedding_dim)
+    subjects = [place_subject(reader, tokenizer, text, name, residuals, position)
+                for name, position in reader.subjects]
     taken = [row for s in subjects for row in s.rows]
     if len(taken) != len(set(taken)):
         reader.fail("subject_list", f"two subjects share token rows: {[(s.name, s.rows) for s in subjects]}")
-
     layout_path = reader.resolve_path("layout", data["layout"])
-    try:
-        layout = np.array(Image.fromarray(read_rgb(layout_path, "layout")).resize((width, height), Image.NEAREST))
-    except UserError as e:
-        reader.fail("layout", str(e))
-
-    by_name = {s.name: s for s in subjects}
-    regions = []
-    for colour, (phrase, w_active) in data["color_context"].items():
-        key = f"color_context.{colour}"
-        rgb = parse_colour(colour, lambda m: reader.fail(key, m))
-        if phrase in by_name:  # guidance to exactly that subject's rows
-            rows = by_name[phrase].rows
-        else:
-            seq = word_ids(tokenizer, phrase)
-            matches = find_sequence(prompt_ids[:prompt_len - 1], seq)
-            if not seq or not matches:
-                reader.fail(key, f"phrase '{phrase}' does not occur in the prompt '{data['prompt']}' "
-                            f"(nor is it a subject name)")
-            rows = [m + j for m in matches for j in range(len(seq))]
-        if not (layout == np.array(rgb, dtype=np.uint8)).all(-1).any():
-            jpeg = Path(layout_path).suffix.lower() in (".jpg", ".jpeg")
-            hint = "; JPEG changes colours, save the layout as PNG" if jpeg else ""
-            reader.fail(key, f"colour {rgb} does not occur in the layout {layout_path} at {width}x{height} "
-                        f"(its colours: {_layout_colours(layout)}){hint}")
-        regions.append((rgb, rows, float(w_active)))
+    layout = read_layout(reader, layout_path, height, width)
+    regions = layout_regions(reader, tokenizer, text, subjects, data["color_context"], layout, layout_path)
 
     settings.update(
         prompt=data["prompt"],
         residual_dict={n: r.path for n, r in residuals.items()},
-        color_context={c: v for c, v in data["color_context"].items()},
+        color_context=dict(data["color_context"]),
         token_rows={c: rows for c, (_, rows, _) in zip(data["color_context"], regions)},
         guidance_steps=data["guidance_steps"], guidance_weight=data["guidance_weight"],
         weight_negative=data["weight_negative"], layout=str(layout_path),
         subject_list=[[s.name, s.position] for s in subjects],
-        subject_tokens={s.name: " ".join(tokens[r] for r in s.rows) for s in subjects},
-        text_tokens=length, config_file=str(config_path),
+        subject_tokens={s.name: " ".join(text.tokens[r] for r in s.rows) for s in subjects},
+        text_tokens=text.length, config_file=str(config_path),
         file_sha256={**{f"residual_dict.{n}": file_sha256(r.path) for n, r in residuals.items()},
                      "layout": file_sha256(layout_path)},
     )
     masks = None
     if settings["text_length"] == "words":
-        masks = tuple(words_mask(n - 1, length) for n in (prompt_len, negative_len))
-    return Job(settings, prompt_ids, uncond_ids, masks, subjects, regions, layout)
+        masks = tuple(words_mask(n - 1, text.length) for n in (text.num_tokens, text.num_uncond_tokens))
+    return Job(settings, text.ids, text.uncond_ids, masks, subjects, regions, layout)
+
+
+def encode_text(reader, tokenizer, prompt, settings):
+    """Token ids of the prompt and the negative prompt at the text length L of settings["text_length"]:
+    the prompt's real token count ("adaptive"), the tokenizer's maximum ("max"), or BOS and the words ("words")."""
+    num_tokens = checked_length(reader, tokenizer, {"prompt": prompt}, "prompt")
+    num_uncond = checked_length(reader, tokenizer, settings, "negative_prompt")
+    if settings["text_length"] == "max":
+        length = tokenizer.model_max_length
+    elif settings["text_length"] == "words":  # BOS and the words: no EOS
+        length = max(num_tokens, num_uncond) - 1
+    else:
+        length = max(num_tokens, num_uncond)
+    # padded to at least the full length, then cut: "words" drops EOS (the tokenizer's own cut would drop a word)
+    ids = token_ids(tokenizer, prompt, max(length, num_tokens))[:length]
+    uncond_ids = token_ids(tokenizer, settings["negative_prompt"], max(length, num_uncond))[:length]
+    return Text(prompt, ids, uncond_ids, num_tokens, num_uncond, token_texts(tokenizer, ids))
+
+
+def load_residuals(reader, residual_dict, embedding_dim):
+    """{name: Residual} of residual_dict; each must have the model's text width."""
+    residuals = {}
+    for name, file in residual_dict.items():
+        residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
+        if residual.embedding_dim != embedding_dim:
+            reader.fail(f"residual_dict.{name}", f"{residual.path} holds {residual.embedding_dim}-d rows, but the "
+                        f"model's text encoder is {embedding_dim}-d (a residual is tied to its base model)")
+        residuals[name] = residual
+    return residuals
+
+
+def place_subject(reader, tokenizer, text, name, residuals, position):
+    """The Subject `name` at `position`, or (None) where its residual's class phrase occurs once in the prompt;
+    a position that is not on the phrase the residual was learned for is an error."""
+    if name not in residuals:
+        reader.fail("subject_list", f"subject '{name}' has no entry in residual_dict (it has: {', '.join(residuals)})")
+    residual = residuals[name]
+    phrase = residual.class_phrase
+    seq = word_ids(tokenizer, phrase) if phrase else None
+    if position is None:
+        if not phrase:
+            reader.fail("subject_list", f"'{name}': {residual.path} records no class_phrase, so its position "
+                        f"cannot be found; write it as [\"{name}\", position]")
+        found = text.find(seq)
+        if len(found) != 1:
+            where = ", ".join(f"{p} '{text.tokens[p]}'" for p in found) or "none"
+            reader.fail("subject_list", f"'{name}': its class phrase '{phrase}' must occur once in the prompt "
+                        f"to place it; positions found: {where}. Write it as [\"{name}\", position]")
+        position = found[0]
+    if not 1 <= position <= text.num_words or position + residual.token_num > text.length:
+        reader.fail("subject_list", f"'{name}': position {position} is outside the prompt's words "
+                    f"(1..{text.num_words}: {text.words()})")
+    if phrase and text.ids[position:position + len(seq)] != seq:
+        reader.fail("subject_list", f"'{name}' at position {position} is '{text.tokens[position]}', but its "
+                    f"residual was learned for '{phrase}' (found at positions {text.find(seq) or 'none'})")
+    if not phrase and text.tokens[position].lower() not in name.lower():
+        print(f"warning: {reader.path}: subject_list: '{name}' sits on '{text.tokens[position]}' (position "
+              f"{position}), which is not part of its name; check the position", file=sys.stderr)
+    return Subject(name, residual, position)
+
+
+def read_layout(reader, layout_path, height, width):
+    """The layout as uint8 [H, W, 3] at the output size (nearest: a label map must keep its exact colours)."""
+    try:
+        return np.array(Image.fromarray(read_rgb(layout_path, "layout")).resize((width, height), Image.NEAREST))
+    except UserError as e:
+        reader.fail("layout", str(e))
+
+
+def layout_regions(reader, tokenizer, text, subjects, color_context, layout, layout_path):
+    """[(rgb, token rows, w_active)] of color_context (B2): a subject name guides exactly that subject's rows,
+    any other phrase every occurrence of its tokens in the prompt. Each colour must occur in the layout."""
+    by_name = {s.name: s for s in subjects}
+    regions = []
+    for colour, (phrase, w_active) in color_context.items():
+        key = f"color_context.{colour}"
+        rgb = reader.colours[colour]
+        if phrase in by_name:
+            rows = by_name[phrase].rows
+        else:
+            seq = word_ids(tokenizer, phrase)
+            matches = text.find(seq)
+            if not seq or not matches:
+                reader.fail(key, f"phrase '{phrase}' does not occur in the prompt '{text.prompt}' (nor is it a "
+                            f"subject name)")
+            rows = [m + j for m in matches for j in range(len(seq))]
+        if not (layout == np.array(rgb, dtype=np.uint8)).all(-1).any():
+            jpeg = Path(layout_path).suffix.lower() in (".jpg", ".jpeg")
+            hint = "; JPEG changes colours, save the layout as PNG" if jpeg else ""
+            reader.fail(key, f"colour {rgb} does not occur in the layout {layout_path} at "
+                        f"{layout.shape[1]}x{layout.shape[0]} (its colours: {_layout_colours(layout)}){hint}")
+        regions.append((rgb, rows, float(w_active)))
+    return regions
 
 
 def checked_length(reader, tokenizer, data, key):
@@ -458,11 +505,11 @@ def check_args(args):
     for name, default in OPTION_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    check_multiple_of_8(args, "resolution", "height", "width")
     if args.height is None:
         args.height = args.resolution
     if args.width is None:
         args.width = args.resolution
-    check_multiple_of_8(args, "height", "width")
     check_at_least(args, 1, "num_images", maximum=MAX_IMAGES)
     check_at_least(args, 1, "num_inference_steps", maximum=MAX_STEPS)
     check_at_least(args, 1, "batch_size")
@@ -499,7 +546,7 @@ def main(args):
     device = processes.device(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     check_compile(args.compile, device)
-    sd = load_model(model, device, dtype)
+    sd = load_model(model, device, dtype, tokenizer=tokenizer)
     guidance = install_guidance(sd.unet)
     if args.compile:
         compile_unet(sd.unet, args.compile)
@@ -609,19 +656,22 @@ def parse_args(argv=None):
                    help="images go to OUTPUT_DIR/{subjects}/{prompt}/, beside all_images.png and config.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images of an earlier run in the same folder (without it, such a run is an error)")
-    p.add_argument("--num_images", type=int, help="images per config; image j uses seed + j (default 10)")
-    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--num_images", type=int,
+                   help=f"images per config; image j uses seed + j (default {OPTION_DEFAULTS['num_images']})")
+    p.add_argument("--seed", type=int, help=f"the first image's seed (default {OPTION_DEFAULTS['seed']})")
     p.add_argument("--resolution", type=int, default=None,
                    help="square size; default: the model's own (768 for SD 2.1)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8; default: --resolution")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8; default: --resolution")
-    p.add_argument("--num_inference_steps", type=int, default=None, help="overrides the config (default 50)")
-    p.add_argument("--cfg_scale", type=float, default=None, help="overrides the config (default 7.5)")
+    p.add_argument("--num_inference_steps", type=int, default=None,
+                   help=f"overrides the config (default {DEFAULTS['num_inference_steps']})")
+    p.add_argument("--cfg_scale", type=float, default=None, help=f"overrides the config (default {DEFAULTS['cfg_scale']})")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="auto: a CUDA GPU, else Apple's MPS, else the CPU")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="auto (default): fp16 on GPUs, fp32 on the CPU")
-    p.add_argument("--batch_size", type=int, help="images per UNet call (default 1)")
+                   help=f"auto: fp16 on GPUs, fp32 on the CPU (default {OPTION_DEFAULTS['dtype']})")
+    p.add_argument("--batch_size", type=int,
+                   help=f"images per UNet call (default {OPTION_DEFAULTS['batch_size']})")
     add_compile_argument(p, "the UNet (the first batch compiles)")
     return p.parse_args(argv)
 

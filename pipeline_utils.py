@@ -275,16 +275,17 @@ def model_sizes(model):
     return embedding_dim, native
 
 
-def load_model(model, device, dtype, text_encoder_dtype=None):
+def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
     """Load tokenizer, text encoder, VAE and UNet of a diffusers Stable Diffusion (hub id or folder).
 
     The safety checker is not loaded: the project never runs it. Every module is frozen and in eval mode.
+    tokenizer: the one the caller already loaded (load_tokenizer), so it is not read twice.
     """
     from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = tokenizer or load_tokenizer(model)
     source = model_source(model)
     try:
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder",

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,26 @@ TEMPLATES = [
     "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
     "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# What one step reads
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The settings one training step reads: which photo, crop and noise each sample gets (all from the seed
+    and the sample's index) and the preservation loss's weights (A.5). The command line's defaults are these."""
+    resolution: int
+    seed: int = 0
+    train_batch_size: int = 1
+    center_crop: bool = False
+    token_num: int = 1
+    loss_rate_first: float = 1e-2  # lambda1: the BOS row
+    loss_rate_second: float = 1e-3  # lambda2: the rows after the concept
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,14 +107,15 @@ def crop_pixels(images, key, resolution):
     return images[index][:, top:top + resolution, left:left + resolution].float() / 127.5 - 1.0
 
 
-def micro_batch(images, args, micro_step, rank, world_size):
+def micro_batch(images, settings, micro_step, rank, world_size):
     """Sample indices and crop keys (image, top, left) of process `rank` for micro-step `micro_step`."""
-    first = (micro_step * world_size + rank) * args.train_batch_size
-    indices = list(range(first, first + args.train_batch_size))
+    first = (micro_step * world_size + rank) * settings.train_batch_size
+    indices = list(range(first, first + settings.train_batch_size))
     keys = []
     for j in indices:
-        index = sample_order(args.seed, len(images), j)
-        keys.append((index, *crop_offset(images[index].shape, args.resolution, args.center_crop, args.seed, j)))
+        index = sample_order(settings.seed, len(images), j)
+        keys.append((index, *crop_offset(images[index].shape, settings.resolution, settings.center_crop,
+                                         settings.seed, j)))
     return indices, keys
 
 
@@ -166,7 +188,7 @@ class LatentCache:
         return (mean.float() + std.float() * vae_noise) * self.vae.config.scaling_factor
 
 
-def training_loss(text_encoder, unet, noise_scheduler, instance_ids, e0, latents, noise, timesteps, args,
+def training_loss(text_encoder, unet, noise_scheduler, instance_ids, e0, latents, noise, timesteps, settings,
                   encoder_attention_mask=None):
     """Diffusion loss of the photos plus the preservation loss (A.5); returns (total, diffusion, preservation).
 
@@ -182,7 +204,7 @@ def training_loss(text_encoder, unet, noise_scheduler, instance_ids, e0, latents
     else:
         target = noise
     diffusion = F.mse_loss(pred.float(), target.float())
-    preserve = preservation_loss(e, e0, args.token_num, args.loss_rate_first, args.loss_rate_second)
+    preserve = preservation_loss(e, e0, settings.token_num, settings.loss_rate_first, settings.loss_rate_second)
     return diffusion + preserve, diffusion, preserve
 
 
@@ -191,23 +213,24 @@ class MicroBatchLoss:
     (data order, crop, VAE noise, noise and timestep all from the seed) to training_loss. train.py and the
     benchmark both run this."""
 
-    def __init__(self, images, args, text_encoder, unet, vae, noise_scheduler, instance_ids, e0, unet_mask=None,
+    def __init__(self, images, settings, text_encoder, unet, vae, noise_scheduler, instance_ids, e0, unet_mask=None,
                  latent_cache_bytes=2 ** 30):
-        self.images, self.args = images, args
+        self.images, self.settings = images, settings
         self.text_encoder, self.unet, self.noise_scheduler = text_encoder, unet, noise_scheduler
         self.instance_ids, self.e0, self.unet_mask = instance_ids, e0, unet_mask
         self.cache = LatentCache(vae, latent_cache_bytes)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for Stable Diffusion
-        self.latent_shape = (vae.config.latent_channels, args.resolution // factor, args.resolution // factor)
+        size = settings.resolution // factor
+        self.latent_shape = (vae.config.latent_channels, size, size)
 
     def __call__(self, micro_step, rank=0, world_size=1):
-        args, device = self.args, self.unet.device
-        indices, keys = micro_batch(self.images, args, micro_step, rank, world_size)
+        settings, device = self.settings, self.unet.device
+        indices, keys = micro_batch(self.images, settings, micro_step, rank, world_size)
         vae_noise, noise, timesteps = (to_device(t, device) for t in sample_noise(
-            args.seed, indices, self.latent_shape, self.noise_scheduler.config.num_train_timesteps))
-        latents = self.cache.latents(keys, lambda key: crop_pixels(self.images, key, args.resolution), vae_noise)
+            settings.seed, indices, self.latent_shape, self.noise_scheduler.config.num_train_timesteps))
+        latents = self.cache.latents(keys, lambda key: crop_pixels(self.images, key, settings.resolution), vae_noise)
         return training_loss(self.text_encoder, self.unet, self.noise_scheduler, self.instance_ids, self.e0,
-                             latents, noise, timesteps, args, self.unet_mask)
+                             latents, noise, timesteps, settings, self.unet_mask)
 
 
 def optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, step, accumulation):
@@ -354,21 +377,21 @@ def check_args(args):
         require_package("--report_to tensorboard", "tensorboard")
 
 
-def main(args):
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from tqdm import tqdm
+@dataclass
+class Prompts:
+    """The texts training reads, tokenized once: the instance prompt, the 27 templates (A.7), the validation
+    prompt and where the concept sits in it."""
+    instance_ids: list  # [77]
+    num_visible: int  # BOS and the words of the instance prompt: what the UNet sees with text length "words"
+    template_ids: torch.Tensor  # [27, 77]
+    template_positions: list  # [27]
+    validation_prompt: str
+    validation_ids: list  # [L]
+    validation_position: int
 
-    check_args(args)
-    tokenizer = load_tokenizer(args.pretrained_model_name_or_path)
-    _, native = model_sizes(args.pretrained_model_name_or_path)
-    if args.resolution is None:
-        args.resolution = native
-    elif args.resolution != native and os.environ.get("RANK", "0") == "0":  # once under accelerate launch
-        print(f"warning: --resolution {args.resolution}: the model's own size is {native} px; a residual learned "
-              f"at another size may not carry over to the model's images", file=sys.stderr)
-    files, images = load_instance_images(args.instance_data_dir, args.resolution)
+
+def read_prompts(tokenizer, args):
+    """Prompts of the command line, each checked: a prompt the text encoder would cut is an error."""
     if not word_ids(tokenizer, args.instance_prompt):
         raise UserError(f"--instance_prompt '{args.instance_prompt}': has no tokens")
     validation_prompt = args.validation_prompt or f"a photo of a {args.instance_prompt}"
@@ -382,38 +405,48 @@ def main(args):
     if not found:
         raise UserError(f"--validation_prompt '{validation_prompt}': must contain the instance prompt "
                         f"'{args.instance_prompt}', where the residual is applied")
+    return Prompts(token_ids(tokenizer, args.instance_prompt, tokenizer.model_max_length),
+                   len(token_ids(tokenizer, args.instance_prompt)) - 1, template_ids, template_positions,
+                   validation_prompt, validation_ids, found[0])
 
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
-                              log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=str(output_dir / "logs"))
-    weight_dtype = mixed_precision_dtype(args.mixed_precision)
-    check_compile(args.compile, accelerator.device)
-    # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
-    sd = load_model(args.pretrained_model_name_or_path, accelerator.device, weight_dtype,
-                    text_encoder_dtype=torch.float32)
-    text_encoder, unet, vae = sd.text_encoder, sd.unet, sd.vae
-    noise_scheduler = DDPMScheduler.from_config(sd.scheduler_config)
 
-    # Everything that needs the frozen encoder E0, before the first update (A.3, A.7).
-    instance_ids = torch.tensor(token_ids(tokenizer, args.instance_prompt, tokenizer.model_max_length))
-    instance_ids = instance_ids[None].repeat(args.train_batch_size, 1).to(accelerator.device)  # [B, 77]
-    unet_mask = None  # "words": the UNet sees BOS and the words only, as models built that way expect
-    if args.text_length == "words":
-        visible = len(token_ids(tokenizer, args.instance_prompt)) - 1
-        unet_mask = torch.tensor(words_mask(visible, instance_ids.shape[1]), device=accelerator.device)
-        unet_mask = unet_mask[None].repeat(args.train_batch_size, 1)
-    e0 = encode_ids(text_encoder, instance_ids)  # [B, 77, d]
-    frozen_rows = concept_rows(text_encoder, template_ids, template_positions, args.token_num)  # [27, k, d]
-    validation_embeddings = encode_ids(text_encoder, [validation_ids, token_ids(tokenizer, "", len(validation_ids))])
+@dataclass
+class FrozenTargets:
+    """What the frozen encoder E0 gives, computed before the first update (A.3, A.7)."""
+    instance_ids: torch.Tensor  # [B, 77] on the device
+    unet_mask: torch.Tensor  # [B, 77] 1 for BOS and the words (text length "words"), or None: the UNet sees all
+    e0: torch.Tensor  # [B, 77, d] E0 of the instance prompt
+    rows: torch.Tensor  # [27, k, d] E0's concept rows in each template
+    validation: torch.Tensor  # [2, L, d] E0 of the validation prompt and of ""
 
-    text_encoder.requires_grad_(True)
-    text_encoder.train()
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, text_encoder)
-    if args.compile:
-        compile_unet(unet, args.compile)
+
+def frozen_targets(text_encoder, tokenizer, prompts, settings, text_length):
+    device, batch = text_encoder.device, settings.train_batch_size
+    instance_ids = torch.tensor(prompts.instance_ids, device=device)[None].repeat(batch, 1)
+    unet_mask = None
+    if text_length == "words":  # models trained that way never see EOS and padding
+        length = len(prompts.instance_ids)
+        unet_mask = torch.tensor(words_mask(prompts.num_visible, length), device=device)[None].repeat(batch, 1)
+    empty = token_ids(tokenizer, "", len(prompts.validation_ids))
+    return FrozenTargets(
+        instance_ids, unet_mask, encode_ids(text_encoder, instance_ids),
+        concept_rows(text_encoder, prompts.template_ids, prompts.template_positions, settings.token_num),
+        encode_ids(text_encoder, [prompts.validation_ids, empty]))
+
+
+def training_resolution(model, resolution):
+    """--resolution, or the model's own size by default; another size than the model's gets a warning."""
+    _, native = model_sizes(model)
+    if resolution is not None and resolution != native and os.environ.get("RANK", "0") == "0":  # once per run
+        print(f"warning: --resolution {resolution}: the model's own size is {native} px; a residual learned "
+              f"at another size may not carry over to the model's images", file=sys.stderr)
+    return resolution or native
+
+
+def make_optimizer(args, text_encoder, accelerator):
+    """AdamW (A.6; fused on CUDA, or 8-bit) and the learning-rate schedule."""
+    from diffusers.optimization import get_scheduler
+
     if args.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.AdamW8bit
@@ -425,84 +458,135 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
+    return optimizer, lr_scheduler
 
+
+def resume(accelerator, resume_from, output_dir):
+    """The step to start from: 0, or that of the checkpoint --resume_from_checkpoint names ('latest': the
+    newest in the output folder), whose state is restored."""
+    if not resume_from:
+        return 0
+    path = latest_checkpoint(output_dir) if resume_from == "latest" else Path(resume_from)
+    if path is None:
+        accelerator.print(f"no checkpoint in {output_dir}: starting from step 0")
+        return 0
+    step = load_checkpoint(accelerator, path)
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step
+
+
+class LossLog:
+    """The losses of the steps not logged yet: reading a loss waits for the GPU, so they are read, checked
+    for NaN and logged every LOG_EVERY steps (and before a checkpoint), not every step."""
+
+    def __init__(self, accelerator, progress, output_dir):
+        self.accelerator, self.progress, self.output_dir = accelerator, progress, output_dir
+        self.pending = []  # (step, lr, losses [3])
+
+    def add(self, step, lr, losses):
+        self.progress.update(1)
+        self.pending.append((step, lr, torch.stack(losses).detach()))
+        if step % LOG_EVERY == 0:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        losses = torch.stack([losses for _, _, losses in self.pending])  # [n, 3]
+        check_finite_training(self.accelerator, losses, [step for step, _, _ in self.pending], self.output_dir)
+        for (step, lr, _), (total, diffusion, preserve) in zip(self.pending, losses.tolist()):
+            self.accelerator.log({"loss": total, "diffusion": diffusion, "preserve": preserve, "lr": lr}, step=step)
+        self.progress.set_postfix(loss=f"{losses[-1, 0].item():.4f}")
+        self.pending.clear()
+
+
+def main(args):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    # Setup: everything a user can get wrong is checked before the model loads.
+    check_args(args)
+    model = args.pretrained_model_name_or_path
+    tokenizer = load_tokenizer(model)
+    args.resolution = training_resolution(model, args.resolution)
+    settings = StepSettings.from_args(args)
+    files, images = load_instance_images(args.instance_data_dir, settings.resolution)
+    prompts = read_prompts(tokenizer, args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=str(output_dir / "logs"))
+    check_compile(args.compile, accelerator.device)
+    # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
+    sd = load_model(model, accelerator.device, mixed_precision_dtype(args.mixed_precision),
+                    text_encoder_dtype=torch.float32, tokenizer=tokenizer)
+    frozen = frozen_targets(sd.text_encoder, tokenizer, prompts, settings, args.text_length)
+    sd.text_encoder.requires_grad_(True).train()
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(sd.unet, sd.text_encoder)
+    if args.compile:
+        compile_unet(sd.unet, args.compile)
+    optimizer, lr_scheduler = make_optimizer(args, sd.text_encoder, accelerator)
+    text_encoder, optimizer, lr_scheduler = accelerator.prepare(sd.text_encoder, optimizer, lr_scheduler)
     output_dir.mkdir(parents=True, exist_ok=True)
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = (latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest"
-                else Path(args.resume_from_checkpoint))
-        if path is None:
-            accelerator.print(f"no checkpoint in {output_dir}: starting from step 0")
-        else:
-            global_step = load_checkpoint(accelerator, path)
-            accelerator.print(f"resumed from {path} at step {global_step}")
+    global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("cones2", config={k: v for k, v in vars(args).items() if v is not None})
+    loss_of = MicroBatchLoss(images, settings, text_encoder, sd.unet, sd.vae, DDPMScheduler.from_config(
+        sd.scheduler_config), frozen.instance_ids, frozen.e0, frozen.unet_mask, args.latent_cache_mb * 2 ** 20)
 
     def residual_now():
         encoder = accelerator.unwrap_model(text_encoder).eval()
-        residual = compute_residual(encoder, template_ids, template_positions, args.token_num, frozen_rows)
+        residual = compute_residual(encoder, prompts.template_ids, prompts.template_positions, settings.token_num,
+                                    frozen.rows)
         encoder.train()
         return residual
 
-    def validate(step):
+    def validate(step, residual=None):
         if accelerator.is_main_process and args.num_validation_images > 0:
-            write_validation(sd, residual_now(), validation_embeddings, found[0], args, output_dir, step)
+            write_validation(sd, residual if residual is not None else residual_now(), frozen.validation,
+                             prompts.validation_position, args, output_dir, step)
         text_encoder.train()
 
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    micro_batch_loss = MicroBatchLoss(images, args, text_encoder, unet, vae, noise_scheduler, instance_ids, e0,
-                                      unet_mask, latent_cache_bytes=args.latent_cache_mb * 2 ** 20)
-    pending = []  # (step, lr, losses) not logged yet: reading a loss waits for the GPU, so once every few steps
-
-    def log_pending():
-        if pending:
-            losses = torch.stack([losses for _, _, losses in pending])
-            check_finite_training(accelerator, losses, [step for step, _, _ in pending], output_dir)
-            for (step, lr, _), (total, diffusion, preserve) in zip(pending, losses.tolist()):
-                accelerator.log({"loss": total, "diffusion": diffusion, "preserve": preserve, "lr": lr}, step=step)
-            progress.set_postfix(loss=f"{losses[-1, 0].item():.4f}")
-            pending.clear()
-
-    try:  # the bar ends its line before any error is printed
+    # The loop.
+    with tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+              disable=not accelerator.is_local_main_process) as progress:  # the bar ends its line before an error
+        log = LossLog(accelerator, progress, output_dir)
         while global_step < args.max_train_steps:
-            losses = optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, global_step,
+            losses = optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, loss_of, global_step,
                                        args.gradient_accumulation_steps)
             global_step += 1
-            progress.update(1)
-            pending.append((global_step, lr_scheduler.get_last_lr()[0], torch.stack(losses).detach()))
-            if global_step % LOG_EVERY == 0:
-                log_pending()
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 \
-                    and global_step < args.max_train_steps:
-                log_pending()
+            log.add(global_step, lr_scheduler.get_last_lr()[0], losses)
+            not_last = global_step < args.max_train_steps
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and not_last:
+                log.flush()
                 check_finite_parameters(accelerator, text_encoder, global_step, output_dir)
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            if args.validation_steps and global_step % args.validation_steps == 0 and not_last:
                 validate(global_step)
-        log_pending()
+        log.flush()
         check_finite_parameters(accelerator, text_encoder, global_step, output_dir)
-    finally:
-        progress.close()
 
+    # Finish: the residual and the record (main process), the last validation images.
     accelerator.wait_for_everyone()
+    residual = None
     if accelerator.is_main_process:
         residual = residual_now()
-        settings = {k: v for k, v in vars(args).items()}
-        settings.update(global_step=global_step, num_images=len(images), images=[str(f) for f in files],
-                        embedding_dim=sd.embedding_dim, prediction_type=sd.prediction_type,
-                        num_processes=accelerator.num_processes, validation_prompt=validation_prompt)
-        metadata = {"class_phrase": args.instance_prompt, "base_model": args.pretrained_model_name_or_path,
-                    "training": json.dumps(settings)}
-        save_residual(output_dir / "residual.safetensors", residual, metadata)
-        write_json(output_dir / "train_config.json", settings)
+        settings_record = dict(vars(args), global_step=global_step, num_images=len(images),
+                               images=[str(f) for f in files], embedding_dim=sd.embedding_dim,
+                               prediction_type=sd.prediction_type, num_processes=accelerator.num_processes,
+                               validation_prompt=prompts.validation_prompt)
+        save_residual(output_dir / "residual.safetensors", residual,
+                      {"class_phrase": args.instance_prompt, "base_model": model,
+                       "training": json.dumps(settings_record)})
+        write_json(output_dir / "train_config.json", settings_record)
         accelerator.print(f"wrote {output_dir / 'residual.safetensors'} ({list(residual.shape)}, "
                           f"norm {residual.norm():.4f})")
         if args.save_pipeline:
             save_pipeline(sd, accelerator.unwrap_model(text_encoder), output_dir / "pipeline")
-    validate(global_step)
+    validate(global_step, residual)
     accelerator.end_training()
     return output_dir / "residual.safetensors"
 
@@ -544,12 +628,14 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder")
     p.add_argument("--instance_data_dir", required=True, help="folder of 3-10 photos of the subject")
     p.add_argument("--instance_prompt", required=True, help="the subject's class word(s): dog, cat, pet_cat")
-    p.add_argument("--token_num", type=int, default=1, help="token rows k of the residual")
+    p.add_argument("--token_num", type=int, default=StepSettings.token_num, help="token rows k of the residual")
     p.add_argument("--output_dir", required=True, help="where residual.safetensors and train_config.json go")
     p.add_argument("--resolution", type=int, default=None,
                    help="training crop; default: the model's own size (768 for SD 2.1, 512 for SD 1.5 and -base)")
-    p.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
-    p.add_argument("--train_batch_size", type=int, default=1, help="photos per micro-batch and process")
+    p.add_argument("--center_crop", action="store_true", default=StepSettings.center_crop,
+                   help="centre crop instead of a random crop")
+    p.add_argument("--train_batch_size", type=int, default=StepSettings.train_batch_size,
+                   help="photos per micro-batch and process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimisation step")
     p.add_argument("--max_train_steps", type=int, default=4000, help="optimisation steps (Cones 2: 4000)")
     p.add_argument("--learning_rate", type=float, default=5e-6,
@@ -558,9 +644,11 @@ def parse_args(argv=None):
                    choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                             "polynomial"))
     p.add_argument("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up (schedules that have one)")
-    p.add_argument("--loss_rate_first", type=float, default=1e-2, help="lambda1, weight of the BOS row")
-    p.add_argument("--loss_rate_second", type=float, default=1e-3, help="lambda2, weight of the rows after the concept")
-    p.add_argument("--seed", type=int, default=0, help="every random draw of training comes from it")
+    p.add_argument("--loss_rate_first", type=float, default=StepSettings.loss_rate_first,
+                   help="lambda1, weight of the BOS row")
+    p.add_argument("--loss_rate_second", type=float, default=StepSettings.loss_rate_second,
+                   help="lambda2, weight of the rows after the concept")
+    p.add_argument("--seed", type=int, default=StepSettings.seed, help="every random draw of training comes from it")
     p.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
                    help="dtype of the frozen UNet and VAE; the text encoder trains in float32")
     p.add_argument("--gradient_checkpointing", action="store_true",

@@ -483,7 +483,7 @@ def test_bad_files(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,fragment", [
-    (["--resolution", "60"], "--height 60: expected a positive multiple of 8"),
+    (["--resolution", "60"], "--resolution 60: expected a positive multiple of 8"),
     (["--width", "100"], "--width 100: expected a positive multiple of 8"),
     (["--num_inference_steps", "0"], "--num_inference_steps 0"),
     (["--num_images", "-1"], "--num_images -1"),

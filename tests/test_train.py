@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -230,11 +229,11 @@ def test_v_prediction_target_by_hand(tiny_model_v):
     latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
     timesteps = torch.tensor([10, 900])
     ids = torch.tensor([token_ids(sd.tokenizer, "dog", 77)] * 2)
-    args = SimpleNamespace(token_num=1, loss_rate_first=1e-2, loss_rate_second=1e-3)
+    settings = train.StepSettings(resolution=64)
     with torch.no_grad():
         e0 = sd.text_encoder(ids)[0]
         total, diffusion, preserve = train.training_loss(sd.text_encoder, sd.unet, scheduler, ids, e0, latents,
-                                                         noise, timesteps, args)
+                                                         noise, timesteps, settings)
 
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
         abar = torch.cumprod(1 - betas, dim=0)[timesteps].float()[:, None, None, None]
