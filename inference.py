@@ -31,9 +31,9 @@ from PIL import Image
 from file_utils import check_writable_folder, read_json, read_rgb, resolve_relative, write_json, write_png
 from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, DefaultsHelpFormatter, Processes, UserError,
                             add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
-                            compile_unet, encode_ids, is_finite32, library_versions, load_model, load_tokenizer,
-                            model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids, token_texts,
-                            word_ids, words_mask)
+                            compile_unet, conditioning, is_finite32, library_versions, load_model, load_tokenizer,
+                            model_family, model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids,
+                            token_texts, word_ids, words_mask)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -218,17 +218,18 @@ class Text:
         return " ".join(f"{i}:{t}" for i, t in enumerate(self.tokens[1:self.num_words + 1], 1))
 
 
-def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides, data=None):
+def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides, data=None, family="sd"):
     """Read, check and resolve one config; raises UserError before anything is generated.
 
     data: the config itself, when it does not come from the file `config_path` (a run record's).
+    family: the model's ('sd' or 'sdxl'), which every residual must come from.
     """
     reader = ConfigReader(config_path, data)
     data = reader.read()
     settings = {**DEFAULTS, **{k: data[k] for k in DEFAULTS if k in data},
                 **{k: v for k, v in overrides.items() if v is not None}}
-    text = encode_text(reader, tokenizer, data["prompt"], settings)
-    residuals = load_residuals(reader, data["residual_dict"], embedding_dim)
+    text = tokenize_text(reader, tokenizer, data["prompt"], settings)
+    residuals = load_residuals(reader, data["residual_dict"], embedding_dim, family)
     subjects = [place_subject(reader, tokenizer, text, name, residuals, position)
                 for name, position in reader.subjects]
     taken = [row for s in subjects for row in s.rows]
@@ -257,7 +258,7 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
     return Job(settings, text.ids, text.uncond_ids, masks, subjects, regions, layout)
 
 
-def encode_text(reader, tokenizer, prompt, settings):
+def tokenize_text(reader, tokenizer, prompt, settings):
     """Token ids of the prompt and the negative prompt at the text length L of settings["text_length"]:
     the prompt's real token count ("adaptive"), the tokenizer's maximum ("max"), or BOS and the words ("words")."""
     num_tokens = checked_length(reader, tokenizer, {"prompt": prompt}, "prompt")
@@ -274,11 +275,17 @@ def encode_text(reader, tokenizer, prompt, settings):
     return Text(prompt, ids, uncond_ids, num_tokens, num_uncond, token_texts(tokenizer, ids))
 
 
-def load_residuals(reader, residual_dict, embedding_dim):
-    """{name: Residual} of residual_dict; each must have the model's text width."""
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
+
+
+def load_residuals(reader, residual_dict, embedding_dim, family):
+    """{name: Residual} of residual_dict; each must come from the model's family and have its text width."""
     residuals = {}
     for name, file in residual_dict.items():
         residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
+        if residual.family != family:
+            reader.fail(f"residual_dict.{name}", f"{residual.path} was trained on an {FAMILY_NAMES[residual.family]} "
+                        f"model, but the model is {FAMILY_NAMES[family]} (a residual is tied to its base model)")
         if residual.embedding_dim != embedding_dim:
             reader.fail(f"residual_dict.{name}", f"{residual.path} holds {residual.embedding_dim}-d rows, but the "
                         f"model's text encoder is {embedding_dim}-d (a residual is tied to its base model)")
@@ -451,13 +458,16 @@ def image_grid(images):
 # Sampling
 
 def job_inputs(sd, job):
-    """(cond [L, d] with the residuals added, uncond [L, d], weight map [L, H, W]) of a prepared job."""
+    """(cond [L, d] with the residuals added, uncond [L, d], weight map [L, H, W], pooled) of a prepared job.
+
+    pooled: SDXL's pooled embeddings (cond [p], uncond [p]), None for SD (pipeline_utils.conditioning).
+    """
     from layout_guidance import layout_weight_map
 
-    embeddings = encode_ids(sd.text_encoder, [job.prompt_ids, job.uncond_ids])  # [2, L, d]
-    cond = apply_residuals(embeddings[0], [(s.residual.tensor, s.position) for s in job.subjects])
+    cond, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids, not job.settings["negative_prompt"])
+    cond = apply_residuals(cond, [(s.residual.tensor, s.position) for s in job.subjects])
     weight_map = layout_weight_map(job.layout, job.regions, len(job.prompt_ids), job.settings["weight_negative"])
-    return cond, embeddings[1], weight_map
+    return cond, uncond, weight_map, pooled
 
 
 def release_text_encoder(sd):
@@ -471,10 +481,11 @@ def sample_job(sd, guidance, job, inputs, seeds, height, width):
     """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch."""
     from layout_guidance import generate
 
-    cond, uncond, weight_map = inputs
+    cond, uncond, weight_map, pooled = inputs
     s = job.settings
     return generate(sd, cond, uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
-                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks)
+                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks,
+                    pooled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -532,7 +543,8 @@ def main(args):
     embedding_dim, native = model_sizes(model)  # the small config files first: a bad config fails before the weights
     height, width = args.height or native, args.width or native
     overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
-    jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config)
+    family = model_family(model)
+    jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config, family)
             for path in args.inference_config]
     folders = [output_folder(args.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
     check_output_folders(folders, args.inference_config, args.overwrite)

@@ -192,16 +192,16 @@ def cfg_scales(cfg_scale, schedule, sigmas):
 
 
 def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_type,
-                      guidance=None, guided_steps=0, strengths=None, masks=None):
+                      guidance=None, guided_steps=0, strengths=None, masks=None, added_cond=None):
     """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
 
     cond, uncond [B, L, d]; sigmas, scales: lists of floats; strengths: a [G] tensor on the UNet's
     device. The layout guidance (if any) is switched on for steps i < guided_steps. masks: (cond, uncond)
-    [L] of 1 (attend) and 0, or None.
+    [L] of 1 (attend) and 0, or None. added_cond: SDXL's extra conditioning of the [uncond; cond] batch.
     """
     encoder_states = torch.cat([uncond, cond]).to(unet.dtype)  # [2B, L, d]
     batch = cond.shape[0]
-    extra = {}
+    extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
     if masks is not None:
         cond_mask, uncond_mask = (torch.tensor(m, device=cond.device)[None].expand(batch, -1) for m in masks)
         extra["encoder_attention_mask"] = torch.cat([uncond_mask, cond_mask])  # [2B, L]
@@ -224,12 +224,13 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
 
 @torch.no_grad()
 def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_scale, cfg_schedule="sigma",
-             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None):
+             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None, pooled=None):
     """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
 
     cond, uncond [L, d] float32 (residuals already applied). With `guidance` (from install_guidance) and a
     weight map W [L, H, W], steps i < guidance_steps are layout-guided and self-recurrent. masks: (cond,
     uncond) lists [L] of 1 and 0 for the UNet's encoder_attention_mask (text length "words"), or None.
+    pooled: SDXL's pooled text embeddings (cond [p], uncond [p]); None for SD.
     """
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
@@ -258,9 +259,14 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     recurrence_noise = iter(draws[1:])
 
     batch = len(seeds)
+    added_cond = None
+    if pooled is not None:  # [uncond; cond] as the UNet's batch is laid out
+        both = torch.stack([pooled[1], pooled[0]]).repeat_interleave(batch, dim=0).to(device, sd.unet.dtype)
+        added_cond = sd.added_cond(both, height, width)
     denoise = make_cfg_denoiser(
         sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
-        cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths, masks)
+        cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths, masks,
+        added_cond)
     x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
     if guidance is not None:
         guidance.set_step(False)

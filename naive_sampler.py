@@ -60,11 +60,13 @@ def install_naive(unet):
 
 @torch.no_grad()
 def naive_sample(unet, vae, scheduler_config, state, cond, uncond, weight_map, seed, height, width,
-                 num_inference_steps, cfg_scale, cfg_schedule, guidance_steps, guidance_weight):
+                 num_inference_steps, cfg_scale, cfg_schedule, guidance_steps, guidance_weight, added_cond=(None, None)):
     """One image, B4 step by step: two UNet calls per pass, the Euler update written out, one generator.
 
     cond, uncond [1, L, d]; weight_map [L, H, W]; state from install_naive. Returns uint8 [H, W, 3].
+    added_cond: SDXL's added_cond_kwargs of the conditional and of the unconditional call.
     """
+    cond_extra, uncond_extra = ({} if a is None else {"added_cond_kwargs": a} for a in added_cond)
     generator = torch.Generator("cpu").manual_seed(seed)
     scheduler = LMSDiscreteScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
@@ -84,9 +86,9 @@ def naive_sample(unet, vae, scheduler_config, state, cond, uncond, weight_map, s
             state["guided"] = i < guidance_steps
             if state["guided"]:
                 state["strength"] = guidance_weight * math.log(1 + float(guide_sigmas[i]) ** 2)
-            e_c = unet(x_in, timesteps[i], encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+            e_c = unet(x_in, timesteps[i], encoder_hidden_states=cond.to(unet.dtype), **cond_extra).sample.float()
             state["guided"] = False
-            e_u = unet(x_in, timesteps[i], encoder_hidden_states=uncond.to(unet.dtype)).sample.float()
+            e_u = unet(x_in, timesteps[i], encoder_hidden_states=uncond.to(unet.dtype), **uncond_extra).sample.float()
             scale = cfg_scale if cfg_schedule == "constant" else cfg_scale * (1 + sigma / float(sigmas[0]))
             e = e_u + scale * (e_c - e_u)
             if v_prediction:
@@ -104,8 +106,12 @@ def naive_image(sd32, state, job, residual_paths, seed, height, width):
     again for this image. residual_paths: one file per subject of the job, in order; the job is left as it is."""
     subjects = [dataclasses.replace(subject, residual=load_residual(path))
                 for subject, path in zip(job.subjects, residual_paths)]
-    cond, uncond, weight_map = job_inputs(sd32, dataclasses.replace(job, subjects=subjects))
+    cond, uncond, weight_map, pooled = job_inputs(sd32, dataclasses.replace(job, subjects=subjects))
+    added_cond = (None, None)
+    if pooled is not None:
+        added_cond = tuple(sd32.added_cond(p[None].to(sd32.unet.device, sd32.unet.dtype), height, width)
+                           for p in pooled)
     s = job.settings
     return naive_sample(sd32.unet, sd32.vae, sd32.scheduler_config, state, cond[None], uncond[None], weight_map,
                         seed, height, width, s["num_inference_steps"], s["cfg_scale"], s["cfg_schedule"],
-                        s["guidance_steps"], s["guidance_weight"])
+                        s["guidance_steps"], s["guidance_weight"], added_cond)

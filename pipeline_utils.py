@@ -13,6 +13,7 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -165,16 +166,28 @@ class Processes:
 
 @dataclass
 class StableDiffusion:
+    """One model's parts. `text_encoder(ids)` returns (states [B, L, d], pooled [B, p]) for either family:
+    SD's CLIPTextModel (its last hidden states) or SDXL's two encoders as one (SDXLTextEncoders)."""
     tokenizer: object
     text_encoder: object
     vae: object
     unet: object
     scheduler_config: dict
     name: str
+    family: str = "sd"  # "sd" (1.x, 2.x) or "sdxl"
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is zeros, not the encoded "" (its pipeline)
 
     @property
     def embedding_dim(self):
         return self.text_encoder.config.hidden_size
+
+    def added_cond(self, pooled, height, width):
+        """The UNet's extra conditioning: for SDXL the pooled text embedding [B, p] and the micro-conditioning
+        (original size, crop corner (0, 0), target size) as its pipeline builds them; None for SD."""
+        if self.family != "sdxl":
+            return None
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
 
     @property
     def prediction_type(self):
@@ -182,6 +195,8 @@ class StableDiffusion:
 
 
 MODEL_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+SDXL_PARTS = MODEL_PARTS + ("tokenizer_2", "text_encoder_2")
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 
 # Hub repositories that were deleted or renamed, and where the same weights live now.
 MOVED_MODELS = {
@@ -200,7 +215,8 @@ def check_model_location(model):
     """
     folder = Path(model).expanduser()
     if folder.exists():
-        missing = [part for part in MODEL_PARTS if not (folder / part).is_dir()]
+        parts = SDXL_PARTS if (folder / "text_encoder_2").exists() else MODEL_PARTS
+        missing = [part for part in parts if not (folder / part).is_dir()]
         if missing:
             raise UserError(f"model '{model}': not a diffusers Stable Diffusion folder (no "
                             f"{', '.join(part + '/' for part in missing)}; expected {', '.join(MODEL_PARTS)})")
@@ -245,12 +261,12 @@ def model_source(model):
     return {}
 
 
-def load_tokenizer(model):
+def load_tokenizer(model, subfolder="tokenizer"):
     from transformers import CLIPTokenizer
 
     source = check_model_location(model)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **source)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder=subfolder, **source)
     except Exception as e:  # missing folders and broken files end up here
         raise UserError(f"cannot load the tokenizer of model '{model}': {first_line(e)}") from None
     if len(tokenizer) < 1000:  # transformers builds a 2-3 token vocabulary when the vocabulary files are missing
@@ -261,18 +277,71 @@ def load_tokenizer(model):
     return tokenizer
 
 
+def model_family(model):
+    """'sd' or 'sdxl', from the pipeline class in model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    source = check_model_location(model)
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():  # a folder of parts alone
+        return "sdxl" if (folder / "text_encoder_2").is_dir() else "sd"
+    try:
+        name = DiffusionPipeline.load_config(model, **source).get("_class_name")
+    except Exception as e:
+        raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
+    if name not in FAMILIES:
+        raise UserError(f"model '{model}': a {name}, but this project runs {' and '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
 def model_sizes(model):
-    """(text width d, the model's own image size in pixels) from its config files, before any weights load."""
+    """(text width d, the model's own image size in pixels) from its config files, before any weights load.
+    SDXL's conditioning is both encoders' states side by side: d = 768 + 1280."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
     source = check_model_location(model)
+    encoders = ("text_encoder", "text_encoder_2") if model_family(model) == "sdxl" else ("text_encoder",)
     try:
-        embedding_dim = CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **source).hidden_size
+        embedding_dim = sum(CLIPTextConfig.from_pretrained(model, subfolder=encoder, **source).hidden_size
+                            for encoder in encoders)
         native = UNet2DConditionModel.load_config(model, subfolder="unet", **source)["sample_size"] * 8  # 1/8
     except Exception as e:
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     return embedding_dim, native
+
+
+class SDXLTextEncoders(torch.nn.Module):
+    """SDXL's two text encoders as one: ids [B, L] -> (states [B, L, d1 + d2], pooled [B, p]).
+
+    The states are each encoder's penultimate hidden states side by side, the pooled embedding is the second
+    encoder's projected EOS state: SDXL's conditioning as its pipeline builds it. The second tokenizer pads with
+    its own pad token, so rows after the first EOS get that id for the second encoder.
+    """
+
+    def __init__(self, first, second, pad_id_2):
+        super().__init__()
+        self.first, self.second, self.pad_id_2 = first, second, pad_id_2
+        self.config = SimpleNamespace(hidden_size=first.config.hidden_size + second.config.hidden_size)
+        self.widths = (first.config.hidden_size, second.config.hidden_size)
+
+    @property
+    def device(self):
+        return self.first.device
+
+    def forward(self, ids, attention_mask=None):
+        eos = self.first.config.eos_token_id
+        after_eos = (ids == eos).int().cumsum(dim=1) - (ids == eos).int() > 0  # [B, L] past the first EOS
+        ids_2 = torch.where(after_eos, torch.full_like(ids, self.pad_id_2), ids)
+        out_1 = self.first(ids, output_hidden_states=True)
+        out_2 = self.second(ids_2, output_hidden_states=True)
+        states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        return states, out_2.text_embeds
+
+    def activation_checkpointing_enable(self):
+        for encoder in (self.first, self.second):
+            enable = getattr(encoder, "activation_checkpointing_enable", None)
+            (enable or encoder.gradient_checkpointing_enable)()
 
 
 def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
@@ -281,18 +350,28 @@ def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
     The safety checker is not loaded: the project never runs it. Every module is frozen and in eval mode.
     tokenizer: the one the caller already loaded (load_tokenizer), so it is not read twice.
     """
-    from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, LMSDiscreteScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tokenizer or load_tokenizer(model)
+    family = model_family(model)
     source = model_source(model)
+    text_dtype = text_encoder_dtype or dtype
     try:
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder",
-                                                     dtype=text_encoder_dtype or dtype, **source)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **source)
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=text_dtype, **source)
+        if family == "sdxl":
+            second = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", dtype=text_dtype,
+                                                                 **source)
+            pad_id_2 = load_tokenizer(model, "tokenizer_2").pad_token_id
+            text_encoder = SDXLTextEncoders(text_encoder, second, pad_id_2)
+        # SDXL's VAE overflows in half precision: where its config says so, it runs in float32
+        upcast = AutoencoderKL.load_config(model, subfolder="vae", **source).get("force_upcast", False)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32 if upcast else dtype,
+                                            **source)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **source)
         scheduler_config = dict(LMSDiscreteScheduler.load_config(model, subfolder="scheduler", **source))
+        pipeline_config = DiffusionPipeline.load_config(model, **source) if family == "sdxl" else {}
     except Exception as e:
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     unet.set_attn_processor(AttnProcessor2_0())  # fused attention everywhere; guidance replaces attn2 only
@@ -301,7 +380,8 @@ def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, str(model))
+    zero_negative = family == "sdxl" and pipeline_config.get("force_zeros_for_empty_prompt", True)
+    return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, str(model), family, zero_negative)
 
 
 def enable_gradient_checkpointing(unet, text_encoder):
@@ -377,8 +457,30 @@ def token_texts(tokenizer, ids):
 
 @torch.no_grad()
 def encode_ids(text_encoder, ids):
-    """Last hidden states of the text encoder: ids [B, L] -> [B, L, d], float32."""
+    """The text conditioning: ids [B, L] -> [B, L, d], float32 (SD: the last hidden states; SDXL: both
+    encoders' penultimate states side by side)."""
+    return encode_text(text_encoder, ids)[0]
+
+
+def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty):
+    """(cond [L, d], uncond [L, d], pooled) float32 for the sampler, as the model's own pipeline builds them.
+
+    pooled: SDXL's pooled embeddings (cond [p], uncond [p]); None for SD. Where SDXL's pipeline asks for it
+    (force_zeros_for_empty_prompt), an empty negative prompt is zeros, states and pooled, not the encoding of "".
+    """
+    states, pooled = encode_text(sd.text_encoder, [prompt_ids, uncond_ids])  # [2, L, d], [2, p]
+    if sd.family != "sdxl":
+        return states[0], states[1], None
+    if sd.zero_empty_negative and negative_is_empty:
+        return states[0], torch.zeros_like(states[1]), (pooled[0], torch.zeros_like(pooled[1]))
+    return states[0], states[1], (pooled[0], pooled[1])
+
+
+@torch.no_grad()
+def encode_text(text_encoder, ids):
+    """(states [B, L, d], pooled [B, p]) float32 of ids [B, L] or [L]."""
     ids = torch.as_tensor(ids, device=text_encoder.device)
     if ids.ndim == 1:
         ids = ids[None]
-    return text_encoder(ids)[0].float()
+    out = text_encoder(ids)
+    return out[0].float(), out[1].float()

@@ -39,6 +39,12 @@ class Residual:
     def class_phrase(self):
         return self.metadata.get("class_phrase")
 
+    @property
+    def family(self):
+        """The model family it was trained on ('sd' or 'sdxl'): recorded by train.py; files without it (the
+        seed's) are told apart by their width, 2048 being SDXL's."""
+        return self.metadata.get("family") or ("sdxl" if self.embedding_dim == 2048 else "sd")
+
 
 def load_residual(path):
     """Read a residual from `.safetensors` or a legacy `.pt`; any problem is a UserError naming the file."""

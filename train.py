@@ -27,9 +27,10 @@ from PIL import Image
 
 from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_png
 from pipeline_utils import (MAX_SEED, DefaultsHelpFormatter, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_finite, check_multiple_of_8, compile_unet,
+                            check_compile, check_finite, check_multiple_of_8, compile_unet, conditioning,
                             enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
-                            mixed_precision_dtype, model_sizes, require_package, run_cli, token_count, token_ids, word_ids, words_mask)
+                            mixed_precision_dtype, model_sizes, require_package, run_cli, token_count, token_ids,
+                            word_ids, words_mask)
 from residual_utils import find_sequence, save_residual
 LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
 
@@ -69,20 +70,22 @@ class StepSettings:
 # Data
 
 def load_instance_images(folder, resolution):
-    """Every image in `folder`, EXIF-rotated, RGB, shorter side resized to `resolution` (bilinear).
+    """Every image in `folder`, EXIF-rotated, RGB, shorter side resized to `resolution` (bilinear); returns
+    (files, images [3, h, w] uint8, sizes (h, w) before resizing).
 
     The longer side becomes int(resolution * long / short), truncated, as torchvision's Resize (the reference's
     transform) computes it, so a non-square photo gives the reference's pixels.
     """
     files = image_files(folder, "--instance_data_dir")
-    images = []
+    images, original_sizes = [], []  # original_sizes (h, w): SDXL's micro-conditioning
     for path in files:
         image = read_image(path, "photo")
+        original_sizes.append((image.height, image.width))
         short, long = sorted(image.size)
         size = (resolution, int(resolution * long / short))
         image = image.resize(size if image.width <= image.height else size[::-1], Image.BILINEAR)
         images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # [3, h, w] uint8
-    return files, images
+    return files, images, original_sizes
 
 
 def sample_order(seed, num_images, sample_index):
@@ -136,14 +139,19 @@ def sample_noise(seed, indices, latent_shape, num_train_timesteps):
 # ------------------------------------------------------------------------------------------------
 # The method
 
-def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second):
+def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second, widths=None):
     """lambda1 ||e[0] - e0[0]|| + lambda2 ||e[1+k:] - e0[1+k:]||, plain L2 norms per sample, mean over the batch.
 
-    e, e0 [B, L, d]: the trained and the frozen encoder's states of the instance prompt (A.5).
+    e, e0 [B, L, d]: the trained and the frozen encoder's states of the instance prompt (A.5). widths: the
+    widths of the encoders whose states lie side by side in d (SDXL: 768, 1280); the loss is taken for each
+    encoder and summed. None: one encoder.
     """
-    first = (e[:, 0] - e0[:, 0]).flatten(1).norm(dim=1)  # [B]
-    rest = (e[:, 1 + token_num:] - e0[:, 1 + token_num:]).flatten(1).norm(dim=1)  # [B]
-    return (loss_rate_first * first + loss_rate_second * rest).mean()
+    total = 0
+    for part, part0 in zip(e.split(widths or [e.shape[-1]], dim=-1), e0.split(widths or [e.shape[-1]], dim=-1)):
+        first = (part[:, 0] - part0[:, 0]).flatten(1).norm(dim=1)  # [B]
+        rest = (part[:, 1 + token_num:] - part0[:, 1 + token_num:]).flatten(1).norm(dim=1)  # [B]
+        total = total + (loss_rate_first * first + loss_rate_second * rest).mean()
+    return total
 
 
 def to_device(tensor, device):
@@ -189,35 +197,47 @@ class LatentCache:
 
 
 def training_loss(text_encoder, unet, noise_scheduler, instance_ids, e0, latents, noise, timesteps, settings,
-                  encoder_attention_mask=None):
+                  encoder_attention_mask=None, time_ids=None, widths=None):
     """Diffusion loss of the photos plus the preservation loss (A.5); returns (total, diffusion, preservation).
 
     latents, noise [B, 4, R/8, R/8] float32 and timesteps [B]. The gradient reaches the text encoder through
     the frozen UNet. encoder_attention_mask [B, 77] hides EOS and padding from the UNet (text length "words").
+    time_ids [B, 6]: SDXL's micro-conditioning; the UNet then also gets the trained encoder's pooled embedding,
+    as SDXL's fine-tuning does. widths: see preservation_loss.
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    e = text_encoder(instance_ids)[0].float()  # [B, 77, d]
+    out = text_encoder(instance_ids)
+    e = out[0].float()  # [B, 77, d]
+    extra = {}
+    if time_ids is not None:
+        extra["added_cond_kwargs"] = {"text_embeds": out[1].to(unet.dtype), "time_ids": time_ids.to(unet.dtype)}
     pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=e.to(unet.dtype),
-                encoder_attention_mask=encoder_attention_mask).sample
+                encoder_attention_mask=encoder_attention_mask, **extra).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
     diffusion = F.mse_loss(pred.float(), target.float())
-    preserve = preservation_loss(e, e0, settings.token_num, settings.loss_rate_first, settings.loss_rate_second)
+    preserve = preservation_loss(e, e0, settings.token_num, settings.loss_rate_first, settings.loss_rate_second,
+                                 widths)
     return diffusion + preserve, diffusion, preserve
 
 
 class MicroBatchLoss:
     """loss(micro_step, rank, world_size): the losses of one process's micro-batch, from the sample indices
     (data order, crop, VAE noise, noise and timestep all from the seed) to training_loss. train.py and the
-    benchmark both run this."""
+    benchmark both run this.
+
+    sdxl: (the photos' sizes before resizing, the encoders' widths) for SDXL's micro-conditioning and per-encoder
+    preservation loss; None for SD.
+    """
 
     def __init__(self, images, settings, text_encoder, unet, vae, noise_scheduler, instance_ids, e0, unet_mask=None,
-                 latent_cache_bytes=2 ** 30):
+                 latent_cache_bytes=2 ** 30, sdxl=None):
         self.images, self.settings = images, settings
         self.text_encoder, self.unet, self.noise_scheduler = text_encoder, unet, noise_scheduler
         self.instance_ids, self.e0, self.unet_mask = instance_ids, e0, unet_mask
+        self.original_sizes, self.widths = sdxl or (None, None)
         self.cache = LatentCache(vae, latent_cache_bytes)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for Stable Diffusion
         size = settings.resolution // factor
@@ -229,8 +249,13 @@ class MicroBatchLoss:
         vae_noise, noise, timesteps = (to_device(t, device) for t in sample_noise(
             settings.seed, indices, self.latent_shape, self.noise_scheduler.config.num_train_timesteps))
         latents = self.cache.latents(keys, lambda key: crop_pixels(self.images, key, settings.resolution), vae_noise)
+        time_ids = None
+        if self.original_sizes is not None:  # (original h, w, crop top, left, target h, w) as SDXL trains
+            r = settings.resolution
+            time_ids = torch.tensor([[*self.original_sizes[index], top, left, r, r] for index, top, left in keys],
+                                    dtype=torch.float32, device=device)
         return training_loss(self.text_encoder, self.unet, self.noise_scheduler, self.instance_ids, self.e0,
-                             latents, noise, timesteps, settings, self.unet_mask)
+                             latents, noise, timesteps, settings, self.unet_mask, time_ids, self.widths)
 
 
 def optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, step, accumulation):
@@ -417,10 +442,11 @@ class FrozenTargets:
     unet_mask: torch.Tensor  # [B, 77] 1 for BOS and the words (text length "words"), or None: the UNet sees all
     e0: torch.Tensor  # [B, 77, d] E0 of the instance prompt
     rows: torch.Tensor  # [27, k, d] E0's concept rows in each template
-    validation: torch.Tensor  # [2, L, d] E0 of the validation prompt and of ""
+    validation: tuple  # conditioning of the validation prompt: (cond [L, d], uncond [L, d], pooled or None)
 
 
-def frozen_targets(text_encoder, tokenizer, prompts, settings, text_length):
+def frozen_targets(sd, tokenizer, prompts, settings, text_length):
+    text_encoder = sd.text_encoder
     device, batch = text_encoder.device, settings.train_batch_size
     instance_ids = torch.tensor(prompts.instance_ids, device=device)[None].repeat(batch, 1)
     unet_mask = None
@@ -431,7 +457,7 @@ def frozen_targets(text_encoder, tokenizer, prompts, settings, text_length):
     return FrozenTargets(
         instance_ids, unet_mask, encode_ids(text_encoder, instance_ids),
         concept_rows(text_encoder, prompts.template_ids, prompts.template_positions, settings.token_num),
-        encode_ids(text_encoder, [prompts.validation_ids, empty]))
+        conditioning(sd, prompts.validation_ids, empty, True))
 
 
 def training_resolution(model, resolution):
@@ -511,7 +537,7 @@ def main(args):
     tokenizer = load_tokenizer(model)
     args.resolution = training_resolution(model, args.resolution)
     settings = StepSettings.from_args(args)
-    files, images = load_instance_images(args.instance_data_dir, settings.resolution)
+    files, images, original_sizes = load_instance_images(args.instance_data_dir, settings.resolution)
     prompts = read_prompts(tokenizer, args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -522,7 +548,7 @@ def main(args):
     # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
     sd = load_model(model, accelerator.device, mixed_precision_dtype(args.mixed_precision),
                     text_encoder_dtype=torch.float32, tokenizer=tokenizer)
-    frozen = frozen_targets(sd.text_encoder, tokenizer, prompts, settings, args.text_length)
+    frozen = frozen_targets(sd, tokenizer, prompts, settings, args.text_length)
     sd.text_encoder.requires_grad_(True).train()
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(sd.unet, sd.text_encoder)
@@ -534,8 +560,9 @@ def main(args):
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("cones2", config={k: v for k, v in vars(args).items() if v is not None})
+    sdxl = (original_sizes, sd.text_encoder.widths) if sd.family == "sdxl" else None
     loss_of = MicroBatchLoss(images, settings, text_encoder, sd.unet, sd.vae, DDPMScheduler.from_config(
-        sd.scheduler_config), frozen.instance_ids, frozen.e0, frozen.unet_mask, args.latent_cache_mb * 2 ** 20)
+        sd.scheduler_config), frozen.instance_ids, frozen.e0, frozen.unet_mask, args.latent_cache_mb * 2 ** 20, sdxl)
 
     def residual_now():
         encoder = accelerator.unwrap_model(text_encoder).eval()
@@ -579,7 +606,7 @@ def main(args):
                                prediction_type=sd.prediction_type, num_processes=accelerator.num_processes,
                                validation_prompt=prompts.validation_prompt)
         save_residual(output_dir / "residual.safetensors", residual,
-                      {"class_phrase": args.instance_prompt, "base_model": model,
+                      {"class_phrase": args.instance_prompt, "base_model": model, "family": sd.family,
                        "training": json.dumps(settings_record)})
         write_json(output_dir / "train_config.json", settings_record)
         accelerator.print(f"wrote {output_dir / 'residual.safetensors'} ({list(residual.shape)}, "
@@ -592,21 +619,23 @@ def main(args):
 
 
 @torch.no_grad()
-def write_validation(sd, residual, embeddings, position, args, output_dir, step):
-    """Images of the validation prompt with the residual applied, made by the project's own sampler."""
+def write_validation(sd, residual, validation, position, args, output_dir, step):
+    """Images of the validation prompt with the residual applied, made by the project's own sampler.
+    validation: the prompt's conditioning (cond, uncond, pooled), as FrozenTargets holds it."""
     from layout_guidance import generate
     from residual_utils import apply_residuals
 
-    cond = apply_residuals(embeddings[0], [(residual, position)])
+    cond, uncond, pooled = validation
+    cond = apply_residuals(cond, [(residual, position)])
     seeds = [args.seed + j for j in range(args.num_validation_images)]
     was_training = sd.unet.training
     sd.unet.eval()
-    length = embeddings.shape[1]
+    length = cond.shape[0]
     masks = None
     if args.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
         masks = (words_mask(length - 1, length), words_mask(1, length))
-    images = generate(sd, cond, embeddings[1], seeds, args.resolution, args.resolution,
-                      args.validation_inference_steps, cfg_scale=args.validation_cfg_scale, masks=masks)
+    images = generate(sd, cond, uncond, seeds, args.resolution, args.resolution, args.validation_inference_steps,
+                      cfg_scale=args.validation_cfg_scale, masks=masks, pooled=pooled)
     sd.unet.train(was_training)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -615,11 +644,16 @@ def write_validation(sd, residual, embeddings, position, args, output_dir, step)
 
 
 def save_pipeline(sd, text_encoder, folder):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        sd.name, text_encoder=text_encoder, unet=sd.unet, vae=sd.vae, tokenizer=sd.tokenizer,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if sd.family == "sdxl":
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            sd.name, text_encoder=text_encoder.first, text_encoder_2=text_encoder.second, unet=sd.unet, vae=sd.vae,
+            tokenizer=sd.tokenizer)
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            sd.name, text_encoder=text_encoder, unet=sd.unet, vae=sd.vae, tokenizer=sd.tokenizer,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder)
 
 

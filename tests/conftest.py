@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_model import build_tiny_sd, clip_tokenizer  # noqa: F401
+from tiny_model import build_tiny_sd, build_tiny_sdxl, clip_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_model(tmp_path_factory):
     """A tiny epsilon-prediction SD with a 32-d text encoder."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL: two text encoders (conditioning 32 + 32 = 64-d), pooled embedding and micro-conditioning."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def test_photos_are_resized_and_centre_cropped_as_torchvision_does(tmp_path):
     photos = {"a.png": (107, 80), "b.png": (80, 89), "c.png": (64, 64)}  # PIL sizes (width, height)
     for name, (w, h) in photos.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
-    _, images = train.load_instance_images(folder, 64)
+    _, images, _ = train.load_instance_images(folder, 64)
     assert [tuple(image.shape) for image in images] == [(3, 64, 85), (3, 71, 64), (3, 64, 64)]
     expected = np.asarray(Image.open(folder / "a.png").resize((85, 64), Image.BILINEAR))
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), expected)
