@@ -284,8 +284,8 @@ def load_residuals(reader, residual_dict, embedding_dim, family):
     for name, file in residual_dict.items():
         residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
         if residual.family != family:
-            reader.fail(f"residual_dict.{name}", f"{residual.path} was trained on an {FAMILY_NAMES[residual.family]} "
-                        f"model, but the model is {FAMILY_NAMES[family]} (a residual is tied to its base model)")
+            reader.fail(f"residual_dict.{name}", f"{residual.path} was trained on {FAMILY_NAMES[residual.family]}, but "
+                        f"the model is {FAMILY_NAMES[family]} (a residual is tied to its base model's family)")
         if residual.embedding_dim != embedding_dim:
             reader.fail(f"residual_dict.{name}", f"{residual.path} holds {residual.embedding_dim}-d rows, but the "
                         f"model's text encoder is {embedding_dim}-d (a residual is tied to its base model)")
