@@ -38,7 +38,7 @@ from layout_guidance import SD_BETAS
 from naive_sampler import install_naive, naive_image
 from pipeline_utils import (StableDiffusion, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
                             compile_unet, enable_gradient_checkpointing, library_versions, mixed_precision_dtype,
-                            require_package, resolve_device, resolve_dtype, run_cli, token_ids)
+                            require_package, resolve_device, resolve_dtype, run_cli, SDXLTextEncoders, token_ids)
 
 # ------------------------------------------------------------------------------------------------
 # Presets: real architectures, random weights
@@ -77,34 +77,69 @@ PRESETS = {
                      vae=SD_VAE,
                      text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                                hidden_act="gelu")),
+    # tests/tiny_model.py's SDXL: checks that the benchmark runs SDXL, nothing more
+    "tiny-sdxl": dict(resolution=64, prediction_type="epsilon",
+                      unet=dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                                cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+                      vae=dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                               scaling_factor=0.13025, force_upcast=True),
+                      text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+                      text_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  projection_dim=32)),
+    # stabilityai/stable-diffusion-xl-base-1.0: 2.6 B UNet parameters, no attention at the first level, 2 and 10
+    # transformer layers at the others; CLIP ViT-L and OpenCLIP bigG side by side (768 + 1280)
+    "sdxl-1024": dict(resolution=1024, prediction_type="epsilon",
+                      unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, norm_num_groups=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                cross_attention_dim=2048, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=256,
+                                projection_class_embeddings_input_dim=2816),
+                      vae=dict(SD_VAE, scaling_factor=0.13025, force_upcast=True),
+                      text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                hidden_act="quick_gelu"),
+                      text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280)),
 }
+
+
+TOKENIZER = str(Path(__file__).resolve().parent / "tests" / "fixtures" / "clip_tokenizer")  # every SD's vocabulary
 
 
 def build_model(preset, device, dtype, text_encoder_dtype=None):
     """A StableDiffusion (pipeline_utils) with random weights and the preset's architecture, on `device`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = PRESETS[preset]
+    sdxl = "text_2" in spec
     torch.manual_seed(0)
+    clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407)
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=spec["resolution"] // 8, in_channels=4, out_channels=4, **spec["unet"])
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             sample_size=spec["resolution"], **spec["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                                    eos_token_id=49407, pad_token_id=49407, **spec["text"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**clip, **spec["text"]))
+        if sdxl:  # SDXL's second encoder; its tokenizer pads with "!" (id 0)
+            second = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **spec["text_2"]))
+            text_encoder = SDXLTextEncoders(text_encoder, second, pad_id_2=0)
     for module in (unet, vae):
         module.set_attn_processor(AttnProcessor2_0())
-    for module, module_dtype in ((unet, dtype), (vae, dtype), (text_encoder, text_encoder_dtype or dtype)):
+    vae_dtype = torch.float32 if vae.config.force_upcast else dtype  # as load_model: SDXL's VAE in float32
+    for module, module_dtype in ((unet, dtype), (vae, vae_dtype), (text_encoder, text_encoder_dtype or dtype)):
         module.requires_grad_(False).eval().to(module_dtype)
     scheduler_config = {"_class_name": "DDIMScheduler", **SD_BETAS, "steps_offset": 1, "clip_sample": False,
                         "set_alpha_to_one": False, "prediction_type": spec["prediction_type"]}
-    # the real CLIP vocabulary, as every Stable Diffusion uses
-    tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parent / "tests" / "fixtures" /
-                                                  "clip_tokenizer"), model_max_length=77)
-    return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, f"random {preset}")
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77)
+    return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, f"random {preset}",
+                           "sdxl" if sdxl else "sd", zero_empty_negative=sdxl)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +231,7 @@ def write_benchmark_config(folder, sd, resolution, steps):
     generator = torch.Generator().manual_seed(0)
     for name in ("cat", "dog"):
         save_residual(folder / f"{name}.safetensors", 0.5 * torch.randn(1, sd.embedding_dim, generator=generator),
-                      {"class_phrase": name, "base_model": sd.name})
+                      {"class_phrase": name, "base_model": sd.name, "family": sd.family})
     layout = np.zeros((resolution, resolution, 3), dtype=np.uint8)
     layout[:, : resolution // 2] = (255, 0, 0)
     layout[:, resolution // 2:] = (0, 255, 0)
@@ -210,8 +245,22 @@ def write_benchmark_config(folder, sd, resolution, steps):
     return folder / "config.json"
 
 
+def stock_pipeline(sd, scheduler):
+    """Stock diffusers' pipeline of the model's family on the same modules."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if sd.family == "sdxl":
+        tokenizer_2 = type(sd.tokenizer).from_pretrained(TOKENIZER, model_max_length=77, pad_token="!")
+        return StableDiffusionXLPipeline(vae=sd.vae, text_encoder=sd.text_encoder.first,
+                                         text_encoder_2=sd.text_encoder.second, tokenizer=sd.tokenizer,
+                                         tokenizer_2=tokenizer_2, unet=sd.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def bench_inference(args):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from inference import job_inputs, prepare_job, release_text_encoder, sample_job
@@ -229,7 +278,7 @@ def bench_inference(args):
 
         def job_for(num_steps):
             return prepare_job(config, sd.tokenizer, sd.embedding_dim, resolution, resolution,
-                               {"num_inference_steps": num_steps})
+                               {"num_inference_steps": num_steps}, family=sd.family)
 
         # naive, in fp32 as the reference runs (--naive_images 0: left out)
         warm, job = job_for(1), job_for(steps)
@@ -242,7 +291,7 @@ def bench_inference(args):
             results["naive"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # guided: the project's path, in the chosen dtype
-        for module in (sd.unet, sd.vae, sd.text_encoder):
+        for module in (sd.unet, sd.text_encoder) + (() if sd.vae.config.force_upcast else (sd.vae,)):
             module.to(dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -262,10 +311,7 @@ def bench_inference(args):
         # stock diffusers, the same number of UNet evaluations
         sd.unet.set_attn_processor(AttnProcessor2_0())
         sd.text_encoder.to(device)
-        pipeline = StableDiffusionPipeline(
-            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-            scheduler=EulerDiscreteScheduler.from_config(sd.scheduler_config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        pipeline = stock_pipeline(sd, EulerDiscreteScheduler.from_config(sd.scheduler_config))
         pipeline.set_progress_bar_config(disable=True)
         prompt = job.settings["prompt"]
 
@@ -348,8 +394,9 @@ def bench_training(args):
             lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
         # the reference encodes every step's photo with the VAE; the project caches the latents
+        sdxl = ([(resolution, resolution)] * len(photos), sd.text_encoder.widths) if sd.family == "sdxl" else None
         loss_of = MicroBatchLoss(photos, settings, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
-                                 latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30)
+                                 latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30, sdxl=sdxl)
         counter = iter(range(100_000))
 
         def step():

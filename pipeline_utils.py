@@ -338,6 +338,10 @@ class SDXLTextEncoders(torch.nn.Module):
         states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
         return states, out_2.text_embeds
 
+    def set_attn_implementation(self, name):
+        for encoder in (self.first, self.second):
+            encoder.set_attn_implementation(name)
+
     def activation_checkpointing_enable(self):
         for encoder in (self.first, self.second):
             enable = getattr(encoder, "activation_checkpointing_enable", None)

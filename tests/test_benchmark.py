@@ -116,3 +116,32 @@ def test_bad_arguments_are_one_line_before_any_model_is_built(argv, message, cap
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
     assert built == []
+
+
+def test_sdxl_preset_runs_inference_and_training(capsys):
+    """The SDXL presets go through the same paths: the guided sampler, the naive one and stock
+    StableDiffusionXLPipeline with as many UNet evaluations; train.py's step with SDXL's added conditioning."""
+    summary = benchmark.main(benchmark.parse_args(
+        ["inference", "--device", "cpu", "--preset", "tiny-sdxl", "--steps", "1", "--images", "1"]))
+    assert summary["unet_evaluations_per_image"] == 2
+    assert all(summary[method]["s_per_image"] > 0 for method in ("guided", "naive", "stock"))
+    summary = benchmark.main(benchmark.parse_args(
+        ["training", "--device", "cpu", "--preset", "tiny-sdxl", "--photos", "1", "--warmup_steps", "1",
+         "--train_steps", "1"]))
+    assert summary["project"]["s_per_step"] > 0 and summary["naive"]["s_per_step"] > 0
+
+
+def test_sdxl_preset_has_the_real_models_shapes():
+    """Built on the meta device (no memory): the parameter counts of stable-diffusion-xl-base-1.0's UNet and two
+    text encoders, as their checkpoints hold them."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = benchmark.PRESETS["sdxl-1024"]
+    clip = dict(vocab_size=49408, max_position_embeddings=77)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=128, in_channels=4, out_channels=4, **spec["unet"])
+        first = CLIPTextModel(CLIPTextConfig(**clip, **spec["text"]))
+        second = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **spec["text_2"]))
+    counts = [sum(p.numel() for p in module.parameters()) for module in (unet, first, second)]
+    assert counts == [2_567_463_684, 123_060_480, 694_659_840]
