@@ -100,3 +100,36 @@ def render_regions(regions, height, width, fail):
 def regions_color_context(regions):
     """The painted config's color_context of `regions`: {'r,g,b': [phrase, weight]} in region order."""
     return {colour_key(region_colour(i)): [r["phrase"], r["weight"]] for i, r in enumerate(regions)}
+
+
+def region_masks(layout, entries):
+    """[(phrase, rgb, bool [H, W])] of each (phrase, rgb) entry on a layout uint8 [H, W, 3]."""
+    return [(phrase, rgb, (layout == np.array(rgb, dtype=np.uint8)).all(-1)) for phrase, rgb in entries]
+
+
+def draw_preview(layout, entries, background=None):
+    """A PIL image of the layout's regions, tinted, outlined and labelled with their phrases, over a white
+    canvas or over `background` (a PIL image, resized to the layout's size). entries: [(phrase, rgb)]."""
+    from PIL import Image, ImageDraw
+
+    height, width = layout.shape[:2]
+    canvas = np.full((height, width, 3), 255, dtype=np.float32)
+    if background is not None:
+        canvas = np.asarray(background.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.float32)
+    masks = region_masks(layout, entries)
+    for _, rgb, mask in masks:  # a light tint of the region's colour, so the picture stays visible
+        canvas[mask] = 0.6 * canvas[mask] + 0.4 * np.array(rgb, dtype=np.float32)
+    for _, rgb, mask in masks:  # outline: region pixels with a 4-neighbour outside the region (or the image edge)
+        padded = np.pad(mask, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        canvas[mask & ~inner] = rgb
+    image = Image.fromarray(canvas.round().astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for phrase, rgb, mask in masks:
+        if mask.any():
+            ys, xs = np.nonzero(mask)
+            x, y = int(xs.min()) + 3, int(ys.min()) + 2
+            box = draw.textbbox((x, y), phrase)
+            draw.rectangle(box, fill=(255, 255, 255))
+            draw.text((x, y), phrase, fill=(0, 0, 0))
+    return image
