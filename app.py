@@ -227,7 +227,7 @@ def build_page(editor, residual_folders, config_folder, save_dir):
         with gr.Row():
             with gr.Column():
                 with gr.Row():
-                    load_path = gr.Dropdown(configs, label="Config to load", allow_custom_value=True, elem_id="load_path")
+                    load_path = gr.Dropdown(configs, label="Config to load", allow_custom_value=True)
                     load_button = gr.Button("Load", elem_id="load")
                 files = gr.Dropdown(residual_files(residual_folders), multiselect=True, label="Residuals",
                                     allow_custom_value=True, elem_id="residuals")
@@ -260,7 +260,8 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                 config_view = gr.Code(language="json", label="Config", elem_id="config")
         with gr.Row(visible=False):  # the API's inputs: scripts send a config and a layout file
             api_config, api_layout = gr.Textbox(), gr.File()
-            api_seed, api_count, api_files = gr.Number(precision=0), gr.Number(precision=0), gr.File(file_count="multiple")
+            api_seed, api_count = gr.Number(precision=0), gr.Number(precision=0)
+            api_files = gr.File(file_count="multiple")
             api_button = gr.Button()
 
         controls = [state, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps]
@@ -319,9 +320,10 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                 loaded, data = load_state(path, int(h), int(w))
             except (UserError, TypeError) as e:
                 return (gr.update(), f"error: {e}") + (gr.update(),) * 9
+            loaded_files = list(data["residual_dict"].values())
             return (loaded, f"loaded {path}", preview(loaded), data["prompt"],
-                    gr.update(choices=sorted(set(residual_files(residual_folders)) | set(data["residual_dict"].values())),
-                              value=list(data["residual_dict"].values())),
+                    gr.update(choices=sorted(set(residual_files(residual_folders)) | set(loaded_files)),
+                              value=loaded_files),
                     data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", 7.5),
                     data.get("num_inference_steps", 50), json.dumps(data, indent=2), "")
 
@@ -337,7 +339,8 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                     layout_file = f.name
                 write_png(layout_file, state["layout"])
                 images = editor.generate(json.dumps(config), layout_file, seed_value, count)
-                return images, f"generated {len(images)} image(s) at {state['layout'].shape[1]}x{state['layout'].shape[0]}"
+                height, width = state["layout"].shape[:2]
+                return images, f"generated {len(images)} image(s) at {width}x{height}"
             except UserError as e:
                 return None, f"error: {e}"
 

@@ -119,7 +119,8 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
         for name in ("cat", "dog"):
             type_into("#residuals input", str(folder / "cfg" / f"{name}.safetensors"))
         type_into("#steps input[type=number]", "2")
-        wait.until(lambda d: "<dog> -> position 8 'dog'" in d.find_element(By.CSS_SELECTOR, "#positions textarea").get_attribute("value"))
+        where = "#positions textarea"
+        wait.until(lambda d: "<dog> -> position 8 'dog'" in d.find_element(By.CSS_SELECTOR, where).get_attribute("value"))
 
         canvas = driver.find_element(By.CSS_SELECTOR, "#canvas img")
         for phrase, (x0, y0, x1, y1) in (("<dog>", (0.05, 0.1, 0.5, 0.9)), ("<cat>", (0.55, 0.2, 0.95, 0.8))):
@@ -151,3 +152,19 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
     assert np.array_equal(shown, inference_image(tiny_model, config, tmp_path / "out"))
     if os.environ.get("EDITOR_SCREENSHOT"):  # README's picture: EDITOR_SCREENSHOT=docs/editor.png
         shutil.copy(tmp_path / "editor.png", os.environ["EDITOR_SCREENSHOT"])
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_seed_configs_load_as_they_are(index):
+    import app as editor_app
+
+    path = ROOT / "configs" / f"guidance_config_prompt{index}.json"
+    state, data = editor_app.load_state(path, 64, 64)
+    seed = json.loads(path.read_text())[0]
+    assert state["color_context"] == seed["color_context"] and data["prompt"] == seed["prompt"]
+    for colour in seed["color_context"]:  # every region is on the canvas
+        assert (state["layout"] == editor_app.colour_rgb(colour)).all(-1).any()
+    config = editor_app.page_config(state, data["prompt"], list(data["residual_dict"].values()),
+                                    seed["guidance_steps"], seed["guidance_weight"], 7.5, 50)
+    assert sorted(config["subject_list"]) == sorted(seed["subject_list"])
+    assert config["residual_dict"].keys() == seed["residual_dict"].keys()
