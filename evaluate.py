@@ -22,13 +22,14 @@ import torch
 
 from file_utils import (check_writable_folder, image_files, read_image, read_json, resolve_relative, write_json,
                         write_text)
+from layouts import RENDERED_LAYOUT
 from pipeline_utils import UserError, first_line, library_versions, resolve_device, run_cli
 
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
 
 
 def images_in(folder, what):
-    return image_files(folder, what, exclude=(GRID_NAME,))
+    return image_files(folder, what, exclude=(GRID_NAME, RENDERED_LAYOUT))
 
 
 def read_images(files):

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from file_utils import check_writable_folder, read_json, read_rgb, resolve_relative, write_json, write_png
+from layouts import RENDERED_LAYOUT, read_regions, regions_color_context, render_regions
 from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, DefaultsHelpFormatter, Processes, UserError,
                             add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
                             compile_unet, conditioning, is_finite32, library_versions, load_model, load_tokenizer,
@@ -47,6 +48,8 @@ DEFAULTS = {
     "num_inference_steps": 50,
     "negative_prompt": "",  # replaces "" in the unconditional branch
 }
+# A layout is painted (layout + color_context) or given as boxes (regions, layouts.py): exactly one of the two.
+PAINTED_KEYS = ("layout", "color_context")
 CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max", "words")}
 MAX_STEPS = 1000  # sampling steps: Stable Diffusion's schedule has 1000 timesteps
 MAX_IMAGES = 100_000  # images per config
@@ -75,17 +78,20 @@ class ConfigReader:
             data = data[0]
         if not isinstance(data, dict):
             raise UserError(f"{self.path}: expected a JSON object (or a list holding one)")
-        known = REQUIRED_KEYS + tuple(DEFAULTS)
+        known = REQUIRED_KEYS + ("regions",) + tuple(DEFAULTS)
         for key in data:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
                 self.fail(key, f"unknown key{hint}")
+        boxes = "regions" in data
+        if boxes and any(key in data for key in PAINTED_KEYS):
+            self.fail("regions", "give either regions (boxes) or layout and color_context (a painted layout), "
+                                 "not both")
         for key in REQUIRED_KEYS:
-            if key not in data:
+            if key not in data and not (boxes and key in PAINTED_KEYS):
                 self.fail(key, "missing (required)")
         self.text(data, "prompt")
-        self.text(data, "layout")
         self.integer(data, "guidance_steps", minimum=0)  # more than the sampling steps: every step is guided
         self.number(data, "guidance_weight")
         self.number(data, "weight_negative")
@@ -94,16 +100,9 @@ class ConfigReader:
         for name, file in data["residual_dict"].items():
             if not isinstance(file, str) or not file:
                 self.fail(f"residual_dict.{name}", f"expected a file path, got {file!r}")
-        if not isinstance(data["color_context"], dict) or not data["color_context"]:
-            self.fail("color_context", 'expected an object {"r,g,b": [phrase, weight]}')
-        self.colours = {}  # colour key -> (r, g, b)
-        for colour, entry in data["color_context"].items():
-            self.colours[colour] = parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
-            if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
-                    or not is_finite32(entry[1])):
-                self.fail(f"color_context.{colour}", f"expected [phrase, weight] with a finite weight, got {entry!r}")
-            if not entry[0].strip():
-                self.fail(f"color_context.{colour}", "the phrase is empty")
+        self.regions = read_regions(data["regions"], self.fail) if boxes else None
+        if not boxes:
+            self.painted_layout(data)
         if not isinstance(data["subject_list"], list) or not data["subject_list"]:
             self.fail("subject_list", 'expected a list of [name, position], [name] or "name"')
         self.subjects = self.subject_entries(data)  # [(name, position or None)]
@@ -117,6 +116,19 @@ class ConfigReader:
             if key in data and data[key] not in choices:
                 self.fail(key, f"expected one of {', '.join(choices)}, got {data[key]!r}")
         return data
+
+    def painted_layout(self, data):
+        self.text(data, "layout")
+        if not isinstance(data["color_context"], dict) or not data["color_context"]:
+            self.fail("color_context", 'expected an object {"r,g,b": [phrase, weight]}')
+        self.colours = {}  # colour key -> (r, g, b)
+        for colour, entry in data["color_context"].items():
+            self.colours[colour] = parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
+            if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
+                    or not is_finite32(entry[1])):
+                self.fail(f"color_context.{colour}", f"expected [phrase, weight] with a finite weight, got {entry!r}")
+            if not entry[0].strip():
+                self.fail(f"color_context.{colour}", "the phrase is empty")
 
     def text(self, data, key):
         if not isinstance(data[key], str) or not data[key].strip():
@@ -235,23 +247,26 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
     taken = [row for s in subjects for row in s.rows]
     if len(taken) != len(set(taken)):
         reader.fail("subject_list", f"two subjects share token rows: {[(s.name, s.rows) for s in subjects]}")
-    layout_path = reader.resolve_path("layout", data["layout"])
-    layout = read_layout(reader, layout_path, height, width)
-    regions = layout_regions(reader, tokenizer, text, subjects, data["color_context"], layout, layout_path)
+    layout, color_context, layout_path, keys = job_layout(reader, data, height, width)
+    regions = layout_regions(reader, tokenizer, text, subjects, color_context, layout, layout_path, keys)
 
     settings.update(
         prompt=data["prompt"],
         residual_dict={n: r.path for n, r in residuals.items()},
-        color_context=dict(data["color_context"]),
-        token_rows={c: rows for c, (_, rows, _) in zip(data["color_context"], regions)},
+        color_context=color_context,
+        token_rows={c: rows for c, (_, rows, _) in zip(color_context, regions)},
         guidance_steps=data["guidance_steps"], guidance_weight=data["guidance_weight"],
-        weight_negative=data["weight_negative"], layout=str(layout_path),
+        weight_negative=data["weight_negative"],
         subject_list=[[s.name, s.position] for s in subjects],
         subject_tokens={s.name: " ".join(text.tokens[r] for r in s.rows) for s in subjects},
         text_tokens=text.length, config_file=str(config_path),
-        file_sha256={**{f"residual_dict.{n}": file_sha256(r.path) for n, r in residuals.items()},
-                     "layout": file_sha256(layout_path)},
+        file_sha256={f"residual_dict.{n}": file_sha256(r.path) for n, r in residuals.items()},
     )
+    if keys is None:  # a painted layout: its file; boxes: the regions, the layout is recorded when written
+        settings.update(layout=str(layout_path))
+        settings["file_sha256"]["layout"] = file_sha256(layout_path)
+    else:
+        settings.update(regions=reader.regions)
     masks = None
     if settings["text_length"] == "words":
         masks = tuple(words_mask(n - 1, text.length) for n in (text.num_tokens, text.num_uncond_tokens))
@@ -323,6 +338,22 @@ def place_subject(reader, tokenizer, text, name, residuals, position):
     return Subject(name, residual, position)
 
 
+def job_layout(reader, data, height, width):
+    """(layout uint8 [H, W, 3] at the output size, color_context, layout file, error keys of its colours).
+
+    Boxes are rendered at the output size (exact there) into the layout and color_context a painted config
+    would give, so the sampler sees the same weight map; the layout file is then None and each colour's
+    mistakes are reported under its `regions[i]`.
+    """
+    if reader.regions is None:
+        layout_path = reader.resolve_path("layout", data["layout"])
+        return read_layout(reader, layout_path, height, width), dict(data["color_context"]), layout_path, None
+    layout = render_regions(reader.regions, height, width, reader.fail)
+    color_context = regions_color_context(reader.regions)
+    reader.colours = {colour: parse_colour(colour, reader.fail) for colour in color_context}
+    return layout, color_context, None, {colour: f"regions[{i}]" for i, colour in enumerate(color_context)}
+
+
 def read_layout(reader, layout_path, height, width):
     """The layout as uint8 [H, W, 3] at the output size (nearest: a label map must keep its exact colours)."""
     try:
@@ -331,13 +362,14 @@ def read_layout(reader, layout_path, height, width):
         reader.fail("layout", str(e))
 
 
-def layout_regions(reader, tokenizer, text, subjects, color_context, layout, layout_path):
+def layout_regions(reader, tokenizer, text, subjects, color_context, layout, layout_path, keys=None):
     """[(rgb, token rows, w_active)] of color_context (B2): a subject name guides exactly that subject's rows,
-    any other phrase every occurrence of its tokens in the prompt. Each colour must occur in the layout."""
+    any other phrase every occurrence of its tokens in the prompt. Each colour must occur in the layout.
+    keys: the config key that names each colour in messages (default color_context.<colour>)."""
     by_name = {s.name: s for s in subjects}
     regions = []
     for colour, (phrase, w_active) in color_context.items():
-        key = f"color_context.{colour}"
+        key = keys[colour] if keys else f"color_context.{colour}"
         rgb = reader.colours[colour]
         if phrase in by_name:
             rows = by_name[phrase].rows
@@ -397,8 +429,10 @@ def read_run_record(path):
         if not ok:
             raise UserError(f"{path}: {key}: unexpected value {run[key]!r} (was the record edited?)")
     run["dtype"] = dtypes[run["dtype"]]
-    config = {key: record[key] for key in REQUIRED_KEYS + tuple(DEFAULTS) if key in record}
-    files = {"layout": config["layout"]}
+    config = {key: record[key] for key in REQUIRED_KEYS + ("regions",) + tuple(DEFAULTS) if key in record}
+    if "regions" in config:  # boxes: rendered again; the layout and color_context beside them are what they gave
+        config = {key: value for key, value in config.items() if key not in PAINTED_KEYS}
+    files = {"layout": record["layout"]}
     if isinstance(config["residual_dict"], dict):
         files.update({f"residual_dict.{name}": file for name, file in config["residual_dict"].items()})
     for key, digest in run["file_sha256"].items():
@@ -627,12 +661,23 @@ def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
             return
         images = np.stack([np.asarray(Image.open(staging / f"{seed}.png").convert("RGB")) for seed in seeds])
         write_png(staging / "all_images.png", image_grid(images))
-        write_json(staging / "config.json", {**job.settings, **run, "seeds": seeds})
+        write_json(staging / "config.json", {**job.settings, **rendered_layout(job, staging, folder), **run,
+                                             "seeds": seeds})
         publish(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"wrote {len(images)} images to {folder}")
+
+
+def rendered_layout(job, staging, folder):
+    """A boxes config's layout, as rendered for the sampler, written beside the images: the record's layout
+    and its sha256 (a painted layout is recorded as its own file: nothing to add)."""
+    if "regions" not in job.settings:
+        return {}
+    write_png(staging / RENDERED_LAYOUT, job.layout)
+    return {"layout": str(folder.resolve() / RENDERED_LAYOUT),
+            "file_sha256": {**job.settings["file_sha256"], "layout": file_sha256(staging / RENDERED_LAYOUT)}}
 
 
 def make_folder(folder):

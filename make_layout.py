@@ -1,0 +1,71 @@
+"""Render a boxes config into a painted layout and its color_context config, and draw a preview of any layout.
+
+    python make_layout.py configs/boxes_prompt0.json --resolution 768 --out_dir my_layout
+    python make_layout.py configs/guidance_config_prompt0.json --preview_on photo.png --out_dir my_layout
+
+A config with `regions` (boxes) gives, in --out_dir, {name}_layout.png (the layout at the output size, exactly
+as inference.py renders it) and {name}_painted.json (the same config with `layout` and `color_context`
+instead of `regions`; inference.py at that size makes the same images from either), to refine by hand in a
+paint program. Every config also gives {name}_preview.png: the regions outlined and labelled with their
+phrases over a white canvas or over --preview_on.
+"""
+import argparse
+import os
+from pathlib import Path
+
+from file_utils import read_image, write_json, write_png
+from inference import PAINTED_KEYS, ConfigReader, job_layout
+from layouts import draw_preview
+from pipeline_utils import DefaultsHelpFormatter, check_multiple_of_8, run_cli
+
+
+def painted_config(reader, data, layout_file, color_context, out_dir):
+    """The boxes config `data` as a painted one written in out_dir: residual paths made relative to it."""
+    config = {key: value for key, value in data.items() if key != "regions"}
+    config["residual_dict"] = {name: os.path.relpath(reader.resolve_path(f"residual_dict.{name}", file), out_dir)
+                               for name, file in data["residual_dict"].items()}
+    config.update(layout=layout_file.name, color_context=color_context)
+    return config
+
+
+def main(args):
+    """Returns the files written."""
+    check_multiple_of_8(args, "resolution", "height", "width")
+    height, width = args.height or args.resolution, args.width or args.resolution
+    reader = ConfigReader(args.config)
+    data = reader.read()
+    layout, color_context, _, _ = job_layout(reader, data, height, width)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(args.config).stem
+    written = []
+    if "regions" in data:
+        layout_file = out_dir / f"{name}_layout.png"
+        write_png(layout_file, layout)
+        config_file = out_dir / f"{name}_painted.json"
+        write_json(config_file, painted_config(reader, data, layout_file, color_context, out_dir))
+        written += [layout_file, config_file]
+    background = read_image(args.preview_on, "--preview_on image") if args.preview_on else None
+    entries = [(phrase, reader.colours[colour]) for colour, (phrase, _) in color_context.items()]
+    preview = out_dir / f"{name}_preview.png"
+    write_png(preview, draw_preview(layout, entries, background))
+    written.append(preview)
+    for file in written:
+        print(f"wrote {file}")
+    return written
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("config", help="a config with regions (boxes) or with " + " and ".join(PAINTED_KEYS))
+    p.add_argument("--resolution", type=int, default=768,
+                   help="square output size the layout is rendered at (use the size inference.py will sample at)")
+    p.add_argument("--height", type=int, default=None, help="output height, a multiple of 8; default: --resolution")
+    p.add_argument("--width", type=int, default=None, help="output width, a multiple of 8; default: --resolution")
+    p.add_argument("--out_dir", default="layouts_out", help="where the layout, the config and the preview go")
+    p.add_argument("--preview_on", metavar="IMAGE", help="draw the preview over this image instead of white")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())
