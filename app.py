@@ -24,7 +24,7 @@ import inference
 from file_utils import read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
 from pipeline_utils import (DefaultsHelpFormatter, UserError, check_multiple_of_8, load_model, load_tokenizer,
-                            model_sizes, resolve_device, resolve_dtype)
+                            model_family, model_sizes, resolve_device, resolve_dtype)
 
 PREVIEW_SIDE = 512  # the canvas is drawn at this longest side; boxes are fractions, so any size will do
 CONFIG_NAME = "config"  # how messages name the page's config; its relative paths are found in the working folder
@@ -70,12 +70,14 @@ class Editor:
         self.model, self.out_dir = model, Path(out_dir)
         self.tokenizer = load_tokenizer(model)
         self.embedding_dim, self.native_size = model_sizes(model)
+        self.family = model_family(model)
         device = resolve_device(device)
         self.sd = load_model(model, device, resolve_dtype(dtype, device), tokenizer=self.tokenizer)
         self.guidance = install_guidance(self.sd.unet)
 
     def prepare(self, data, height, width):
-        return inference.prepare_job(Path(CONFIG_NAME), self.tokenizer, self.embedding_dim, height, width, {}, data)
+        return inference.prepare_job(Path(CONFIG_NAME), self.tokenizer, self.embedding_dim, height, width, {}, data,
+                                     self.family)
 
     def generate(self, config_text, layout_file, seed, num_images):
         """PNG files of images seed .. seed + num_images - 1 of a config (JSON text), as inference.py makes them
@@ -101,8 +103,8 @@ class Editor:
         """'name -> position p 'token'' of each subject, or the one-line error."""
         reader = inference.ConfigReader(Path(CONFIG_NAME))
         settings = {**inference.DEFAULTS, **{k: data[k] for k in inference.DEFAULTS if k in data}}
-        text = inference.encode_text(reader, self.tokenizer, data["prompt"], settings)
-        residuals = inference.load_residuals(reader, data["residual_dict"], self.embedding_dim)
+        text = inference.tokenize_text(reader, self.tokenizer, data["prompt"], settings)
+        residuals = inference.load_residuals(reader, data["residual_dict"], self.embedding_dim, self.family)
         lines = []
         for entry in data["subject_list"]:
             name, position = (entry, None) if isinstance(entry, str) else (entry[0], entry[1])
