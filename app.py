@@ -23,7 +23,7 @@ from PIL import Image
 import inference
 from file_utils import read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
-from pipeline_utils import (DefaultsHelpFormatter, UserError, check_multiple_of_8, load_model, load_tokenizer,
+from pipeline_utils import (ArgumentParser, UserError, check_multiple_of_8, load_model, load_tokenizer,
                             model_family, model_sizes, resolve_device, resolve_dtype)
 
 PREVIEW_SIDE = 512  # the canvas is drawn at this longest side; boxes are fractions, so any size will do
@@ -374,7 +374,7 @@ def fail_box(message):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", metavar="MODEL", required=True,
                    help="hub id or local diffusers folder, loaded once")
     p.add_argument("--residuals", nargs="*", default=[], metavar="DIR", help="folders whose residual files to offer")

@@ -22,7 +22,6 @@ against a naive fp32 step with hand-written attention, and the minutes 4000 step
 
 The naive method is naive_sampler.py.
 """
-import argparse
 import json
 import os
 import tempfile
@@ -36,9 +35,10 @@ from PIL import Image
 
 from layout_guidance import SD_BETAS
 from naive_sampler import install_naive, naive_image
-from pipeline_utils import (StableDiffusion, add_compile_argument, check_at_least, check_compile, check_multiple_of_8,
-                            compile_unet, enable_gradient_checkpointing, library_versions, mixed_precision_dtype,
-                            require_package, resolve_device, resolve_dtype, run_cli, SDXLTextEncoders, token_ids)
+from pipeline_utils import (ArgumentParser, SDXLTextEncoders, StableDiffusion, add_compile_argument, check_at_least,
+                            check_compile, check_multiple_of_8, compile_unet, enable_gradient_checkpointing,
+                            library_versions, mixed_precision_dtype, require_package, resolve_device, resolve_dtype,
+                            run_cli, token_ids)
 
 # ------------------------------------------------------------------------------------------------
 # Presets: real architectures, random weights
@@ -442,7 +442,7 @@ def bench_training(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(__doc__.split("\n\n")[0])
     modes = p.add_subparsers(dest="mode", required=True)
     for name in ("inference", "training"):
         m = modes.add_parser(name)

@@ -13,17 +13,16 @@ Embeddings go through each model's own saved processor and are L2-normalised. Ba
 folder's config.json (written by inference.py) for the prompt and the subjects, writes metrics.json beside
 the images and a summary table (summary.md, summary.csv) in --results.
 """
-import argparse
 import csv
 import io
 from pathlib import Path
 
 import torch
 
-from file_utils import (check_writable_folder, image_files, read_image, read_json, resolve_relative, write_json,
-                        write_text)
+from file_utils import (check_output_file, check_writable_folder, image_files, read_image, read_json,
+                        resolve_relative, write_json, write_text)
 from layouts import RENDERED_LAYOUT
-from pipeline_utils import UserError, first_line, library_versions, resolve_device, run_cli
+from pipeline_utils import ArgumentParser, UserError, first_line, library_versions, resolve_device, run_cli
 
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
 
@@ -51,6 +50,7 @@ class Scorer:
         self.clip_processor = self._load(AutoProcessor, clip_model)
         self.dino = self._load(ViTModel, dino_model, add_pooling_layer=False)
         self.dino_processor = self._load(AutoImageProcessor, dino_model)
+        self.check_models()
 
     def _load(self, cls, name, **kwargs):
         try:
@@ -71,9 +71,25 @@ class Scorer:
             out.append(_projected(features))
         return _unit(torch.cat(out))
 
+    def check_models(self):
+        """Both models embed an image: a model of the wrong kind (a DINO folder as --clip_model, say) fails here,
+        in one line, before any image is scored."""
+        from PIL import Image
+
+        for flag, name, embed in (("--clip_model", self.clip_model_name, self.clip_images),
+                                  ("--dino_model", self.dino_model_name, self.dino_images)):
+            try:
+                embed([Image.new("RGB", (32, 32))])
+            except Exception as e:
+                raise UserError(f"{flag} {name}: cannot embed an image with it ({first_line(e)})") from None
+
     @torch.no_grad()
     def clip_text(self, text):
-        """[D] unit vector."""
+        """[D] unit vector. A text longer than CLIP's context is an error, not a silently cut score."""
+        tokenizer = self.clip_processor.tokenizer
+        count = len(tokenizer(text, verbose=False).input_ids)
+        if count > tokenizer.model_max_length:
+            raise UserError(f"prompt '{text[:60]}...': {count} tokens, more than CLIP's {tokenizer.model_max_length}")
         tokens = self.clip_processor(text=[text], return_tensors="pt", padding=True, truncation=True)
         features = self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
                                                attention_mask=tokens["attention_mask"].to(self.device))
@@ -227,8 +243,7 @@ def main(args):
         concepts = parse_concepts(args.concept_images)
         output = Path(args.output or Path(args.images) / "metrics.json")
         check_writable_folder(output.parent, "--output")
-        if output.is_dir():
-            raise UserError(f"--output {output}: is a folder; give a file name such as metrics.json")
+        check_output_file(output, "--output")
         scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
         result = score_folder(scorer, images, args.prompt, concepts, {})
         print_scores(result)
@@ -239,6 +254,9 @@ def main(args):
         raise UserError("--results needs --concepts FILE (a JSON object {subject name: reference image folder})")
     jobs = batch_jobs(args.results, args.concepts)
     jobs = [(folder, prompt, concepts, images_in(folder, "images in")) for folder, prompt, concepts in jobs]
+    for output in [folder / "metrics.json" for folder, *_ in jobs] + [Path(args.results) / f"summary.{kind}"
+                                                                      for kind in ("md", "csv")]:
+        check_output_file(output, "cannot write")  # checked before scoring, so a run is written whole or not at all
     scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
     cache, rows = {}, []
     for folder, prompt, concepts, images in jobs:
@@ -252,7 +270,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--images", help="a folder of generated images")
     p.add_argument("--prompt", help="the prompt they were generated from")
     p.add_argument("--concept_images", nargs="*", metavar="NAME=DIR", help="reference photos of each concept")

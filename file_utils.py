@@ -9,6 +9,7 @@ disk it is whole or absent, and it gets the permissions the user's umask gives a
 """
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -57,12 +58,14 @@ def read_json(path, what):
         return dict(pairs)
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as Windows editors write, is not an error
         if _nesting(text) > MAX_JSON_DEPTH:
             raise UserError(f"{path}: nested deeper than {MAX_JSON_DEPTH} levels; not a {what}")
         return json.loads(text, object_pairs_hook=no_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # Python refuses integers of over 4300 digits
+        raise UserError(f"{path}: not a usable JSON value ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
@@ -143,6 +146,22 @@ def image_files(folder, what, exclude=()):
 
 # ------------------------------------------------------------------------------------------------
 # Writing
+
+def check_output_file(path, what):
+    """Before any work: `path` is absent or a regular file (a folder or a FIFO there could not be replaced)."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise UserError(f"{what} {path}: exists and is not a regular file")
+
+
+def remove_path(path):
+    """Remove a file, a link or a folder tree at `path`, if anything is there."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
 
 def check_writable_folder(folder, what):
     """Before any work: `folder` is a folder, or can be made as one, that this user can write in."""

@@ -13,7 +13,6 @@ are all read and checked first, then sampled in turn by one model.
 
 makes the same images again from that record alone (its residual and layout files must be unchanged).
 """
-import argparse
 import difflib
 import hashlib
 import math
@@ -28,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from file_utils import check_writable_folder, read_json, read_rgb, resolve_relative, write_json, write_png
+from file_utils import (check_writable_folder, read_json, read_rgb, remove_path, resolve_relative, write_json,
+                        write_png)
 from layouts import RENDERED_LAYOUT, read_regions, regions_color_context, render_regions
-from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, DefaultsHelpFormatter, Processes, UserError,
+from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, Processes, UserError,
                             add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
                             compile_unet, conditioning, is_finite32, library_versions, load_model, load_tokenizer,
                             model_family, model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids,
@@ -96,7 +96,8 @@ class ConfigReader:
         self.number(data, "guidance_weight")
         self.number(data, "weight_negative")
         if not isinstance(data["residual_dict"], dict) or not data["residual_dict"]:
-            self.fail("residual_dict", "expected an object {subject name: residual file}")
+            empty = " (it is empty)" if data["residual_dict"] in ({}, []) else ""
+            self.fail("residual_dict", f"expected an object {{subject name: residual file}}{empty}")
         for name, file in data["residual_dict"].items():
             if not isinstance(file, str) or not file:
                 self.fail(f"residual_dict.{name}", f"expected a file path, got {file!r}")
@@ -120,7 +121,8 @@ class ConfigReader:
     def painted_layout(self, data):
         self.text(data, "layout")
         if not isinstance(data["color_context"], dict) or not data["color_context"]:
-            self.fail("color_context", 'expected an object {"r,g,b": [phrase, weight]}')
+            empty = " (it is empty)" if data["color_context"] in ({}, []) else ""
+            self.fail("color_context", f'expected an object {{"r,g,b": [phrase, weight]}}{empty}')
         self.colours = {}  # colour key -> (r, g, b)
         for colour, entry in data["color_context"].items():
             self.colours[colour] = parse_colour(colour, lambda m: self.fail(f"color_context.{colour}", m))
@@ -297,7 +299,12 @@ def load_residuals(reader, residual_dict, embedding_dim, family):
     """{name: Residual} of residual_dict; each must come from the model's family and have its text width."""
     residuals = {}
     for name, file in residual_dict.items():
-        residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
+        try:
+            residual = load_residual(reader.resolve_path(f"residual_dict.{name}", file))
+        except UserError as e:
+            if str(e).startswith(str(reader.path)):  # already names the config and the key
+                raise
+            reader.fail(f"residual_dict.{name}", str(e))
         if residual.family != family:
             reader.fail(f"residual_dict.{name}", f"{residual.path} was trained on {FAMILY_NAMES[residual.family]}, but "
                         f"the model is {FAMILY_NAMES[family]} (a residual is tied to its base model's family)")
@@ -422,19 +429,29 @@ def read_run_record(path):
         raise UserError(f"{path}: not a run record written by inference.py (missing {', '.join(missing)})")
     run = {key: record[key] for key in RUN_SETTINGS}
     dtypes = {str(dtype).replace("torch.", ""): name for name, dtype in DTYPES.items()}
-    checks = {"model": isinstance(run["model"], str), "dtype": run["dtype"] in dtypes,
+
+    def integer(key, low, high, step=1):
+        value = run[key]
+        return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high and value % step == 0
+
+    checks = {"model": isinstance(run["model"], str) and bool(run["model"]), "dtype": run["dtype"] in dtypes,
               "compile": run["compile"] in (None, *COMPILE_MODES), "file_sha256": isinstance(run["file_sha256"], dict),
-              **{key: isinstance(run[key], int) for key in ("height", "width", "seed", "num_images", "batch_size")}}
+              "residual_dict": isinstance(record["residual_dict"], dict),
+              "height": integer("height", 8, MAX_IMAGE_SIDE, 8), "width": integer("width", 8, MAX_IMAGE_SIDE, 8),
+              "num_images": integer("num_images", 1, MAX_IMAGES), "batch_size": integer("batch_size", 1, MAX_IMAGES),
+              "seed": integer("seed", 0, MAX_SEED)}
     for key, ok in checks.items():
         if not ok:
-            raise UserError(f"{path}: {key}: unexpected value {run[key]!r} (was the record edited?)")
+            raise UserError(f"{path}: {key}: unexpected value {record[key]!r} (was the record edited?)")
     run["dtype"] = dtypes[run["dtype"]]
     config = {key: record[key] for key in REQUIRED_KEYS + ("regions",) + tuple(DEFAULTS) if key in record}
     if "regions" in config:  # boxes: rendered again; the layout and color_context beside them are what they gave
         config = {key: value for key, value in config.items() if key not in PAINTED_KEYS}
-    files = {"layout": record["layout"]}
-    if isinstance(config["residual_dict"], dict):
-        files.update({f"residual_dict.{name}": file for name, file in config["residual_dict"].items()})
+    files = {"layout": record["layout"],
+             **{f"residual_dict.{name}": file for name, file in config["residual_dict"].items()}}
+    unchecked = sorted(set(files) - set(run["file_sha256"]))
+    if unchecked:  # every file the images depend on is checked, or the rerun could silently differ
+        raise UserError(f"{path}: file_sha256: no sha256 for {', '.join(unchecked)} (was the record edited?)")
     for key, digest in run["file_sha256"].items():
         file = Path(str(files.get(key, "")))
         if not file.is_file():
@@ -459,9 +476,7 @@ NAME_BYTES = 120  # a folder name made from subjects or a prompt; filesystems al
 def output_folder(output_dir, subjects, prompt):
     """{output_dir}/{sorted subject names joined by _}/{prompt words joined by _}, each part a safe folder name."""
     names = "_".join(sorted(re.sub(r"[<>]", "", s.name) for s in subjects))
-    folder = Path(output_dir) / folder_name(names) / folder_name("_".join(prompt.split()))
-    assert Path(output_dir).resolve() in folder.resolve().parents, folder  # folder_name makes no '..' or '/'
-    return folder
+    return Path(output_dir) / folder_name(names) / folder_name("_".join(prompt.split()))  # no '..' or '/' in them
 
 
 def folder_name(text):
@@ -639,8 +654,7 @@ def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
 
     staging = folder.parent / f".{folder.name}.partial"
     if processes.is_main:
-        if staging.exists():  # left by a run that crashed
-            shutil.rmtree(staging)
+        remove_path(staging)  # left by a run that crashed
         make_folder(staging)
     processes.wait_for_all()
     try:
@@ -690,17 +704,17 @@ def make_folder(folder):
 def publish(staging, folder):
     """Rename the finished run `staging` to `folder`; an earlier run there (--overwrite) is removed after."""
     old = None
-    if folder.exists():
+    if folder.exists() or folder.is_symlink():
         old = folder.parent / f".{folder.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
         os.replace(folder, old)
     os.replace(staging, folder)
     if old is not None:
-        shutil.rmtree(old)
+        remove_path(old)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", metavar="MODEL",
                    help="hub id or local diffusers folder; required unless --rerun (which takes the record's model, "
                         "or this one if given: the model moved to another folder)")

@@ -9,14 +9,13 @@ instead of `regions`; inference.py at that size makes the same images from eithe
 paint program. Every config also gives {name}_preview.png: the regions outlined and labelled with their
 phrases over a white canvas or over --preview_on.
 """
-import argparse
 import os
 from pathlib import Path
 
 from file_utils import read_image, write_json, write_png
 from inference import PAINTED_KEYS, ConfigReader, job_layout
 from layouts import draw_preview
-from pipeline_utils import DefaultsHelpFormatter, check_multiple_of_8, run_cli
+from pipeline_utils import ArgumentParser, check_multiple_of_8, run_cli
 
 
 def painted_config(reader, data, layout_file, color_context, out_dir):
@@ -56,7 +55,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("config", help="a config with regions (boxes) or with " + " and ".join(PAINTED_KEYS))
     p.add_argument("--resolution", type=int, default=768,
                    help="square output size the layout is rendered at (use the size inference.py will sample at)")

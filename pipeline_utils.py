@@ -36,6 +36,19 @@ def run_cli(main, args):
         sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: --help shows the defaults, and a bad argument is one line `error: ...` with exit
+    status 2, like every other mistake (argparse's own prints its usage first)."""
+
+    def __init__(self, description=None, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default after its help; None (the help says what happens then) and off flags
     are left out."""

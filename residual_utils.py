@@ -49,18 +49,34 @@ class Residual:
 def load_residual(path):
     """Read a residual from `.safetensors` or a legacy `.pt`; any problem is a UserError naming the file."""
     path = regular_file(path, "residual file")
-    if path.suffix == ".safetensors":
+    kind = file_kind(path)
+    if kind == "safetensors":
         tensor, metadata = _load_safetensors(path)
-    else:
+    elif kind == "torch":
         tensor, metadata = _load_legacy(path), {}
-    if (tensor.layout != torch.strided or not tensor.is_floating_point() or tensor.ndim not in (1, 2)
-            or tensor.numel() == 0):
+    else:
+        raise UserError(f"{path}: not a residual file (neither safetensors nor a torch .pt file)")
+    if (tensor.layout != torch.strided or tensor.is_meta or not tensor.is_floating_point()
+            or tensor.ndim not in (1, 2) or tensor.numel() == 0):
         kind = "" if tensor.layout == torch.strided else f"{str(tensor.layout).replace('torch.', '')} "
+        kind = "meta (no values) " if tensor.is_meta else kind
         raise UserError(f"{path}: expected a dense float tensor [k, d], got a {kind}{tensor.dtype} "
                         f"{list(tensor.shape)}")
     tensor = tensor.detach().reshape(-1, tensor.shape[-1]).to(torch.float32).contiguous()
     check_finite_rows(tensor, path)
     return Residual(tensor, str(path), metadata)
+
+
+def file_kind(path):
+    """'safetensors', 'torch' or None, from the file's first bytes (not its name): safetensors begins with an
+    8-byte header length and then '{'; torch.save writes a zip archive or, in its legacy format, a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "torch"
+    return None
 
 
 def check_finite_rows(tensor, path):

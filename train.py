@@ -12,7 +12,6 @@ Every random draw (data order, crop, VAE sample, noise, timestep) comes from the
 never from global RNG state, so `--resume_from_checkpoint latest` ends with the same residual as an
 uninterrupted run, and N processes with batch B see the same samples as one process with batch N * B.
 """
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_png
-from pipeline_utils import (MAX_SEED, DefaultsHelpFormatter, UserError, add_compile_argument, check_at_least,
+from pipeline_utils import (ArgumentParser, MAX_SEED, UserError, add_compile_argument, check_at_least,
                             check_compile, check_finite, check_multiple_of_8, compile_unet, conditioning,
                             enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
                             mixed_precision_dtype, model_sizes, require_package, run_cli, token_count, token_ids,
@@ -658,7 +657,7 @@ def save_pipeline(sd, text_encoder, folder):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or local diffusers folder")
     p.add_argument("--instance_data_dir", required=True, help="folder of 3-10 photos of the subject")
     p.add_argument("--instance_prompt", required=True, help="the subject's class word(s): dog, cat, pet_cat")

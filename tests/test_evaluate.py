@@ -158,3 +158,31 @@ def test_bad_input(tiny_scorers, tmp_path, capsys):
     concepts.write_text(json.dumps({"<cat2>": str(good), "<dog6>": str(good)}))
     expect_error(capsys, "--results", results, "--concepts", concepts, *models,
                  fragment="subject <vase> has no reference folder")
+
+
+def test_wrong_models_long_prompts_and_unwritable_summaries(tiny_scorers, tmp_path, capsys):
+    clip_dir, dino_dir = tiny_scorers
+    generated = make_images(tmp_path / "gen", 1, seed=1)
+    refs = f"<a>={make_images(tmp_path / 'a', 1, seed=2)}"
+    base = ["--images", generated, "--concept_images", refs, "--device", "cpu"]
+    def expect_late_error(*argv, fragment):  # after the models load: their progress lines come first
+        with pytest.raises(SystemExit) as exit_info:
+            run(*argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error: ") and fragment in err.strip().splitlines()[-1]
+
+    expect_late_error(*base, "--prompt", "a dog", "--clip_model", dino_dir, "--dino_model", dino_dir,
+                      fragment=f"--clip_model {dino_dir}: cannot embed an image with it")
+    expect_late_error(*base, "--prompt", "dog " * 80, "--clip_model", clip_dir, "--dino_model", dino_dir,
+                      fragment="82 tokens, more than CLIP's 77")
+    assert not (generated / "metrics.json").exists()
+    results = fake_results(tmp_path / "results")
+    (results / "summary.md").mkdir()  # a summary that cannot be written: nothing is, not even metrics.json
+    for name in ("cat2", "dog6", "vase"):
+        make_images(tmp_path / "refs" / name, 1, seed=3)
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"<cat2>": "refs/cat2", "<dog6>": "refs/dog6", "<vase>": "refs/vase"}))
+    expect_error(capsys, "--results", results, "--concepts", concepts, "--clip_model", clip_dir, "--dino_model",
+                 dino_dir, fragment="summary.md: exists and is not a regular file")
+    assert not list(results.rglob("metrics.json"))

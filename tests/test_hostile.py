@@ -20,6 +20,7 @@ import train
 from conftest import clip_tokenizer
 from file_utils import read_json, read_rgb, write_atomic
 from pipeline_utils import UserError, run_cli
+from residual_utils import load_residual
 from test_inference import expect_error, run, write_config, write_layout, write_residual
 from test_train import make_images, run_train, train_args
 
@@ -418,3 +419,64 @@ def test_rerun_of_a_relative_model_path_from_elsewhere(tiny_model, tmp_path, mon
     again = run_cli(inference.main, inference.parse_args(
         ["--rerun", str(folder / "config.json"), "--output_dir", str(tmp_path / "again")]))[0]
     assert (again / "0.png").read_bytes() == (folder / "0.png").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# More of the same, found by trying: numbers JSON cannot hold, links, leftovers, files by content
+
+def test_json_integer_too_long_and_a_bom(tiny_model, tmp_path, capsys):
+    config = write_config(tmp_path / "cfg")
+    text = config.read_text()
+    config.write_text(text.replace('"guidance_steps": 50', '"guidance_steps": 1' + "0" * 5000))
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "not a usable JSON value")
+    config.write_text("\ufeff" + text, encoding="utf-8")  # as Windows editors save it
+    assert read_json(config, "config")[0]["guidance_steps"] == 50
+
+
+def test_links_and_leftovers_in_the_output_folder(tiny_model, tmp_path):
+    config = write_config(tmp_path / "cfg")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "cat_dog").symlink_to(elsewhere)  # the user's own link: followed
+    staging = elsewhere / ".A_cat_on_the_right_and_a_dog_on_the_left..partial"
+    staging.write_text("left by a crash")  # a leftover of the wrong kind
+    folder = run(tiny_model, config, out)
+    assert sorted(p.name for p in (elsewhere / folder.name).iterdir()) == ["0.png", "all_images.png", "config.json"]
+    assert not staging.exists()
+
+
+def test_residuals_are_told_apart_by_content(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "cfg"
+    config = write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "dog.PT"})
+    (folder / "dog.PT").write_bytes((folder / "dog.safetensors").read_bytes())  # safetensors under another name
+    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    assert torch.equal(job.subjects[1].residual.tensor, load_residual(folder / "dog.safetensors").tensor)
+    (folder / "dog.PT").write_text("just text")
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "residual_dict.<dog>", "not a residual file")
+    torch.save(torch.empty(1, 32, device="meta"), folder / "dog.PT")
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "residual_dict.<dog>", "meta (no values)")
+
+
+@pytest.mark.parametrize("key,value", [("height", True), ("num_images", 0), ("seed", -5), ("residual_dict", ["a"]),
+                                       ("file_sha256", {})])
+def test_edited_run_records_name_the_record_and_key(tiny_model, tmp_path, capsys, key, value):
+    folder = run(tiny_model, write_config(tmp_path / "cfg"), tmp_path / "out")
+    record = json.loads((folder / "config.json").read_text())
+    record[key] = value
+    (tmp_path / "rec.json").write_text(json.dumps(record))
+    line = one_error_line(capsys, lambda: run_cli(inference.main, inference.parse_args(
+        ["--rerun", str(tmp_path / "rec.json"), "--output_dir", str(tmp_path / "again")])))
+    assert f"{tmp_path / 'rec.json'}: {key}:" in line and "was the record edited?" in line
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("script", ["inference", "train", "evaluate"])
+def test_command_line_mistakes_are_one_line(script, capsys):
+    module = {"inference": inference, "train": train, "evaluate": evaluate}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--seed", "abc"] if script != "evaluate" else ["--bogus"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: argument --seed: invalid int value: 'abc' (see --help)" if script != "evaluate"
+        else "error: unrecognized arguments: --bogus (see --help)"]

@@ -464,7 +464,7 @@ def test_bad_files(tiny_model, tmp_path, capsys):
     (folder / "notjson.json").write_text("[{'prompt': 1}]")
     expect_error(capsys, tiny_model, folder / "notjson.json", out, "not valid JSON")
     (folder / "dog.safetensors").write_bytes(b"garbage" * 10)
-    expect_error(capsys, tiny_model, config, out, "dog.safetensors", "not a readable safetensors file")
+    expect_error(capsys, tiny_model, config, out, "dog.safetensors", "not a residual file")
     torch.save([1, 2, 3], folder / "list.pt")
     write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "list.pt"})
     expect_error(capsys, tiny_model, config, out, "list.pt", "expected a tensor, found list")
