@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from file_utils import check_writable_folder, read_json, read_rgb, write_json, write_png
+from file_utils import check_writable_folder, file_sha256, read_json, write_json, write_png
 from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_SEED, DefaultsHelpFormatter, Processes, UserError,
                             add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
                             compile_unet, encode_ids, is_finite32, library_versions, load_model, load_tokenizer,
                             model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids, token_texts,
                             word_ids, words_mask)
+from region_utils import (ATTENTION_FOLDER, attention_picture, read_layout, region_colours, region_mask,
+                          write_attention)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -46,6 +48,7 @@ DEFAULTS = {
     # "words": BOS and the words only, EOS and padding hidden from the UNet (models trained that way: toy/)
     "num_inference_steps": 50,
     "negative_prompt": "",  # replaces "" in the unconditional branch
+    "save_attention": False,  # also write attention/{seed}.npz and .png: where each subject's tokens are attended
 }
 CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max", "words")}
 MAX_STEPS = 1000  # sampling steps: Stable Diffusion's schedule has 1000 timesteps
@@ -111,6 +114,8 @@ class ConfigReader:
             self.integer(data, "num_inference_steps", minimum=1, maximum=MAX_STEPS)
         if "negative_prompt" in data and not isinstance(data["negative_prompt"], str):
             self.fail("negative_prompt", "expected a string")
+        if "save_attention" in data and not isinstance(data["save_attention"], bool):
+            self.fail("save_attention", f"expected true or false, got {data['save_attention']!r}")
         for key, choices in CHOICES.items():
             if key in data and data[key] not in choices:
                 self.fail(key, f"expected one of {', '.join(choices)}, got {data[key]!r}")
@@ -259,7 +264,7 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
 
     layout_path = reader.resolve_path("layout", data["layout"])
     try:
-        layout = np.array(Image.fromarray(read_rgb(layout_path, "layout")).resize((width, height), Image.NEAREST))
+        layout = read_layout(layout_path, width, height)
     except UserError as e:
         reader.fail("layout", str(e))
 
@@ -311,10 +316,6 @@ def checked_length(reader, tokenizer, data, key):
         reader.fail(key, f"{count} tokens (BOS and EOS included), more than the text encoder's "
                          f"{tokenizer.model_max_length}; shorten it")
     return count
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,14 +421,36 @@ def release_text_encoder(sd):
         torch.cuda.empty_cache()
 
 
-def sample_job(sd, guidance, job, inputs, seeds, height, width):
-    """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch."""
+def sample_job(sd, guidance, job, inputs, seeds, height, width, recorder=None):
+    """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch (recorder: an AttentionRecorder or None)."""
     from layout_guidance import generate
 
     cond, uncond, weight_map = inputs
     s = job.settings
     return generate(sd, cond, uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
-                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks)
+                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks,
+                    recorder)
+
+
+def attention_phrases(job):
+    """{name: token rows} whose attention --save_attention keeps: every subject, then every color_context
+    phrase that is not a subject name."""
+    phrases = {s.name: s.rows for s in job.subjects}
+    for (phrase, _), (_, rows, _) in zip(job.settings["color_context"].values(), job.regions):
+        phrases.setdefault(phrase, rows)
+    return phrases
+
+
+def write_attention_files(folder, seeds, images, maps, job):
+    """attention/{seed}.npz (the maps) and attention/{seed}.png (the image, then each map over it with the outline
+    of its region) for each image of a batch; maps {name: [B, H, W]}."""
+    rgb_of = {colour: rgb for colour, (rgb, _, _) in zip(job.settings["color_context"], job.regions)}
+    masks = {name: region_mask(job.layout, [rgb_of[c] for c in region_colours(job.settings["token_rows"], rows[0])])
+             for name, rows in attention_phrases(job).items()}
+    for i, (seed, image) in enumerate(zip(seeds, images)):
+        mine = {name: m[i] for name, m in maps.items()}
+        write_attention(folder / f"{seed}.npz", mine)
+        write_png(folder / f"{seed}.png", attention_picture(image, mine, masks))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,7 +507,8 @@ def main(args):
     tokenizer = load_tokenizer(model)
     embedding_dim, native = model_sizes(model)  # the small config files first: a bad config fails before the weights
     height, width = args.height or native, args.width or native
-    overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
+    overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps,
+                 "save_attention": args.save_attention or None}  # absent: the config's (default false)
     jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config)
             for path in args.inference_config]
     folders = [output_folder(args.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
@@ -560,9 +584,13 @@ def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
                 run_seeds = batch_seeds
                 if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad
                     run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
-                batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"])
+                recorder = attention_recorder(sd, job, run) if job.settings["save_attention"] else None
+                batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"], recorder)
                 for seed, image in zip(batch_seeds, batch):
                     write_png(staging / f"{seed}.png", image)
+                if recorder is not None:
+                    make_folder(staging / ATTENTION_FOLDER)
+                    write_attention_files(staging / ATTENTION_FOLDER, batch_seeds, batch, recorder.maps(), job)
         processes.wait_for_all()
         if not processes.is_main:
             return
@@ -574,6 +602,13 @@ def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"wrote {len(images)} images to {folder}")
+
+
+def attention_recorder(sd, job, run):
+    from layout_guidance import AttentionRecorder
+
+    return AttentionRecorder(attention_phrases(job), len(job.prompt_ids), (run["height"], run["width"]),
+                             sd.unet.device)
 
 
 def make_folder(folder):
@@ -622,6 +657,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto (default): fp16 on GPUs, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, help="images per UNet call (default 1)")
+    p.add_argument("--save_attention", action="store_true",
+                   help="also write attention/{seed}.npz (per subject and color_context phrase: where its tokens "
+                        "are attended, [H, W], sum 1) and attention/{seed}.png (the maps over the image); as the "
+                        "config key save_attention. The images stay the same")
     add_compile_argument(p, "the UNet (the first batch compiles)")
     return p.parse_args(argv)
 

@@ -435,6 +435,30 @@ def test_inference_writes_images_grid_and_config(tiny_model, tmp_path):
     assert saved["model"] == str(tiny_model) and "torch" in saved["versions"]
 
 
+def test_save_attention_writes_maps_and_pictures_and_leaves_the_images_alone(tiny_model, tmp_path):
+    # two steps, the first guided: both the guided and the fused path record; "right" is a phrase, not a subject
+    config = write_config(tmp_path / "cfg", guidance_steps=1, text_length="words",
+                          color_context={"255,0,0": ["<dog>", 2.5], "0,255,0": ["right", 2.5]})
+    plain = run(tiny_model, config, tmp_path / "plain", "--num_images", "2", "--batch_size", "2")
+    folder = run(tiny_model, config, tmp_path / "recorded", "--num_images", "2", "--batch_size", "2",
+                 "--save_attention")
+    assert not (plain / "attention").exists() and json.loads((plain / "config.json").read_text())["save_attention"] is False
+    assert json.loads((folder / "config.json").read_text())["save_attention"] is True
+    for seed in (0, 1):
+        assert np.array_equal(np.array(Image.open(plain / f"{seed}.png")), np.array(Image.open(folder / f"{seed}.png")))
+        with np.load(folder / "attention" / f"{seed}.npz") as maps:
+            assert sorted(maps.files) == ["<cat>", "<dog>", "right"]
+            for name in maps.files:
+                assert maps[name].shape == (64, 64) and maps[name].dtype == np.float32 and maps[name].min() >= 0
+                assert maps[name].sum() == pytest.approx(1, abs=1e-4)
+        picture = Image.open(folder / "attention" / f"{seed}.png")
+        assert picture.size == (4 * 64, 64)  # the image, then three maps
+        assert np.array_equal(np.array(picture)[:, :64], np.array(Image.open(folder / f"{seed}.png")))
+        # <dog>'s panel outlines the red (left) half: its inner border at column 31 is white
+        dog = np.array(picture)[:, 2 * 64:3 * 64]
+        assert (dog[20:60, 31] == 255).all() and not (dog[20:60, 40] == 255).all()
+
+
 def test_batch_size_gives_the_same_images(tiny_model, tmp_path):
     config = write_config(tmp_path / "cfg")
     one = run(tiny_model, config, tmp_path / "a", "--num_images", "3")
