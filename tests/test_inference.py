@@ -288,14 +288,20 @@ def test_batched_sampler_equals_plain_implementation(request, fixture, settings)
     assert not np.array_equal(fast[0], fast[1])
 
 
-def test_guidance_changes_the_image(tiny_model):
-    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
-    ids = token_ids(sd.tokenizer, "a dog")
+def left_half_setup(model, prompt):
+    """(sd, [cond; uncond] embeddings, weight map, guidance) of a two-token prompt whose noun (row 2) is guided
+    to the left half of a 64 px image."""
+    sd = load_model(str(model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, prompt)
     embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
     layout = np.zeros((64, 64, 3), dtype=np.uint8)
     layout[:, :32] = 255
     weight_map = layout_weight_map(layout, [((255, 255, 255), [2], 2.5)], len(ids), -1e8)
-    guidance = install_guidance(sd.unet)
+    return sd, embeddings, weight_map, install_guidance(sd.unet)
+
+
+def test_guidance_changes_the_image(tiny_model):
+    sd, embeddings, weight_map, guidance = left_half_setup(tiny_model, "a dog")
     kwargs = dict(height=64, width=64, num_inference_steps=2, cfg_scale=7.5, guidance=guidance)
     plain = generate(sd, embeddings[0], embeddings[1], [0], **kwargs)
     guided = generate(sd, embeddings[0], embeddings[1], [0], weight_map=weight_map, guidance_steps=2,
@@ -354,14 +360,8 @@ def test_attention_maps_equal_a_by_hand_computation(tiny_model):
 
 
 def test_guided_steps_record_the_biased_probabilities(tiny_model):
-    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
-    ids = token_ids(sd.tokenizer, "a cat")
-    embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
-    layout = np.zeros((64, 64, 3), dtype=np.uint8)
-    layout[:, :32] = 255
-    weight_map = layout_weight_map(layout, [((255, 255, 255), [2], 2.5)], len(ids), -1e8)
-    guidance = install_guidance(sd.unet)
-    recorder = AttentionRecorder({"cat": [2]}, len(ids), (64, 64), "cpu")
+    sd, embeddings, weight_map, guidance = left_half_setup(tiny_model, "a cat")
+    recorder = AttentionRecorder({"cat": [2]}, embeddings.shape[1], (64, 64), "cpu")
     generate(sd, embeddings[0], embeddings[1], [0], 64, 64, 1, 7.5, guidance=guidance, weight_map=weight_map,
              guidance_steps=1, guidance_weight=0.08, recorder=recorder)
     assert recorder.calls == 4 * 2  # one guided step, run twice (self-recurrence)
