@@ -15,10 +15,10 @@ of one denoising step; a 50-step image with all steps guided and self-recurrent 
   in every layer, conditional and unconditional as two UNet calls, residual files re-read for every image;
 - stock:  diffusers' StableDiffusionPipeline with EulerDiscreteScheduler and plain CFG, with as many UNet
   evaluations per image as guided makes;
-- guided_attention (with --save_attention): guided, recording the attention maps as inference.py
+- guided_recording (with --save_attention): guided, recording the attention maps as inference.py
   --save_attention does (the maps of both subjects, resized to the image; writing the files is not timed).
 overhead_vs_stock = guided / stock seconds per evaluation; speedup_vs_naive = naive / guided seconds per image;
-attention_cost = guided_attention / guided seconds per image.
+attention_cost = guided_recording / guided seconds per image.
 
 training: seconds per optimisation step (batch 1, the preset's resolution) of train.py's own loss and update,
 against a naive fp32 step with hand-written attention, and the minutes 4000 steps would take.
@@ -270,7 +270,7 @@ def bench_inference(args):
                 sample_job(sd, guidance, job, inputs, [next(seeds)], resolution, resolution, recorder)
                 return recorder.maps()
             seconds, memory = timed(device, recorded, args.images)
-            results["guided_attention"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
+            results["guided_recording"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # stock diffusers, the same number of UNet evaluations
         sd.unet.set_attn_processor(AttnProcessor2_0())
@@ -295,7 +295,7 @@ def bench_inference(args):
                    overhead_vs_stock=results["guided"]["s_per_eval"] / results["stock"]["s_per_eval"],
                    speedup_vs_naive=ratio(results, "naive", "guided", "s_per_image"),
                    memory_guided_over_naive=ratio(results, "guided", "naive", "peak_gb"),
-                   attention_cost=ratio(results, "guided_attention", "guided", "s_per_image"),
+                   attention_cost=ratio(results, "guided_recording", "guided", "s_per_image"),
                    versions=versions(device), date=time.strftime("%Y-%m-%d"))
     rows = [(name, f"{r['s_per_image']:.3f}", f"{1000 * r['s_per_eval']:.2f}", f"{r['peak_gb']:.2f}")
             for name, r in results.items()]
@@ -306,7 +306,7 @@ def bench_inference(args):
     print(f"overhead_vs_stock {summary['overhead_vs_stock']:.3f}" + (
         f"   speedup_vs_naive {summary['speedup_vs_naive']:.2f}"
         f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}" if "naive" in results else "")
-        + (f"   attention_cost {summary['attention_cost']:.3f}" if "guided_attention" in results else ""))
+        + (f"   attention_cost {summary['attention_cost']:.3f}" if "guided_recording" in results else ""))
     return summary
 
 

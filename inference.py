@@ -4,7 +4,8 @@
         --inference_config configs/guidance_config_prompt0.json --num_images 4
 
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
-all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
+all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds); with
+--save_attention also attention/{seed}.npz and attention/{seed}.png, where each subject's tokens were attended.
 The config format is the seed's (docs/METHOD.md B5); see README.md. Several configs after --inference_config
 are all read and checked first, then sampled in turn by one model.
 

@@ -130,12 +130,6 @@ def guided_probs(query, key, layout_map, strength, scale, num_uncond=0, mask=Non
     return torch.softmax(logits, dim=-1)  # [B, heads, N, L]
 
 
-def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=0, mask=None):
-    """guided_probs(...) V, in float32, cast back to value's dtype: [B, heads, N, hd]."""
-    probs = guided_probs(query, key, layout_map, strength, scale, num_uncond, mask)
-    return (probs @ value.float()).to(value.dtype)
-
-
 def plain_probs(query, key, scale, mask=None):
     """softmax(Q K^T * scale [+ mask]) in float32 [B, heads, N, L]: what the fused kernel computes inside."""
     logits = (query.float() @ key.float().transpose(-1, -2)) * scale
@@ -179,7 +173,7 @@ class GuidedCrossAttnProcessor:
         probs = guided_probs(query, key, g.map_for(num_queries), g.strength, attn.scale, g.num_uncond, attention_mask)
         if g.recorder is not None:
             g.recorder.add(probs[g.num_uncond:])
-        out = (probs @ value.float()).to(value.dtype)  # as guided_attention
+        out = (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
         out = out.transpose(1, 2).reshape(batch, num_queries, -1)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

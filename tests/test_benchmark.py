@@ -65,7 +65,7 @@ def test_naive_can_be_left_out_and_the_attention_maps_timed(capsys):
         ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1", "--naive_images", "0",
          "--save_attention"]))
     assert "naive" not in summary and summary["guided"]["s_per_image"] > 0
-    assert summary["attention_cost"] == summary["guided_attention"]["s_per_image"] / summary["guided"]["s_per_image"]
+    assert summary["attention_cost"] == summary["guided_recording"]["s_per_image"] / summary["guided"]["s_per_image"]
     assert summary["speedup_vs_naive"] is None and summary["memory_guided_over_naive"] is None
     assert "speedup_vs_naive" not in capsys.readouterr().out.strip().splitlines()[-2]
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import inference
 from conftest import ROOT, clip_tokenizer
-from layout_guidance import (AttentionRecorder, cfg_scales, generate, guidance_sigmas, guided_attention,
+from layout_guidance import (AttentionRecorder, cfg_scales, generate, guidance_sigmas, guided_probs,
                              install_guidance, layout_weight_map)
 from naive_sampler import install_naive, naive_sample
 from pipeline_utils import encode_ids, load_model, run_cli, token_ids
@@ -175,8 +175,8 @@ def test_guided_attention_bias_by_hand():
     layout_map = torch.randn(4, 5)
     strength, scale = 0.08 * math.log(1 + 14.6 ** 2), 3 ** -0.5
     uncond_q = torch.randn(1, 2, 4, 3)
-    out = guided_attention(torch.cat([uncond_q, q]), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
-                           layout_map, strength, scale, num_uncond=1)
+    probs = guided_probs(torch.cat([uncond_q, q]), k.expand(2, -1, -1, -1), layout_map, strength, scale, num_uncond=1)
+    out = probs @ v.expand(2, -1, -1, -1)  # as the guided processor applies them
 
     def by_hand(qn, bias):
         kn, vn, wn = (t.double().numpy() for t in (k[0], v[0], layout_map))
