@@ -192,9 +192,11 @@ def region_crop(image, box):
 
 
 def score_regions(scorer, folder, image_paths, images, masks, references):
-    """Per subject with a region: per-image scores of its crop (see the docstring above) and their means.
+    """({subject: {box, and per image: region_clip_i, region_dino, identity_ok, attention_in_region}},
+    {subject: [square crops]}) for each subject with a region (see the module's docstring).
 
-    masks {subject: bool [H, W]}; references {subject: (CLIP [R, D], DINO [R, D])} of every subject."""
+    masks {subject: bool [H, W]}; references {subject: (CLIP [R, D], DINO [R, D])} of every subject, in the
+    record's order (on a tie in closeness the subject listed first is the closest)."""
     names = list(references)
     attention = [read_attention(folder / ATTENTION_FOLDER / f"{p.stem}.npz")
                  if (folder / ATTENTION_FOLDER / f"{p.stem}.npz").is_file() else None for p in image_paths]
