@@ -513,6 +513,9 @@ def main(args):
     jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config)
             for path in args.inference_config]
     folders = [output_folder(args.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
+    recording = [path for path, job in zip(args.inference_config, jobs) if job.settings["save_attention"]]
+    if args.compile and recording:  # the recorder gathers maps in Python between kernels: not in a compiled graph
+        raise UserError(f"{recording[0]}: save_attention runs the UNet uncompiled; leave out --compile")
     check_output_folders(folders, args.inference_config, args.overwrite)
     if processes.is_main:  # where each subject landed, before the model loads
         for path, job in zip(args.inference_config, jobs):

@@ -457,6 +457,10 @@ def test_save_attention_writes_maps_and_pictures_and_leaves_the_images_alone(tin
         # <dog>'s panel outlines the red (left) half: its inner border at column 31 is white
         dog = np.array(picture)[:, 2 * 64:3 * 64]
         assert (dog[20:60, 31] == 255).all() and not (dog[20:60, 40] == 255).all()
+    with pytest.raises(inference.UserError, match="save_attention runs the UNet uncompiled; leave out --compile"):
+        inference.main(inference.parse_args(["--pretrained_model_name_or_path", str(tiny_model), "--inference_config",
+                                              str(config), "--save_attention", "--compile", "--output_dir",
+                                              str(tmp_path / "compiled")]))
 
 
 def test_batch_size_gives_the_same_images(tiny_model, tmp_path):
