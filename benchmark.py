@@ -14,8 +14,11 @@ of one denoising step; a 50-step image with all steps guided and self-recurrent 
 - naive:  the same algorithm the way the reference runs it (below): fp32 weights, a hand-written attention
   in every layer, conditional and unconditional as two UNet calls, residual files re-read for every image;
 - stock:  diffusers' StableDiffusionPipeline with EulerDiscreteScheduler and plain CFG, with as many UNet
-  evaluations per image as guided makes.
-overhead_vs_stock = guided / stock seconds per evaluation; speedup_vs_naive = naive / guided seconds per image.
+  evaluations per image as guided makes;
+- guided_recording (with --save_attention): guided, recording the attention maps as inference.py
+  --save_attention does (the maps of both subjects, resized to the image; writing the files is not timed).
+overhead_vs_stock = guided / stock seconds per evaluation; speedup_vs_naive = naive / guided seconds per image;
+attention_cost = guided_recording / guided seconds per image.
 
 training: seconds per optimisation step (batch 1, the preset's resolution) of train.py's own loss and update,
 against a naive fp32 step with hand-written attention, and the minutes 4000 steps would take.
@@ -263,7 +266,7 @@ def bench_inference(args):
     from diffusers import EulerDiscreteScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from inference import job_inputs, prepare_job, release_text_encoder, sample_job
+    from inference import attention_recorder, job_inputs, prepare_job, release_text_encoder, sample_job
     from layout_guidance import install_guidance
 
     device = torch.device(args.device)
@@ -307,6 +310,15 @@ def bench_inference(args):
         results["guided"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
         if args.profile:
             profile(device, lambda: sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution))
+        if args.save_attention:
+            size = {"height": resolution, "width": resolution}
+
+            def recorded():
+                recorder = attention_recorder(sd, job, size)
+                sample_job(sd, guidance, job, inputs, [next(seeds)], resolution, resolution, recorder)
+                return recorder.maps()
+            seconds, memory = timed(device, recorded, args.images)
+            results["guided_recording"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # stock diffusers, the same number of UNet evaluations
         sd.unet.set_attn_processor(AttnProcessor2_0())
@@ -328,6 +340,7 @@ def bench_inference(args):
                    overhead_vs_stock=results["guided"]["s_per_eval"] / results["stock"]["s_per_eval"],
                    speedup_vs_naive=ratio(results, "naive", "guided", "s_per_image"),
                    memory_guided_over_naive=ratio(results, "guided", "naive", "peak_gb"),
+                   attention_cost=ratio(results, "guided_recording", "guided", "s_per_image"),
                    versions=versions(device), date=time.strftime("%Y-%m-%d"))
     rows = [(name, f"{r['s_per_image']:.3f}", f"{1000 * r['s_per_eval']:.2f}", f"{r['peak_gb']:.2f}")
             for name, r in results.items()]
@@ -337,7 +350,8 @@ def bench_inference(args):
                 ("method", "s/image", "ms/eval", "peak GB"), rows)
     print(f"overhead_vs_stock {summary['overhead_vs_stock']:.3f}" + (
         f"   speedup_vs_naive {summary['speedup_vs_naive']:.2f}"
-        f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}" if "naive" in results else ""))
+        f"   guided/naive memory {summary['memory_guided_over_naive']:.2f}" if "naive" in results else "")
+        + (f"   attention_cost {summary['attention_cost']:.3f}" if "guided_recording" in results else ""))
     return summary
 
 
@@ -456,6 +470,8 @@ def parse_args(argv=None):
     inference.add_argument("--images", type=int, default=2, help="timed images of guided and stock")
     inference.add_argument("--naive_images", type=int, default=1, help="timed images of naive (0: leave it out)")
     inference.add_argument("--profile", action="store_true", help="also print where one guided step's time goes")
+    inference.add_argument("--save_attention", action="store_true",
+                           help="also time guided sampling that records the attention maps (attention_cost)")
     add_compile_argument(inference, "the UNet of guided and stock (naive stays eager, as the reference runs)")
     training = modes.choices["training"]
     training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))

@@ -12,23 +12,44 @@
 Embeddings go through each model's own saved processor and are L2-normalised. Batch mode reads each image
 folder's config.json (written by inference.py) for the prompt and the subjects, writes metrics.json beside
 the images and a summary table (summary.md, summary.csv) in --results.
+
+Region-aware scores (batch mode, from the run record's layout, colours and subjects; region_utils.py says how
+a subject's region is found). Per image and subject, the region's bounding box is cut out, centred on a square
+of grey 127 and scored against the subject's photos:
+- region_clip_i, region_dino: as CLIP-I and DINO, on the crop;
+- identity_ok: the subject's own photos are the closest (mean DINO) to the crop among all the config's
+  subjects; swap_rate = the share of (image, subject) where they are not (0 with one subject);
+- attention_in_region: where inference.py saved attention maps (--save_attention), the share of the
+  subject's attention mass inside its region.
+Each folder also gets regions.png: per image, the image with the regions outlined, then each subject's crop
+with its scores.
 """
 import csv
 import io
+import sys
 from pathlib import Path
 
 import torch
 
-from file_utils import (check_output_file, check_writable_folder, image_files, read_image, read_json,
-                        resolve_relative, write_json, write_text)
+import numpy as np
+from PIL import Image
+
+from file_utils import (check_output_file, check_writable_folder, file_sha256, image_files, read_image, read_json,
+                        resolve_relative, write_json, write_png, write_text)
+from inference import parse_colour
 from layouts import RENDERED_LAYOUT
 from pipeline_utils import ArgumentParser, UserError, first_line, library_versions, resolve_device, run_cli
+from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside, read_attention, read_layout,
+                          region_colours, region_mask, side_by_side)
 
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
+REGIONS_NAME = "regions.png"  # this script's picture of the regions and their scores
+PAD_FILL = (127, 127, 127)  # around a region's crop, to make it square before the scorers' processors
+REGION_KEYS = ("layout", "color_context", "token_rows", "subject_list", "file_sha256")
 
 
 def images_in(folder, what):
-    return image_files(folder, what, exclude=(GRID_NAME, RENDERED_LAYOUT))
+    return image_files(folder, what, exclude=(GRID_NAME, REGIONS_NAME, RENDERED_LAYOUT))
 
 
 def read_images(files):
@@ -125,11 +146,7 @@ def score_folder(scorer, image_paths, prompt, concepts, reference_cache):
     clip_t = (100 * clip @ scorer.clip_text(prompt)).clamp(min=0)  # [N]
     per_concept, per_image_concept = {}, {}
     for name, files in concepts.items():
-        key = tuple(str(f) for f in files)
-        if key not in reference_cache:
-            refs = read_images(files)
-            reference_cache[key] = (scorer.clip_images(refs), scorer.dino_images(refs))
-        ref_clip, ref_dino = reference_cache[key]
+        ref_clip, ref_dino = reference_embeddings(scorer, files, reference_cache)
         clip_i = 100 * clip @ ref_clip.T  # [N, R]
         dino_i = 100 * dino @ ref_dino.T
         per_concept[name] = {"clip_i": clip_i.mean().item(), "dino": dino_i.mean().item()}
@@ -150,6 +167,101 @@ def score_folder(scorer, image_paths, prompt, concepts, reference_cache):
         "dino_model": scorer.dino_model_name,
         "versions": library_versions(("torch", "transformers")),
     }
+
+
+def reference_embeddings(scorer, files, cache):
+    """(CLIP [R, D], DINO [R, D]) of a concept's photos, computed once per set of files."""
+    key = tuple(str(f) for f in files)
+    if key not in cache:
+        refs = read_images(files)
+        cache[key] = (scorer.clip_images(refs), scorer.dino_images(refs))
+    return cache[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# Region-aware scores
+
+def record_regions(config_path, record, size):
+    """{subject: bool [H, W]} from a run record, at the images' size (W, H); or (None, why not)."""
+    if not all(key in record for key in REGION_KEYS):
+        return None, "the record has no layout (written before region scores, or not by inference.py)"
+    layout_path = Path(record["layout"])
+    if not layout_path.is_file():
+        return None, f"its layout {layout_path} is not found"
+    if file_sha256(layout_path) != record["file_sha256"].get("layout"):
+        return None, f"its layout {layout_path} has changed since the run (its sha256 differs)"
+    layout = read_layout(layout_path, *size)
+
+    def bad(message):
+        raise UserError(f"{config_path}: color_context: {message}")
+    rgb_of = {colour: parse_colour(colour, bad) for colour in record["color_context"]}
+    return {name: region_mask(layout, [rgb_of[c] for c in region_colours(record["token_rows"], position)])
+            for name, position in record["subject_list"]}, None
+
+
+def region_crop(image, box):
+    """The box cut from a PIL image, centred on a square of PAD_FILL."""
+    crop = image.crop(box)
+    side = max(crop.size)
+    square = Image.new("RGB", (side, side), PAD_FILL)
+    square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
+    return square
+
+
+def score_regions(scorer, folder, image_paths, images, masks, references):
+    """({subject: {box, and per image: region_clip_i, region_dino, identity_ok, attention_in_region}},
+    {subject: [square crops]}) for each subject with a region (see the module's docstring).
+
+    masks {subject: bool [H, W]}; references {subject: (CLIP [R, D], DINO [R, D])} of every subject, in the
+    record's order (on a tie in closeness the subject listed first is the closest)."""
+    names = list(references)
+    attention = [read_attention(folder / ATTENTION_FOLDER / f"{p.stem}.npz")
+                 if (folder / ATTENTION_FOLDER / f"{p.stem}.npz").is_file() else None for p in image_paths]
+    per_subject, crops = {}, {}
+    for name, mask in masks.items():
+        box = bounding_box(mask)
+        if box is None:
+            continue
+        crops[name] = [region_crop(image, box) for image in images]
+        clip, dino = scorer.clip_images(crops[name]), scorer.dino_images(crops[name])  # [N, D]
+        closeness = torch.stack([(dino @ references[other][1].T).mean(1) for other in names])  # [S, N]
+        inside = [mass_inside(maps[name], mask) if maps is not None and name in maps else None for maps in attention]
+        per_subject[name] = {
+            "box": list(box),
+            "region_clip_i": (100 * clip @ references[name][0].T).mean(1).tolist(),
+            "region_dino": (100 * dino @ references[name][1].T).mean(1).tolist(),
+            "identity_ok": (closeness.argmax(0) == names.index(name)).tolist(),
+            "attention_in_region": inside}
+    return per_subject, crops
+
+
+def region_summary(per_subject):
+    """Means over images and subjects: region_clip_i, region_dino, swap_rate, attention_in_region (None if none)."""
+    def mean(key):
+        values = [v for s in per_subject.values() for v in s[key] if v is not None]
+        return float(np.mean(values)) if values else None
+    ok = mean("identity_ok")
+    return {"region_clip_i": mean("region_clip_i"), "region_dino": mean("region_dino"),
+            "swap_rate": None if ok is None else 1 - ok, "attention_in_region": mean("attention_in_region")}
+
+
+def regions_picture(images, masks, per_subject, crops):
+    """Per image a row: the image with every region outlined and named, then each subject's crop and scores."""
+    panels = []
+    for i, image in enumerate(images):
+        array = np.asarray(image)
+        union = np.zeros(array.shape[:2], dtype=bool)
+        for name in per_subject:
+            union |= masks[name]
+        panels.append(labelled(array, union, list(per_subject)))
+        for name, scores in per_subject.items():
+            crop = np.asarray(crops[name][i].resize(image.size))
+            inside = scores["attention_in_region"][i]
+            panels.append(labelled(crop, None, [
+                name, f"CLIP-I {scores['region_clip_i'][i]:.1f}", f"DINO {scores['region_dino'][i]:.1f}",
+                "identity ok" if scores["identity_ok"][i] else "swapped",
+                *([f"attn in {inside:.2f}"] if inside is not None else [])]))
+    return side_by_side(panels, rows=len(images))
 
 
 def parse_concepts(pairs):
@@ -179,7 +291,8 @@ def print_scores(result):
 # Batch mode over an inference output tree
 
 def batch_jobs(results_dir, concepts_file):
-    """[(folder, prompt, {subject: reference files})] for every folder under results_dir with a config.json."""
+    """[(folder, prompt, {subject: reference files}, record)] for every folder under results_dir with a
+    config.json (the record: that file's contents)."""
     results_dir, concepts_file = Path(results_dir), Path(concepts_file)
     if not results_dir.is_dir():
         raise UserError(f"--results {results_dir}: folder not found")
@@ -203,30 +316,48 @@ def batch_jobs(results_dir, concepts_file):
         base = concepts_file.parent
         concepts = {s: images_in(resolve_relative(mapping[s], base) or mapping[s], f"{concepts_file}: {s}:")
                     for s in subjects}
-        jobs.append((config_path.parent, prompt, concepts))
+        jobs.append((config_path.parent, prompt, concepts, config))
     if not jobs:
         raise UserError(f"--results {results_dir}: no config.json below it (is it an inference.py output folder?)")
     return jobs
 
 
+def score_run_regions(scorer, folder, image_paths, concepts, record, cache):
+    """The region-aware scores of one run folder (with regions.png written there), as metrics.json keys."""
+    images = read_images(image_paths)
+    masks, why_not = record_regions(folder / "config.json", record, images[0].size)
+    if masks is None:
+        print(f"warning: {folder}: no region scores: {why_not}", file=sys.stderr)
+        return {**dict.fromkeys(SCORE_COLUMNS[3:]), "regions": None, "regions_skipped": why_not}
+    references = {name: reference_embeddings(scorer, files, cache) for name, files in concepts.items()}
+    per_subject, crops = score_regions(scorer, folder, image_paths, images, masks, references)
+    if per_subject:
+        write_png(folder / REGIONS_NAME, regions_picture(images, masks, per_subject, crops))
+    return {**region_summary(per_subject), "regions": {"images": [p.name for p in image_paths],
+                                                       "pad_fill": list(PAD_FILL), "per_subject": per_subject}}
+
+
+SCORE_COLUMNS = ("clip_t", "clip_i", "dino", "region_clip_i", "region_dino", "swap_rate", "attention_in_region")
+
+
 def write_summary(results_dir, rows):
-    """summary.csv and summary.md: one row per config, the mean over configs last."""
-    columns = ("config", "subjects", "n_images", "clip_t", "clip_i", "dino")
-    scored = [r for r in rows if r["clip_i"] is not None]
-    mean = {"config": "mean", "subjects": "", "n_images": sum(r["n_images"] for r in rows),
-            "clip_t": sum(r["clip_t"] for r in rows) / len(rows),
-            "clip_i": sum(r["clip_i"] for r in scored) / len(scored) if scored else None,
-            "dino": sum(r["dino"] for r in scored) / len(scored) if scored else None}
+    """summary.csv and summary.md: one row per config, the mean over configs (that have the score) last."""
+    columns = ("config", "subjects", "n_images") + SCORE_COLUMNS
+    mean = {"config": "mean", "subjects": "", "n_images": sum(r["n_images"] for r in rows)}
+    for column in SCORE_COLUMNS:
+        scored = [r[column] for r in rows if r[column] is not None]
+        mean[column] = sum(scored) / len(scored) if scored else None
     table = rows + [mean]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns)
     for r in table:
-        writer.writerow([r[c] if not isinstance(r[c], float) else f"{r[c]:.4f}" for c in columns])
+        writer.writerow([f"{r[c]:.4f}" if isinstance(r[c], float) else "" if r[c] is None else r[c] for c in columns])
     write_text(results_dir / "summary.csv", buffer.getvalue())
-    lines = ["| config | subjects | images | CLIP-T | CLIP-I | DINO |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['config']} | {r['subjects']} | {r['n_images']} | {fmt(r['clip_t'])} | {fmt(r['clip_i'])} | "
-              f"{fmt(r['dino'])} |" for r in table]
+    lines = ["| config | subjects | images | CLIP-T | CLIP-I | DINO | region CLIP-I | region DINO | swap rate | "
+             "attention in region |", "| --- | --- | ---: |" + " ---: |" * len(SCORE_COLUMNS)]
+    lines += [f"| {r['config']} | {r['subjects']} | {r['n_images']} | " + " | ".join(fmt(r[c]) for c in SCORE_COLUMNS)
+              + " |" for r in table]
     write_text(results_dir / "summary.md", "\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -253,18 +384,18 @@ def main(args):
     if not args.concepts:
         raise UserError("--results needs --concepts FILE (a JSON object {subject name: reference image folder})")
     jobs = batch_jobs(args.results, args.concepts)
-    jobs = [(folder, prompt, concepts, images_in(folder, "images in")) for folder, prompt, concepts in jobs]
-    for output in [folder / "metrics.json" for folder, *_ in jobs] + [Path(args.results) / f"summary.{kind}"
-                                                                      for kind in ("md", "csv")]:
+    jobs = [(*job, images_in(job[0], "images in")) for job in jobs]
+    for output in [job[0] / "metrics.json" for job in jobs] + [Path(args.results) / f"summary.{kind}"
+                                                              for kind in ("md", "csv")]:
         check_output_file(output, "cannot write")  # checked before scoring, so a run is written whole or not at all
     scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
     cache, rows = {}, []
-    for folder, prompt, concepts, images in jobs:
+    for folder, prompt, concepts, record, images in jobs:
         result = score_folder(scorer, images, prompt, concepts, cache)
+        result.update(score_run_regions(scorer, folder, images, concepts, record, cache))
         write_json(folder / "metrics.json", result)
         rows.append({"config": str(folder.relative_to(args.results)), "subjects": " ".join(concepts),
-                     "n_images": result["n_images"], "clip_t": result["clip_t"], "clip_i": result["clip_i"],
-                     "dino": result["dino"]})
+                     "n_images": result["n_images"], **{c: result[c] for c in SCORE_COLUMNS}})
     print(write_summary(Path(args.results), rows))
     return rows
 

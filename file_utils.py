@@ -7,6 +7,7 @@ transparent images and the same size limit in training, inference and evaluation
 Writing: every file is written beside its destination and renamed into place, so after a crash or a full
 disk it is whole or absent, and it gets the permissions the user's umask gives a new file.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -130,6 +131,10 @@ def _to_rgb(image):
 def read_rgb(path, what="image"):
     """read_image as a uint8 array [H, W, 3]."""
     return np.asarray(read_image(path, what))
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def image_files(folder, what, exclude=()):

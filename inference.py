@@ -4,7 +4,8 @@
         --inference_config configs/guidance_config_prompt0.json --num_images 4
 
 Image j is sampled with seed `seed + j` and written to {output_dir}/{subjects}/{prompt}/{seed+j}.png, next to
-all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds).
+all_images.png (a grid) and config.json (every setting used, the model, library versions and seeds); with
+--save_attention also attention/{seed}.npz and attention/{seed}.png, where each subject's tokens were attended.
 The config format is the seed's (docs/METHOD.md B5); see README.md. Several configs after --inference_config
 are all read and checked first, then sampled in turn by one model.
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from file_utils import (check_writable_folder, read_json, read_rgb, remove_path, resolve_relative, write_json,
+from file_utils import (check_writable_folder, file_sha256, read_json, remove_path, resolve_relative, write_json,
                         write_png)
 from layouts import RENDERED_LAYOUT, read_regions, regions_color_context, render_regions
 from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, Processes, UserError,
@@ -35,6 +36,8 @@ from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_IMAGE_SIDE, MAX_SEED, Arg
                             compile_unet, conditioning, is_finite32, library_versions, load_model, load_tokenizer,
                             model_family, model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids,
                             token_texts, word_ids, words_mask)
+from region_utils import (ATTENTION_FOLDER, attention_picture, read_layout, region_colours, region_mask,
+                          write_attention)
 from residual_utils import apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
@@ -47,6 +50,7 @@ DEFAULTS = {
     # "words": BOS and the words only, EOS and padding hidden from the UNet (models trained that way: toy/)
     "num_inference_steps": 50,
     "negative_prompt": "",  # replaces "" in the unconditional branch
+    "save_attention": False,  # also write attention/{seed}.npz and .png: where each subject's tokens are attended
 }
 # A layout is painted (layout + color_context) or given as boxes (regions, layouts.py): exactly one of the two.
 PAINTED_KEYS = ("layout", "color_context")
@@ -113,6 +117,8 @@ class ConfigReader:
             self.integer(data, "num_inference_steps", minimum=1, maximum=MAX_STEPS)
         if "negative_prompt" in data and not isinstance(data["negative_prompt"], str):
             self.fail("negative_prompt", "expected a string")
+        if "save_attention" in data and not isinstance(data["save_attention"], bool):
+            self.fail("save_attention", f"expected true or false, got {data['save_attention']!r}")
         for key, choices in CHOICES.items():
             if key in data and data[key] not in choices:
                 self.fail(key, f"expected one of {', '.join(choices)}, got {data[key]!r}")
@@ -354,17 +360,17 @@ def job_layout(reader, data, height, width):
     """
     if reader.regions is None:
         layout_path = reader.resolve_path("layout", data["layout"])
-        return read_layout(reader, layout_path, height, width), dict(data["color_context"]), layout_path, None
+        return load_layout(reader, layout_path, height, width), dict(data["color_context"]), layout_path, None
     layout = render_regions(reader.regions, height, width, reader.fail)
     color_context = regions_color_context(reader.regions)
     reader.colours = {colour: parse_colour(colour, reader.fail) for colour in color_context}
     return layout, color_context, None, {colour: f"regions[{i}]" for i, colour in enumerate(color_context)}
 
 
-def read_layout(reader, layout_path, height, width):
+def load_layout(reader, layout_path, height, width):
     """The layout as uint8 [H, W, 3] at the output size (nearest: a label map must keep its exact colours)."""
     try:
-        return np.array(Image.fromarray(read_rgb(layout_path, "layout")).resize((width, height), Image.NEAREST))
+        return read_layout(layout_path, width, height)
     except UserError as e:
         reader.fail("layout", str(e))
 
@@ -404,10 +410,6 @@ def checked_length(reader, tokenizer, data, key):
         reader.fail(key, f"{count} tokens (BOS and EOS included), more than the text encoder's "
                          f"{tokenizer.model_max_length}; shorten it")
     return count
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,15 +528,36 @@ def release_text_encoder(sd):
         torch.cuda.empty_cache()
 
 
-def sample_job(sd, guidance, job, inputs, seeds, height, width):
-    """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch."""
+def sample_job(sd, guidance, job, inputs, seeds, height, width, recorder=None):
+    """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch (recorder: an AttentionRecorder or None)."""
     from layout_guidance import generate
 
     cond, uncond, weight_map, pooled = inputs
     s = job.settings
     return generate(sd, cond, uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
                     s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks,
-                    pooled)
+                    pooled, recorder)
+
+
+def attention_phrases(job):
+    """{name: token rows} whose attention --save_attention keeps: every subject, then every color_context
+    phrase that is not a subject name."""
+    phrases = {s.name: s.rows for s in job.subjects}
+    for (phrase, _), (_, rows, _) in zip(job.settings["color_context"].values(), job.regions):
+        phrases.setdefault(phrase, rows)
+    return phrases
+
+
+def write_attention_files(folder, seeds, images, maps, job):
+    """attention/{seed}.npz (the maps) and attention/{seed}.png (the image, then each map over it with the outline
+    of its region) for each image of a batch; maps {name: [B, H, W]}."""
+    rgb_of = {colour: rgb for colour, (rgb, _, _) in zip(job.settings["color_context"], job.regions)}
+    masks = {name: region_mask(job.layout, [rgb_of[c] for c in region_colours(job.settings["token_rows"], rows[0])])
+             for name, rows in attention_phrases(job).items()}
+    for i, (seed, image) in enumerate(zip(seeds, images)):
+        mine = {name: m[i] for name, m in maps.items()}
+        write_attention(folder / f"{seed}.npz", mine)
+        write_png(folder / f"{seed}.png", attention_picture(image, mine, masks))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -591,11 +614,15 @@ def main(args):
     tokenizer = load_tokenizer(model)
     embedding_dim, native = model_sizes(model)  # the small config files first: a bad config fails before the weights
     height, width = args.height or native, args.width or native
-    overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps}
+    overrides = {"cfg_scale": args.cfg_scale, "num_inference_steps": args.num_inference_steps,
+                 "save_attention": args.save_attention or None}  # absent: the config's (default false)
     family = model_family(model)
     jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, overrides, config, family)
             for path in args.inference_config]
     folders = [output_folder(args.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
+    recording = [path for path, job in zip(args.inference_config, jobs) if job.settings["save_attention"]]
+    if args.compile and recording:  # the recorder gathers maps in Python between kernels: not in a compiled graph
+        raise UserError(f"{recording[0]}: save_attention runs the UNet uncompiled; leave out --compile")
     check_output_folders(folders, args.inference_config, args.overwrite)
     if processes.is_main:  # where each subject landed, before the model loads
         for path, job in zip(args.inference_config, jobs):
@@ -667,9 +694,13 @@ def sample_to_folder(sd, guidance, job, inputs, folder, args, processes, run):
                 run_seeds = batch_seeds
                 if args.compile and len(batch_seeds) < args.batch_size:  # a smaller batch would compile anew: pad
                     run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(args.batch_size - len(batch_seeds))]
-                batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"])
+                recorder = attention_recorder(sd, job, run) if job.settings["save_attention"] else None
+                batch = sample_job(sd, guidance, job, inputs, run_seeds, run["height"], run["width"], recorder)
                 for seed, image in zip(batch_seeds, batch):
                     write_png(staging / f"{seed}.png", image)
+                if recorder is not None:
+                    make_folder(staging / ATTENTION_FOLDER)
+                    write_attention_files(staging / ATTENTION_FOLDER, batch_seeds, batch, recorder.maps(), job)
         processes.wait_for_all()
         if not processes.is_main:
             return
@@ -692,6 +723,13 @@ def rendered_layout(job, staging, folder):
     write_png(staging / RENDERED_LAYOUT, job.layout)
     return {"layout": str(folder.resolve() / RENDERED_LAYOUT),
             "file_sha256": {**job.settings["file_sha256"], "layout": file_sha256(staging / RENDERED_LAYOUT)}}
+
+
+def attention_recorder(sd, job, run):
+    from layout_guidance import AttentionRecorder
+
+    return AttentionRecorder(attention_phrases(job), len(job.prompt_ids), (run["height"], run["width"]),
+                             sd.unet.device)
 
 
 def make_folder(folder):
@@ -743,6 +781,10 @@ def parse_args(argv=None):
                    help=f"auto: fp16 on GPUs, fp32 on the CPU (default {OPTION_DEFAULTS['dtype']})")
     p.add_argument("--batch_size", type=int,
                    help=f"images per UNet call (default {OPTION_DEFAULTS['batch_size']})")
+    p.add_argument("--save_attention", action="store_true",
+                   help="also write attention/{seed}.npz (per subject and color_context phrase: where its tokens "
+                        "are attended, [H, W], sum 1) and attention/{seed}.png (the maps over the image); as the "
+                        "config key save_attention. The images stay the same")
     add_compile_argument(p, "the UNet (the first batch compiles)")
     return p.parse_args(argv)
 

@@ -5,6 +5,7 @@
                                 guidance strength, whether this UNet call is guided (B3)
     GuidedCrossAttnProcessor    installed on cross-attention layers only (`attn2`); self-attention keeps
                                 diffusers' fused AttnProcessor2_0
+    AttentionRecorder           optional: where each phrase's tokens are attended, averaged over the sampling
     sample_euler_recurrent      the Euler loop with self-recurrence (B4), over a denoiser function
     make_cfg_denoiser           the UNet with batched classifier-free guidance, as that function
     generate                    all of the above for a list of seeds
@@ -69,6 +70,7 @@ class LayoutGuidance:
         self.active = False
         self.num_uncond = 0
         self.maps = {}  # h * w -> W resized to that attention grid, [h*w, L]
+        self.recorder = None  # an AttentionRecorder while a sampling records its attention; None costs nothing
 
     # torch.compile treats tensors reached through the UNet's modules (these maps and the strength) as static
     # inputs, and CUDA graphs (--compile reduce-overhead) replay them from the address they were captured at:
@@ -77,9 +79,8 @@ class LayoutGuidance:
     def set_layout(self, weight_map, latent_size, device):
         """W [L, H, W] resized (bilinear, corners aligned) to every UNet level of an h x w latent, on `device`."""
         device = torch.device(device)
-        h, w = latent_size
         maps = {}
-        while True:
+        for h, w in latent_grids(latent_size):
             resized = F.interpolate(weight_map[None].float(), size=(h, w), mode="bilinear", align_corners=True)[0]
             resized = resized.flatten(1).T  # [h*w, L]
             kept = self.maps.get(h * w)
@@ -87,9 +88,6 @@ class LayoutGuidance:
                 maps[h * w] = kept.copy_(resized)
             else:
                 maps[h * w] = resized.contiguous().to(device)
-            if h == 1 and w == 1:
-                break
-            h, w = (h + 1) // 2, (w + 1) // 2  # each UNet level halves the grid (stride-2 conv: ceil)
         self.maps = maps
         if self.strength is None or self.strength.device != device:
             self.strength = torch.zeros((), device=device)
@@ -106,10 +104,20 @@ class LayoutGuidance:
         return self.maps[num_queries]
 
 
-def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=0, mask=None):
-    """softmax((S + bias) * scale) V in float32, with S = Q K^T and bias = strength * W * std(S) (B3).
+def latent_grids(latent_size):
+    """(h, w) of every UNet level of an h x w latent, finest first: each level halves it (stride-2 conv: ceil)."""
+    h, w = latent_size
+    grids = [(h, w)]
+    while (h, w) != (1, 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        grids.append((h, w))
+    return grids
 
-    query [B, heads, N, hd], key/value [B, heads, L, hd], layout_map [N, L]. Rows num_uncond.. of the batch
+
+def guided_probs(query, key, layout_map, strength, scale, num_uncond=0, mask=None):
+    """softmax((S + bias) * scale) in float32, with S = Q K^T and bias = strength * W * std(S) (B3).
+
+    query [B, heads, N, hd], key [B, heads, L, hd], layout_map [N, L]. Rows num_uncond.. of the batch
     (the conditional branch) get the bias, std taken over all of that image's S; the first num_uncond rows
     get plain attention. One path for the whole batch keeps the number of kernels per layer low.
     mask: an additive [B, heads or 1, 1, L] bias for keys the UNet must not see (encoder_attention_mask).
@@ -119,8 +127,29 @@ def guided_attention(query, key, value, layout_map, strength, scale, num_uncond=
     std = cond.flatten(1).std(dim=1)  # [B - num_uncond]
     cond += strength * layout_map * std[:, None, None, None]  # in place: a view of scores
     logits = scores * scale if mask is None else scores * scale + mask.float()
-    probs = torch.softmax(logits, dim=-1)
-    return (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
+    return torch.softmax(logits, dim=-1)  # [B, heads, N, L]
+
+
+def plain_probs(query, key, scale, mask=None):
+    """softmax(Q K^T * scale [+ mask]) in float32 [B, heads, N, L]: what the fused kernel computes inside."""
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scale
+    return torch.softmax(logits if mask is None else logits + mask.float(), dim=-1)
+
+
+def project(attn, hidden_states, encoder_hidden_states, attention_mask):
+    """query [B, heads, N, hd], key and value [B, heads, L, hd], mask [B, heads, 1, L] or None of one layer."""
+    batch = hidden_states.shape[0]
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attention_mask is not None:  # [B, 1, L] from encoder_attention_mask -> [B, heads, 1, L]
+        attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    return query, key, value, attention_mask
 
 
 class GuidedCrossAttnProcessor:
@@ -133,28 +162,71 @@ class GuidedCrossAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         g = self.guidance
         if not g.active or encoder_hidden_states is None:
+            if g.recorder is not None and encoder_hidden_states is not None:
+                self.record_plain(attn, hidden_states, encoder_hidden_states, attention_mask)
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         assert hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None, (
             "guided cross-attention expects a Transformer2D attention block")
         residual = hidden_states
         batch, num_queries, _ = hidden_states.shape
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attention_mask is not None:  # [B, 1, L] from encoder_attention_mask -> [B, heads, 1, L]
-            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        out = guided_attention(query, key, value, g.map_for(num_queries), g.strength, attn.scale,
-                               g.num_uncond, attention_mask)
-        out = out.transpose(1, 2).reshape(batch, num_queries, attn.heads * head_dim)
+        query, key, value, attention_mask = project(attn, hidden_states, encoder_hidden_states, attention_mask)
+        probs = guided_probs(query, key, g.map_for(num_queries), g.strength, attn.scale, g.num_uncond, attention_mask)
+        if g.recorder is not None:
+            g.recorder.add(probs[g.num_uncond:])
+        out = (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
+        out = out.transpose(1, 2).reshape(batch, num_queries, -1)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def record_plain(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        """Record an unguided call's conditional probabilities, computed apart from the fused kernel that still
+        makes the output, so recording leaves the images exactly as they are without it."""
+        n = self.guidance.num_uncond
+        mask = None if attention_mask is None else attention_mask[n:]
+        query, key, _, mask = project(attn, hidden_states[n:], encoder_hidden_states[n:], mask)
+        self.guidance.recorder.add(plain_probs(query, key, attn.scale, mask))
+
+
+class AttentionRecorder:
+    """Where the conditional branch attends each tracked phrase's tokens, over a whole sampling.
+
+    phrases {name: token rows}. Each cross-attention layer call adds, per image, the probability on the
+    phrase's rows (summed over its rows), averaged over heads, as a map on the layer's grid. maps() averages
+    these over every call: every cross-attention layer of every UNet evaluation, guided or not, the two passes
+    of a self-recurrent step counting as two evaluations; each call's map resized (bilinear) to the image.
+    """
+
+    def __init__(self, phrases, length, image_size, device):
+        self.names = list(phrases)
+        self.image_size = tuple(image_size)  # (H, W)
+        self.grids = {h * w: (h, w) for h, w in latent_grids((image_size[0] // 8, image_size[1] // 8))}
+        selector = torch.zeros(length, len(self.names))  # [L, P]: 1 on each phrase's rows
+        for j, rows in enumerate(phrases.values()):
+            selector[list(rows), j] = 1
+        self.selector = selector.to(device)
+        self.sums = {}  # h * w -> [B, P, h, w]: the sum of the calls' maps on that grid
+        self.calls = 0
+
+    def add(self, probs):
+        """probs [B, heads, N, L]: one layer call's conditional probabilities, N = h * w of a UNet level."""
+        maps = (probs.float().mean(dim=1) @ self.selector).transpose(1, 2)  # [B, P, N]
+        num_queries = maps.shape[-1]
+        maps = maps.reshape(*maps.shape[:2], *self.grids[num_queries])  # [B, P, h, w]
+        kept = self.sums.get(num_queries)
+        self.sums[num_queries] = maps if kept is None else kept + maps
+        self.calls += 1
+
+    def maps(self):
+        """{name: [B, H, W] float32 array}, each image's map summing to 1."""
+        assert self.calls, "no cross-attention call was recorded"
+        # bilinear resizing is linear: resizing each grid's sum once equals summing every call's resized map
+        total = sum(F.interpolate(s, size=self.image_size, mode="bilinear", align_corners=False)
+                    for s in self.sums.values())  # [B, P, H, W]
+        mean = total / self.calls
+        mean = mean / mean.sum(dim=(2, 3), keepdim=True)
+        return {name: mean[:, j].cpu().numpy().astype(np.float32) for j, name in enumerate(self.names)}
 
 
 def install_guidance(unet):
@@ -224,13 +296,15 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
 
 @torch.no_grad()
 def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_scale, cfg_schedule="sigma",
-             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None, pooled=None):
+             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None, pooled=None,
+             recorder=None):
     """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
 
     cond, uncond [L, d] float32 (residuals already applied). With `guidance` (from install_guidance) and a
     weight map W [L, H, W], steps i < guidance_steps are layout-guided and self-recurrent. masks: (cond,
     uncond) lists [L] of 1 and 0 for the UNet's encoder_attention_mask (text length "words"), or None.
     pooled: SDXL's pooled text embeddings (cond [p], uncond [p]); None for SD.
+    recorder: an AttentionRecorder (needs `guidance`) that this sampling's cross-attention is added to.
     """
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
@@ -267,9 +341,14 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
         sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
         cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths, masks,
         added_cond)
-    x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
-    if guidance is not None:
-        guidance.set_step(False)
+    if recorder is not None:
+        guidance.recorder = recorder
+    try:
+        x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
+    finally:
+        if guidance is not None:
+            guidance.recorder = None
+            guidance.set_step(False)
     bad = [seed for seed, finite in zip(seeds, torch.isfinite(x).flatten(1).all(dim=1).tolist()) if not finite]
     if bad:  # checked once, at the end: NaN latents decode to a black image that looks like a result
         raise NonFiniteError(f"sampling diverged (NaN or infinite latents) for seed{'s' if len(bad) > 1 else ''} "

@@ -60,10 +60,12 @@ def test_inference_mode_reports_every_figure(capsys, unet_calls):
     assert len(unet_calls) == 2 * 4 + 3 * 2 + 2 * 2  # naive: two calls a pass; guided and stock: one
 
 
-def test_naive_can_be_left_out_of_a_rerun_of_inference(capsys):
+def test_naive_can_be_left_out_and_the_attention_maps_timed(capsys):
     summary = benchmark.main(benchmark.parse_args(
-        ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1", "--naive_images", "0"]))
+        ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1", "--naive_images", "0",
+         "--save_attention"]))
     assert "naive" not in summary and summary["guided"]["s_per_image"] > 0
+    assert summary["attention_cost"] == summary["guided_recording"]["s_per_image"] / summary["guided"]["s_per_image"]
     assert summary["speedup_vs_naive"] is None and summary["memory_guided_over_naive"] is None
     assert "speedup_vs_naive" not in capsys.readouterr().out.strip().splitlines()[-2]
 

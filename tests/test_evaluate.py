@@ -186,3 +186,118 @@ def test_wrong_models_long_prompts_and_unwritable_summaries(tiny_scorers, tmp_pa
     expect_error(capsys, "--results", results, "--concepts", concepts, "--clip_model", clip_dir, "--dino_model",
                  dino_dir, fragment="summary.md: exists and is not a regular file")
     assert not list(results.rglob("metrics.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Region-aware scores
+
+def write_record(folder, layout_path, subjects=("<a>", "<b>"), colours=("255,0,0", "0,255,0")):
+    """A run record as inference.py writes it, with the keys the region scores read."""
+    from file_utils import file_sha256
+
+    record = {"prompt": "a cat and a dog", "layout": str(layout_path),
+              "color_context": {c: [s, 2.5] for c, s in zip(colours, subjects)},
+              "token_rows": {c: [2 + 3 * i] for i, c in enumerate(colours)},
+              "subject_list": [[s, 2 + 3 * i] for i, s in enumerate(subjects)],
+              "file_sha256": {"layout": file_sha256(layout_path)}}
+    (folder / "config.json").write_text(json.dumps(record))
+
+
+def test_region_box_follows_the_layout_resized_by_nearest(tmp_path):
+    layout = np.zeros((32, 32, 3), dtype=np.uint8)
+    layout[4:10, 2:14] = (255, 0, 0)  # at 64 px: rows 8..19, columns 4..27
+    layout[20:, 20:] = (0, 255, 0)
+    Image.fromarray(layout).save(tmp_path / "layout.png")
+    write_record(tmp_path, tmp_path / "layout.png")
+    masks, why_not = evaluate.record_regions(tmp_path / "config.json", json.loads((tmp_path / "config.json").read_text()),
+                                             (64, 48))  # (W, H)
+    assert why_not is None and masks["<a>"].shape == (48, 64)
+    from region_utils import bounding_box
+    assert bounding_box(masks["<a>"]) == (4, 6, 28, 15)  # rows 4..9 of 32 -> 6..14 of 48 (nearest)
+    assert bounding_box(masks["<b>"]) == (40, 30, 64, 48)
+    crop = evaluate.region_crop(Image.fromarray(np.full((48, 64, 3), 9, np.uint8)), (4, 6, 28, 15))
+    pixels = np.asarray(crop)  # 24 x 9 centred on a 24 x 24 grey square: rows 7..15 are the image
+    assert crop.size == (24, 24) and (pixels[7:16] == 9).all() and (pixels[:7] == 127).all() and (pixels[16:] == 127).all()
+
+
+def pasted_run(root, name, photos, order):
+    """One image: the photos pasted into the left and right halves of a red/green layout, in `order`."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :32] = (255, 0, 0)
+    layout[:, 32:] = (0, 255, 0)
+    Image.fromarray(layout).save(root / "layout.png")
+    write_record(folder, root / "layout.png")
+    image = np.concatenate([photos[order[0]], photos[order[1]]], axis=1)  # [64, 64, 3]
+    Image.fromarray(image).save(folder / "0.png")
+    return folder
+
+
+@pytest.mark.parametrize("order,swap_rate", [(("<a>", "<b>"), 0.0), (("<b>", "<a>"), 1.0)])
+def test_pasted_subjects_are_recognised_in_their_regions_or_swapped(tiny_scorers, tmp_path, order, swap_rate):
+    clip_dir, dino_dir = tiny_scorers
+    rng = np.random.default_rng(0)
+    photos = {s: rng.integers(0, 256, (64, 32, 3), dtype=np.uint8) for s in ("<a>", "<b>")}
+    mapping = {}
+    for s, photo in photos.items():  # each subject's photo is its region's crop: centred on a grey square
+        square = np.full((64, 64, 3), 127, np.uint8)
+        square[:, 16:48] = photo
+        (tmp_path / s.strip("<>")).mkdir()
+        Image.fromarray(square).save(tmp_path / s.strip("<>") / "0.png")
+        mapping[s] = str(tmp_path / s.strip("<>"))
+    (tmp_path / "concepts.json").write_text(json.dumps(mapping))
+    folder = pasted_run(tmp_path / "results", "run", photos, order)
+    rows = run("--results", tmp_path / "results", "--concepts", tmp_path / "concepts.json",
+               "--clip_model", clip_dir, "--dino_model", dino_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    per_subject = metrics["regions"]["per_subject"]
+    assert [per_subject[s]["identity_ok"] for s in ("<a>", "<b>")] == [[swap_rate == 0]] * 2
+    assert metrics["swap_rate"] == swap_rate and rows[0]["swap_rate"] == swap_rate
+    if swap_rate == 0:  # the crop is the photo itself
+        assert per_subject["<a>"]["region_clip_i"] == [pytest.approx(100, abs=1e-3)]
+        assert per_subject["<b>"]["region_dino"] == [pytest.approx(100, abs=1e-3)]
+    assert per_subject["<a>"]["box"] == [0, 0, 32, 64] and metrics["attention_in_region"] is None
+    assert Image.open(folder / "regions.png").size == (3 * 64, 64)
+    assert "| swap rate |" in (tmp_path / "results" / "summary.md").read_text()
+
+
+def test_a_changed_layout_is_named_and_not_scored(tiny_scorers, tmp_path, capsys):
+    clip_dir, dino_dir = tiny_scorers
+    photos = {s: np.full((64, 32, 3), 50 * i, np.uint8) for i, s in enumerate(("<a>", "<b>"))}
+    folder = pasted_run(tmp_path / "results", "run", photos, ("<a>", "<b>"))
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "results" / "layout.png")  # edited after the run
+    (tmp_path / "concepts.json").write_text(json.dumps({"<a>": str(folder), "<b>": str(folder)}))
+    rows = run("--results", tmp_path / "results", "--concepts", tmp_path / "concepts.json",
+               "--clip_model", clip_dir, "--dino_model", dino_dir)
+    assert "layout.png has changed since the run" in capsys.readouterr().err
+    assert rows[0]["swap_rate"] is None and not (folder / "regions.png").exists()
+
+
+def test_an_inference_run_with_attention_maps_gets_every_region_score(tiny_model, tiny_scorers, tmp_path):
+    import inference
+    from test_inference import write_config
+
+    clip_dir, dino_dir = tiny_scorers
+    config = write_config(tmp_path / "cfg")  # <dog> on the red left half ("dog"), <cat> on the green right half
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--inference_config", str(config), "--output_dir",
+            str(tmp_path / "out"), "--num_images", "2", "--num_inference_steps", "2", "--save_attention"]
+    folder = run_cli(inference.main, inference.parse_args(argv))[0]
+    refs = make_images(tmp_path / "refs", 2, seed=4)
+    (tmp_path / "concepts.json").write_text(json.dumps({"<cat>": str(refs), "<dog>": str(refs)}))
+    run("--results", tmp_path / "out", "--concepts", tmp_path / "concepts.json",
+        "--clip_model", clip_dir, "--dino_model", dino_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    per_subject = metrics["regions"]["per_subject"]
+    assert per_subject["<dog>"]["box"] == [0, 0, 32, 64] and per_subject["<cat>"]["box"] == [32, 0, 64, 64]
+    by_hand = []
+    for i, seed in enumerate((0, 1)):
+        with np.load(folder / "attention" / f"{seed}.npz") as maps:
+            dog, cat = maps["<dog>"], maps["<cat>"]
+        assert per_subject["<dog>"]["attention_in_region"][i] == pytest.approx(dog[:, :32].sum() / dog.sum(), rel=1e-5)
+        assert per_subject["<cat>"]["attention_in_region"][i] == pytest.approx(cat[:, 32:].sum() / cat.sum(), rel=1e-5)
+        by_hand += [dog[:, :32].sum() / dog.sum(), cat[:, 32:].sum() / cat.sum()]
+    assert metrics["attention_in_region"] == pytest.approx(np.mean(by_hand), rel=1e-5)
+    assert metrics["swap_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # two subjects in two images
+    table = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
+    assert float(table[0]["attention_in_region"]) == pytest.approx(metrics["attention_in_region"], abs=1e-4)

@@ -12,8 +12,8 @@ from PIL import Image
 
 import inference
 from conftest import ROOT, clip_tokenizer
-from layout_guidance import (cfg_scales, generate, guidance_sigmas, guided_attention, install_guidance,
-                             layout_weight_map)
+from layout_guidance import (AttentionRecorder, cfg_scales, generate, guidance_sigmas, guided_probs,
+                             install_guidance, layout_weight_map)
 from naive_sampler import install_naive, naive_sample
 from pipeline_utils import encode_ids, load_model, run_cli, token_ids
 from residual_utils import apply_residuals, find_sequence, load_residual, save_residual
@@ -175,8 +175,8 @@ def test_guided_attention_bias_by_hand():
     layout_map = torch.randn(4, 5)
     strength, scale = 0.08 * math.log(1 + 14.6 ** 2), 3 ** -0.5
     uncond_q = torch.randn(1, 2, 4, 3)
-    out = guided_attention(torch.cat([uncond_q, q]), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
-                           layout_map, strength, scale, num_uncond=1)
+    probs = guided_probs(torch.cat([uncond_q, q]), k.expand(2, -1, -1, -1), layout_map, strength, scale, num_uncond=1)
+    out = probs @ v.expand(2, -1, -1, -1)  # as the guided processor applies them
 
     def by_hand(qn, bias):
         kn, vn, wn = (t.double().numpy() for t in (k[0], v[0], layout_map))
@@ -288,14 +288,20 @@ def test_batched_sampler_equals_plain_implementation(request, fixture, settings)
     assert not np.array_equal(fast[0], fast[1])
 
 
-def test_guidance_changes_the_image(tiny_model):
-    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
-    ids = token_ids(sd.tokenizer, "a dog")
+def left_half_setup(model, prompt):
+    """(sd, [cond; uncond] embeddings, weight map, guidance) of a two-token prompt whose noun (row 2) is guided
+    to the left half of a 64 px image."""
+    sd = load_model(str(model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, prompt)
     embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
     layout = np.zeros((64, 64, 3), dtype=np.uint8)
     layout[:, :32] = 255
     weight_map = layout_weight_map(layout, [((255, 255, 255), [2], 2.5)], len(ids), -1e8)
-    guidance = install_guidance(sd.unet)
+    return sd, embeddings, weight_map, install_guidance(sd.unet)
+
+
+def test_guidance_changes_the_image(tiny_model):
+    sd, embeddings, weight_map, guidance = left_half_setup(tiny_model, "a dog")
     kwargs = dict(height=64, width=64, num_inference_steps=2, cfg_scale=7.5, guidance=guidance)
     plain = generate(sd, embeddings[0], embeddings[1], [0], **kwargs)
     guided = generate(sd, embeddings[0], embeddings[1], [0], weight_map=weight_map, guidance_steps=2,
@@ -304,6 +310,65 @@ def test_guidance_changes_the_image(tiny_model):
                      guidance_weight=0.08, **kwargs)
     assert np.abs(plain.astype(int) - guided.astype(int)).mean() > 1
     assert np.array_equal(guided, again)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention maps
+
+def attention_by_hand(inputs, rows, size):
+    """The conditional half's probability on `rows`, averaged over heads and layer calls, each call's map resized
+    by PIL (bilinear) to `size`, normalised to sum 1: float64 numpy from each call's (attn, hidden, encoder)."""
+    total = 0
+    for attn, hidden, encoder in inputs:
+        half = hidden.shape[0] // 2
+        q = hidden[half:].double().numpy() @ attn.to_q.weight.double().numpy().T  # [B, N, C]
+        k = encoder[half:].double().numpy() @ attn.to_k.weight.double().numpy().T  # [B, L, C]
+        heads, (batch, n, c) = attn.heads, q.shape
+        q = q.reshape(batch, n, heads, c // heads).transpose(0, 2, 1, 3)
+        k = k.reshape(batch, -1, heads, c // heads).transpose(0, 2, 1, 3)
+        logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(c // heads)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)  # [B, heads, N, L]
+        side = int(math.isqrt(n))
+        grid = probs[..., rows].sum(-1).mean(1).reshape(batch, side, side)
+        total = total + np.stack([np.asarray(Image.fromarray(g.astype(np.float32), "F").resize(size, Image.BILINEAR))
+                                  for g in grid])
+    mean = total / len(inputs)
+    return mean / mean.sum(axis=(1, 2), keepdims=True)
+
+
+def test_attention_maps_equal_a_by_hand_computation(tiny_model):
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, "a cat and a dog")
+    embeddings = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
+    guidance = install_guidance(sd.unet)
+    inputs = []
+    layers = [m for n, m in sd.unet.named_modules() if n.endswith(".attn2")]
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(
+        (m, args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])), with_kwargs=True)
+        for m in layers]
+    recorder = AttentionRecorder({"cat": [2], "a dog": [4, 5]}, len(ids), (64, 64), "cpu")
+    generate(sd, embeddings[0], embeddings[1], [3, 4], 64, 64, 1, 7.5, guidance=guidance, recorder=recorder)
+    for hook in hooks:
+        hook.remove()
+    assert len(inputs) == len(layers) == 4 and recorder.calls == 4  # one UNet evaluation: each layer once
+    maps = recorder.maps()
+    for name, rows in (("cat", [2]), ("a dog", [4, 5])):
+        assert maps[name].shape == (2, 64, 64) and maps[name].dtype == np.float32 and (maps[name] >= 0).all()
+        np.testing.assert_allclose(maps[name].sum(axis=(1, 2)), 1, rtol=1e-5)
+        np.testing.assert_allclose(maps[name], attention_by_hand(inputs, rows, (64, 64)), rtol=1e-4, atol=1e-9)
+
+
+def test_guided_steps_record_the_biased_probabilities(tiny_model):
+    sd, embeddings, weight_map, guidance = left_half_setup(tiny_model, "a cat")
+    recorder = AttentionRecorder({"cat": [2]}, embeddings.shape[1], (64, 64), "cpu")
+    generate(sd, embeddings[0], embeddings[1], [0], 64, 64, 1, 7.5, guidance=guidance, weight_map=weight_map,
+             guidance_steps=1, guidance_weight=0.08, recorder=recorder)
+    assert recorder.calls == 4 * 2  # one guided step, run twice (self-recurrence)
+    fine = recorder.sums[64][0, 0]  # [8, 8]: the sum over the calls of the three 8x8 layers
+    # the -1e8 bias leaves no probability right of the region (cells 4.. of 8 lie right of pixel 32)
+    assert fine[:, 4:].max() < 1e-6 and fine[:, :4].min() > 1e-3
+    assert guidance.recorder is None  # recording ends with the sampling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,6 +433,34 @@ def test_inference_writes_images_grid_and_config(tiny_model, tmp_path):
     assert saved["text_length"] == "max" and saved["text_tokens"] == 77 and saved["negative_prompt"] == "blurry"
     assert saved["subject_list"] == [["<cat>", 2], ["<dog>", 8]] and saved["cfg_schedule"] == "sigma"
     assert saved["model"] == str(tiny_model) and "torch" in saved["versions"]
+
+
+def test_save_attention_writes_maps_and_pictures_and_leaves_the_images_alone(tiny_model, tmp_path):
+    # two steps, the first guided: both the guided and the fused path record; "right" is a phrase, not a subject
+    config = write_config(tmp_path / "cfg", guidance_steps=1, text_length="words",
+                          color_context={"255,0,0": ["<dog>", 2.5], "0,255,0": ["right", 2.5]})
+    plain = run(tiny_model, config, tmp_path / "plain", "--num_images", "2", "--batch_size", "2")
+    folder = run(tiny_model, config, tmp_path / "recorded", "--num_images", "2", "--batch_size", "2",
+                 "--save_attention")
+    assert not (plain / "attention").exists() and json.loads((plain / "config.json").read_text())["save_attention"] is False
+    assert json.loads((folder / "config.json").read_text())["save_attention"] is True
+    for seed in (0, 1):
+        assert np.array_equal(np.array(Image.open(plain / f"{seed}.png")), np.array(Image.open(folder / f"{seed}.png")))
+        with np.load(folder / "attention" / f"{seed}.npz") as maps:
+            assert sorted(maps.files) == ["<cat>", "<dog>", "right"]
+            for name in maps.files:
+                assert maps[name].shape == (64, 64) and maps[name].dtype == np.float32 and maps[name].min() >= 0
+                assert maps[name].sum() == pytest.approx(1, abs=1e-4)
+        picture = Image.open(folder / "attention" / f"{seed}.png")
+        assert picture.size == (4 * 64, 64)  # the image, then three maps
+        assert np.array_equal(np.array(picture)[:, :64], np.array(Image.open(folder / f"{seed}.png")))
+        # <dog>'s panel outlines the red (left) half: its inner border at column 31 is white
+        dog = np.array(picture)[:, 2 * 64:3 * 64]
+        assert (dog[20:60, 31] == 255).all() and not (dog[20:60, 40] == 255).all()
+    with pytest.raises(inference.UserError, match="save_attention runs the UNet uncompiled; leave out --compile"):
+        inference.main(inference.parse_args(["--pretrained_model_name_or_path", str(tiny_model), "--inference_config",
+                                              str(config), "--save_attention", "--compile", "--output_dir",
+                                              str(tmp_path / "compiled")]))
 
 
 def test_batch_size_gives_the_same_images(tiny_model, tmp_path):

@@ -34,7 +34,9 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     """results.json goes to --out; a report only where --results_md asks, keeping its analysis section.
     Training and sampling are replaced by fixed cells: this checks where the results go, in a second."""
     cell = {"fidelity": 1.0, "class_kept": 1.0, "both_colours": 1.0, "layout_accuracy": 1.0, "leakage": 0.0,
-            "examples": np.zeros((4, 64, 64, 3), dtype=np.uint8)}
+            "examples": np.zeros((4, 64, 64, 3), dtype=np.uint8),
+            "attention_in_region": dict.fromkeys(measure.CONCEPTS, 0.75),
+            "attention_in_region_failed": dict.fromkeys(measure.CONCEPTS)}
 
     def train_concept(out, name):  # where train.py would have written it
         (out / "residuals").mkdir(exist_ok=True)
@@ -51,7 +53,8 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     measure.run(measure.parse_args(["--seeds", "2", "--out", str(out)]))
-    assert json.loads((out / "results.json").read_text())["concept_fidelity_with"] == 1.0
+    results = json.loads((out / "results.json").read_text())
+    assert results["concept_fidelity_with"] == 1.0 and results["attention_in_region_with_guidance"] == 0.75
     assert (out / "examples.png").is_file() and not list(tmp_path.glob("*.md"))
 
     report = tmp_path / "report.md"
@@ -61,3 +64,15 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     assert text.startswith("# Toy world results") and "old tables" not in text
     assert text.endswith("## Analysis\nkept by hand\n")
     assert tracked_report.read_text() == before
+
+
+def test_layout_guidance_puts_each_concepts_attention_in_its_region(tmp_path):
+    """On the committed base model, with the specific nouns' residuals (no training): with guidance each concept's
+    attention lies more inside its half than without."""
+    pair = ("blue_circle", "yellow_square")
+    residuals = {name: measure.noun_swap_residual(tmp_path, name) for name in pair}
+    guided = measure.composition_cell(tmp_path, "guided", pair, residuals, 4, guided=True)
+    unguided = measure.composition_cell(tmp_path, "unguided", pair, residuals, 4, guided=False)
+    print("attention_in_region guided", guided["attention_in_region"], "unguided", unguided["attention_in_region"])
+    for name in pair:
+        assert guided["attention_in_region"][name] > unguided["attention_in_region"][name] + 0.1

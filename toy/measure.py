@@ -10,7 +10,8 @@ With toy/base_model (toy/build_base.py), exactly as users run the project:
      it (a zero residual; chance is 1/6), and whether the shape is still the class;
    - composition: "a {shape1} and a {shape2}" with two residuals and a left/right layout, with layout guidance
      and without: both colours present, each object's centroid in its region, leakage (an object wearing the
-     other concept's colour);
+     other concept's colour), and from the attention maps (inference.py's save_attention) the share of each
+     concept's attention inside its half, over all samples and over the samples whose layout failed;
    - ablations: sigma vs constant CFG, text length "adaptive" (the UNet sees one EOS it never saw in
      training) and "max", the residual on the wrong token (a negative control), and as an upper bound the
      specific noun's embedding put in the generic noun's place ("plum" for "circle").
@@ -33,6 +34,8 @@ TOY = Path(__file__).resolve().parent
 ROOT = TOY.parent
 sys.path.insert(0, str(ROOT))  # the project's modules; toy/ itself is on the path as the script's folder
 from analyze import objects  # noqa: E402
+from evaluate import fmt  # noqa: E402
+from region_utils import ATTENTION_FOLDER, mass_inside, read_attention  # noqa: E402
 from residual_utils import load_residual  # noqa: E402
 from world import NOUNS, Shape, render  # noqa: E402
 
@@ -127,7 +130,8 @@ def halves_layout(out):
 
 
 def sample(out, cell, config, seeds, model=BASE_MODEL):
-    """Run inference.py on one config; returns the images [S, 64, 64, 3]."""
+    """Run inference.py on one config; returns the images [S, 64, 64, 3] (and with the config's save_attention,
+    also each image's attention maps {name: [64, 64]})."""
     path = out / "configs" / f"{cell}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([config]))
@@ -135,8 +139,11 @@ def sample(out, cell, config, seeds, model=BASE_MODEL):
     python("inference.py", "--pretrained_model_name_or_path", model, "--inference_config", path,
            "--output_dir", folder, "--num_images", seeds, "--batch_size", seeds, "--seed", 1000, "--resolution", 64,
            "--overwrite")  # a measurement run again replaces its images
-    config_json = next(folder.rglob("config.json"))
-    return np.stack([np.array(Image.open(config_json.parent / f"{1000 + j}.png")) for j in range(seeds)])
+    run_folder = next(folder.rglob("config.json")).parent
+    images = np.stack([np.array(Image.open(run_folder / f"{1000 + j}.png")) for j in range(seeds)])
+    if not config.get("save_attention"):
+        return images
+    return images, [read_attention(run_folder / ATTENTION_FOLDER / f"{1000 + j}.npz") for j in range(seeds)]
 
 
 def fidelity_cell(out, cell, name, residual, seeds, position=2, **overrides):
@@ -159,8 +166,8 @@ def composition_cell(out, cell, pair, residuals, seeds, guided, **overrides):
               "color_context": {LEFT: ["<c1>", 2.5], RIGHT: ["<c2>", 2.5]},
               "guidance_steps": SAMPLING["num_inference_steps"] if guided else 0, "guidance_weight": 0.08,
               "weight_negative": -1e8, "layout": str(halves_layout(out)), "subject_list": [["<c1>", 2], ["<c2>", 5]],
-              **SAMPLING, **overrides}
-    images = sample(out, cell, config, seeds)
+              "save_attention": True, **SAMPLING, **overrides}
+    images, maps = sample(out, cell, config, seeds)
     both, placed, leaked = [], [], []
     for image in images:
         found = objects(image)
@@ -172,12 +179,30 @@ def composition_cell(out, cell, pair, residuals, seeds, guided, **overrides):
         # the other concept's colour on this concept's shape (when the two shapes differ)
         leaked.append(shape1 != shape2 and any((o["shape"] == shape1 and o["colour"] == colour2) or
                                                (o["shape"] == shape2 and o["colour"] == colour1) for o in found))
+    inside = attention_in_halves(maps, pair)  # {concept: [S]}
+    failed = [not p for p in placed]
     return {"both_colours": float(np.mean(both)), "layout_accuracy": float(np.mean(placed)),
-            "leakage": float(np.mean(leaked)), "examples": images[:4]}
+            "leakage": float(np.mean(leaked)), "examples": images[:4],
+            "attention_in_region": {n: float(np.mean(v)) for n, v in inside.items()},
+            "attention_in_region_failed": {n: float(np.mean(np.array(v)[failed])) if any(failed) else None
+                                           for n, v in inside.items()}}
+
+
+def attention_in_halves(maps, pair):
+    """{concept: [S]}: the share of each sample's attention on <c1> in the left half and on <c2> in the right."""
+    left = np.zeros((64, 64), dtype=bool)
+    left[:, :32] = True
+    return {pair[0]: [mass_inside(m["<c1>"], left) for m in maps],
+            pair[1]: [mass_inside(m["<c2>"], ~left) for m in maps]}
 
 
 def mean_of(cells, key):
     return float(np.mean([c[key] for c in cells]))
+
+
+def mean_attention(cells):
+    """The mean over pairs and their two concepts of attention_in_region."""
+    return float(np.mean([v for c in cells.values() for v in c["attention_in_region"].values()]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,11 +264,14 @@ def run(args):
         "both_colours_without_guidance": mean_of(composition["unguided"].values(), "both_colours"),
         "leakage_without_guidance": mean_of(composition["unguided"].values(), "leakage"),
         "upper_bound_noun_swap": mean_of(fidelity["noun_swap"].values(), "fidelity"),
+        "attention_in_region_with_guidance": mean_attention(composition["guided"]),
+        "attention_in_region_without_guidance": mean_attention(composition["unguided"]),
     }
     cells = {
         "fidelity": {v: {n: {k: c[k] for k in ("fidelity", "class_kept")} for n, c in cs.items()}
                      for v, cs in fidelity.items()},
-        "composition": {v: {p: {k: c[k] for k in ("both_colours", "layout_accuracy", "leakage")} for p, c in cs.items()}
+        "composition": {v: {p: {k: c[k] for k in ("both_colours", "layout_accuracy", "leakage", "attention_in_region",
+                                                  "attention_in_region_failed")} for p, c in cs.items()}
                         for v, cs in composition.items()},
     }
     minutes = (time.time() - start) / 60
@@ -282,7 +310,8 @@ def write_report(path, results, args):
     ]
     for key in ("concept_fidelity_with", "concept_fidelity_without", "class_kept", "layout_accuracy_with_guidance",
                 "layout_accuracy_without_guidance", "leakage", "leakage_without_guidance", "both_colours_with_guidance",
-                "both_colours_without_guidance", "negative_control", "upper_bound_noun_swap"):
+                "both_colours_without_guidance", "negative_control", "upper_bound_noun_swap",
+                "attention_in_region_with_guidance", "attention_in_region_without_guidance"):
         lines.append(f"| {key} | {results[key]:.3f} |")
     lines += ["", "## Concept fidelity per cell (colour of 'a {noun}' is the concept's)", "",
               "| concept | " + " | ".join(c["fidelity"]) + " |", "| --- |" + " ---: |" * len(c["fidelity"])]
@@ -295,6 +324,17 @@ def write_report(path, results, args):
         lines.append(f"| {pair} | " + " | ".join(
             "{layout_accuracy:.2f} / {both_colours:.2f} / {leakage:.2f}".format(**c["composition"][v][pair])
             for v in c["composition"]) + " |")
+    lines += ["", "## Attention in each concept's region (all samples / samples whose layout failed)", "",
+              "The share of the concept's cross-attention (inference.py's save_attention) inside its half. A failed "
+              "sample with a high share had its attention in the right place, and the object came out in the wrong "
+              "colour; a low share means the attention itself went to the wrong place.", "",
+              "| pair | concept | " + " | ".join(c["composition"]) + " |",
+              "| --- | --- |" + " ---: |" * len(c["composition"])]
+    for pair in next(iter(c["composition"].values())):
+        for name in pair.split("+"):
+            lines.append(f"| {pair} | {name} | " + " | ".join(
+                f"{c['composition'][v][pair]['attention_in_region'][name]:.2f} / "
+                f"{fmt(c['composition'][v][pair]['attention_in_region_failed'][name])}" for v in c["composition"]) + " |")
     lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without and four "
               "with its residual; per pair, four without and four with layout guidance.", ""]
     # a hand-written analysis below the tables is kept when the tables are rewritten

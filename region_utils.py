@@ -1,0 +1,117 @@
+"""Subjects' regions in a colour layout and their attention maps: one home for both, for inference and evaluation.
+
+A subject's region is the pixels of the layout colours whose token rows (the run record's `token_rows`) hold the
+subject's first row (its position): a `color_context` entry naming the subject, or naming its class phrase at
+its position. The layout is resized to the image as inference does it (nearest). Attention maps are the
+`attention/{seed}.npz` inference.py writes with --save_attention: one [H, W] float32 map per phrase, sum 1.
+"""
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from file_utils import read_rgb, write_atomic
+
+ATTENTION_FOLDER = "attention"
+HEAT = np.array([255, 0, 0], dtype=np.float32)  # the colour an attention map blends the image towards
+OUTLINE = (255, 255, 255)
+
+
+def read_layout(path, width, height):
+    """The layout file as uint8 [height, width, 3], resized by nearest neighbour (colours stay exact)."""
+    return np.array(Image.fromarray(read_rgb(path, "layout")).resize((width, height), Image.NEAREST))
+
+
+def region_colours(token_rows, first_row):
+    """The colour keys of `token_rows` {colour: rows} whose rows hold `first_row`."""
+    return [colour for colour, rows in token_rows.items() if first_row in rows]
+
+
+def region_mask(layout, rgbs):
+    """bool [H, W]: the pixels of `layout` [H, W, 3] whose colour is one of `rgbs`."""
+    mask = np.zeros(layout.shape[:2], dtype=bool)
+    for rgb in rgbs:
+        mask |= (layout == np.array(rgb, dtype=layout.dtype)).all(axis=-1)
+    return mask
+
+
+def bounding_box(mask):
+    """(left, top, right, bottom) of the True pixels, right and bottom exclusive (PIL's crop box); None if none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def outline(mask):
+    """bool [H, W]: the pixels of the mask with a 4-neighbour outside it (or on the image's border)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def mass_inside(attention_map, mask):
+    """The share of a map's mass on the mask's pixels."""
+    return float(attention_map[mask].sum() / attention_map.sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention files
+
+def write_attention(path, maps):
+    """{name: [H, W] float32} as one .npz (names are the keys)."""
+    def save(tmp):
+        buffer = io.BytesIO()
+        np.savez(buffer, **maps)
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+            f.write(buffer.getvalue())
+    write_atomic(path, save)
+
+
+def read_attention(path):
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures
+
+def heat(image, attention_map):
+    """The image [H, W, 3] blended towards red by the map scaled from its minimum (0) to its maximum (0.8, so the
+    image still shows): uint8 [H, W, 3]. Each map is scaled alone: the picture shows where, not how much."""
+    low, high = attention_map.min(), attention_map.max()
+    alpha = 0.8 * ((attention_map - low) / max(high - low, 1e-12))[..., None]
+    return (image * (1 - alpha) + HEAT * alpha).round().astype(np.uint8)
+
+
+def labelled(panel, mask, lines):
+    """A PIL image of panel [H, W, 3] with the mask's outline (if any) and text lines at the top left."""
+    panel = panel.copy()
+    if mask is not None:
+        panel[outline(mask)] = OUTLINE
+    image = Image.fromarray(panel)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        left, top, right, bottom = draw.textbbox((1, 1 + 11 * i), line)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+        draw.text((1, 1 + 11 * i), line, fill=(255, 255, 255))
+    return image
+
+
+def side_by_side(panels, rows=1):
+    """PIL images of one size in a grid of `rows` rows, left to right then top to bottom."""
+    cols = -(-len(panels) // rows)
+    w, h = panels[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def attention_picture(image, maps, masks):
+    """The image, then per phrase its map as a heat overlay with the outline of its region and its name.
+
+    maps {name: [H, W]}; masks {name: bool [H, W] or None (no region)}."""
+    panels = [Image.fromarray(image)]
+    panels += [labelled(heat(image, m), masks.get(name), [name]) for name, m in maps.items()]
+    return side_by_side(panels)
