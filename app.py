@@ -79,10 +79,12 @@ class Editor:
         return inference.prepare_job(Path(CONFIG_NAME), self.tokenizer, self.embedding_dim, height, width, {}, data,
                                      self.family)
 
-    def generate(self, config_text, layout_file, seed, num_images):
+    def generate(self, config_text, layout_file, seed, num_images, maps=None):
         """PNG files of images seed .. seed + num_images - 1 of a config (JSON text), as inference.py makes them
         at the layout's size (batch size 1). layout_file replaces the config's layout; without one a boxes
-        config is rendered at the model's own size."""
+        config is rendered at the model's own size. maps: a list that gets, per image, the picture of where each
+        subject's tokens were attended (inference.py --save_attention's attention/{seed}.png); recording them
+        leaves the images as they are."""
         data = parse_config(config_text)
         height = width = self.native_size
         if layout_file:
@@ -94,9 +96,17 @@ class Editor:
         folder = Path(tempfile.mkdtemp(prefix="generated-", dir=self.out_dir))
         files = []
         for image_seed in range(seed, seed + num_images):
-            [image] = inference.sample_job(self.sd, self.guidance, job, inputs, [image_seed], height, width)
+            recorder = None
+            if maps is not None:
+                recorder = inference.attention_recorder(self.sd, job, {"height": height, "width": width})
+            [image] = inference.sample_job(self.sd, self.guidance, job, inputs, [image_seed], height, width,
+                                           recorder)
             files.append(folder / f"{image_seed}.png")
             write_png(files[-1], image)
+            if recorder is not None:
+                (folder / "attention").mkdir(exist_ok=True)
+                inference.write_attention_files(folder / "attention", [image_seed], [image], recorder.maps(), job)
+                maps.append(str(folder / "attention" / f"{image_seed}.png"))
         return [str(f) for f in files]
 
     def positions(self, data):
@@ -256,6 +266,8 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                     clear_button = gr.Button("Clear layout")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Images", format="png", elem_id="gallery")
+                attention = gr.Gallery(label="Where each subject went: its attention map over the image, its "
+                                             "region outlined", format="png", elem_id="attention", columns=1)
                 with gr.Row():
                     save_name = gr.Textbox("my_layout", label="Save as", elem_id="save_name")
                     save_button = gr.Button("Save", elem_id="save")
@@ -340,13 +352,14 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                 with tempfile.NamedTemporaryFile(suffix=".png", dir=editor.out_dir, delete=False) as f:
                     layout_file = f.name
                 write_png(layout_file, state["layout"])
-                images = editor.generate(json.dumps(config), layout_file, seed_value, count)
+                maps = []
+                images = editor.generate(json.dumps(config), layout_file, seed_value, count, maps)
                 height, width = state["layout"].shape[:2]
-                return images, f"generated {len(images)} image(s) at {width}x{height}"
+                return images, maps, f"generated {len(images)} image(s) at {width}x{height}"
             except UserError as e:
-                return None, f"error: {e}"
+                return None, None, f"error: {e}"
 
-        generate_button.click(on_generate, [*controls, seed, num_images], [gallery, status])
+        generate_button.click(on_generate, [*controls, seed, num_images], [gallery, attention, status])
 
         def on_save(state, name, *rest):
             try:

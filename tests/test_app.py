@@ -137,6 +137,10 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
         assert status().startswith("generated 1 image"), status()
         src = driver.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
         shown = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"))
+        src = driver.find_element(By.CSS_SELECTOR, "#attention img").get_attribute("src")
+        maps = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"))
+        assert maps.shape[1] > 2 * shown.shape[1]  # the image, then one map per subject beside it
+        assert np.array_equal(maps[:shown.shape[0], :shown.shape[1]], shown)
         driver.find_element(By.CSS_SELECTOR, "#save").click()
         wait.until(lambda d: status().startswith(("saved", "error")))
         assert status().startswith("saved"), status()
