@@ -23,6 +23,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,10 +52,16 @@ DEFAULTS = {
     "num_inference_steps": 50,
     "negative_prompt": "",  # replaces "" in the unconditional branch
     "save_attention": False,  # also write attention/{seed}.npz and .png: where each subject's tokens are attended
+    # Variants of the method (docs/METHOD.md E), off by default; the toy world measures them (toy/RESULTS.md)
+    "region_self_attention": False,  # guided steps: a subject's region does not attend another subject's region
+    "residual_scale": 1.0,  # each residual is added times this
+    "guidance_schedule": "sigma",  # "sigma": gamma * log(1 + sigma_i^2) (B3); "constant": step 0's at every step
+    "residual_guidance": 0.0,  # r: e = e_u + s (e_c - e_u) + r (e_c - e_plain), e_plain without the residuals
 }
 # A layout is painted (layout + color_context) or given as boxes (regions, layouts.py): exactly one of the two.
 PAINTED_KEYS = ("layout", "color_context")
-CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max", "words")}
+CHOICES = {"cfg_schedule": ("sigma", "constant"), "text_length": ("adaptive", "max", "words"),
+           "guidance_schedule": ("sigma", "constant")}
 MAX_STEPS = 1000  # sampling steps: Stable Diffusion's schedule has 1000 timesteps
 MAX_IMAGES = 100_000  # images per config
 
@@ -117,8 +124,12 @@ class ConfigReader:
             self.integer(data, "num_inference_steps", minimum=1, maximum=MAX_STEPS)
         if "negative_prompt" in data and not isinstance(data["negative_prompt"], str):
             self.fail("negative_prompt", "expected a string")
-        if "save_attention" in data and not isinstance(data["save_attention"], bool):
-            self.fail("save_attention", f"expected true or false, got {data['save_attention']!r}")
+        for key in ("save_attention", "region_self_attention"):
+            if key in data and not isinstance(data[key], bool):
+                self.fail(key, f"expected true or false, got {data[key]!r}")
+        for key in ("residual_scale", "residual_guidance"):
+            if key in data:
+                self.number(data, key)
         for key, choices in CHOICES.items():
             if key in data and data[key] not in choices:
                 self.fail(key, f"expected one of {', '.join(choices)}, got {data[key]!r}")
@@ -508,17 +519,24 @@ def image_grid(images):
 # ------------------------------------------------------------------------------------------------
 # Sampling
 
-def job_inputs(sd, job):
-    """(cond [L, d] with the residuals added, uncond [L, d], weight map [L, H, W], pooled) of a prepared job.
+class JobInputs(NamedTuple):
+    """What the sampler needs of a prepared job, computed once per run while the text encoder is loaded."""
+    cond: torch.Tensor  # [L, d], the residuals added (times residual_scale)
+    uncond: torch.Tensor  # [L, d]
+    weight_map: torch.Tensor  # [L, H, W] (B2)
+    pooled: tuple | None  # SDXL's pooled embeddings (cond [p], uncond [p]), None for SD (pipeline_utils.conditioning)
+    plain: torch.Tensor | None  # [L, d] cond without the residuals, for residual_guidance; None without it
 
-    pooled: SDXL's pooled embeddings (cond [p], uncond [p]), None for SD (pipeline_utils.conditioning).
-    """
+
+def job_inputs(sd, job):
+    """The JobInputs of a prepared job."""
     from layout_guidance import layout_weight_map
 
-    cond, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids, not job.settings["negative_prompt"])
-    cond = apply_residuals(cond, [(s.residual.tensor, s.position) for s in job.subjects])
+    plain, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids, not job.settings["negative_prompt"])
+    scale = job.settings["residual_scale"]
+    cond = apply_residuals(plain, [(s.residual.tensor * scale, s.position) for s in job.subjects])
     weight_map = layout_weight_map(job.layout, job.regions, len(job.prompt_ids), job.settings["weight_negative"])
-    return cond, uncond, weight_map, pooled
+    return JobInputs(cond, uncond, weight_map, pooled, plain if job.settings["residual_guidance"] else None)
 
 
 def release_text_encoder(sd):
@@ -532,11 +550,23 @@ def sample_job(sd, guidance, job, inputs, seeds, height, width, recorder=None):
     """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch (recorder: an AttentionRecorder or None)."""
     from layout_guidance import generate
 
-    cond, uncond, weight_map, pooled = inputs
     s = job.settings
-    return generate(sd, cond, uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
-                    s["cfg_schedule"], guidance, weight_map, s["guidance_steps"], s["guidance_weight"], job.masks,
-                    pooled, recorder)
+    labels = subject_regions(job) if s["region_self_attention"] else None
+    return generate(sd, inputs.cond, inputs.uncond, seeds, height, width, s["num_inference_steps"], s["cfg_scale"],
+                    s["cfg_schedule"], guidance, inputs.weight_map, s["guidance_steps"], s["guidance_weight"],
+                    job.masks, inputs.pooled, recorder, labels, s["guidance_schedule"], inputs.plain,
+                    s["residual_guidance"])
+
+
+def subject_regions(job):
+    """[H, W] int64: for each pixel, the index of the color_context region it lies in when that region guides a
+    subject's rows, -1 elsewhere (other phrases' regions and unlisted colours are shared by all)."""
+    subject_rows = {row for s in job.subjects for row in s.rows}
+    labels = np.full(job.layout.shape[:2], -1, dtype=np.int64)
+    for index, (rgb, rows, _) in enumerate(job.regions):
+        if subject_rows & set(rows):
+            labels[(job.layout == np.array(rgb, dtype=np.uint8)).all(-1)] = index
+    return labels
 
 
 def attention_phrases(job):

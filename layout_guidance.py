@@ -54,6 +54,15 @@ def guidance_sigmas(guidance_steps):
     return scheduler.sigmas[:guidance_steps].float()
 
 
+def guidance_strengths(guidance_weight, guided_steps, schedule="sigma"):
+    """[G] float32: gamma * log(1 + sigma_i^2) of each guided step (B3); schedule "constant" (variant E1) repeats
+    step 0's strength, so the bias does not fade as the noise falls."""
+    strengths = guidance_weight * torch.log1p(guidance_sigmas(guided_steps) ** 2)
+    if schedule == "constant":
+        strengths = strengths[:1].repeat(guided_steps)
+    return strengths.float()
+
+
 # ------------------------------------------------------------------------------------------------
 # B3. The guided cross-attention
 
@@ -71,6 +80,7 @@ class LayoutGuidance:
         self.num_uncond = 0
         self.maps = {}  # h * w -> W resized to that attention grid, [h*w, L]
         self.recorder = None  # an AttentionRecorder while a sampling records its attention; None costs nothing
+        self.self_masks = {}  # h * w -> [1, 1, N, N] additive self-attention mask (variant); empty: plain
 
     # torch.compile treats tensors reached through the UNet's modules (these maps and the strength) as static
     # inputs, and CUDA graphs (--compile reduce-overhead) replay them from the address they were captured at:
@@ -92,6 +102,19 @@ class LayoutGuidance:
         if self.strength is None or self.strength.device != device:
             self.strength = torch.zeros((), device=device)
 
+    def set_self_attention(self, labels, latent_size, device):
+        """Variant (region_self_attention): during guided steps a pixel of one subject's region does not attend
+        the pixels of another subject's region. labels [H, W] int: the subject region of each pixel, -1 for none;
+        None switches the variant off."""
+        self.self_masks = {}
+        if labels is None:
+            return
+        for h, w in latent_grids(latent_size):
+            grid = region_labels_on_grid(labels, h, w).flatten()  # [h*w]
+            apart = (grid[:, None] != grid[None, :]) & (grid[:, None] >= 0) & (grid[None, :] >= 0)
+            mask = torch.zeros(apart.shape).masked_fill(apart, float("-inf"))
+            self.self_masks[h * w] = mask[None, None].to(device)
+
     def set_step(self, active, strength=None, num_uncond=0):
         """strength: a float or a 0-d tensor (on the UNet's device: no wait) while active; needs set_layout."""
         self.active, self.num_uncond = active, num_uncond
@@ -112,6 +135,14 @@ def latent_grids(latent_size):
         h, w = (h + 1) // 2, (w + 1) // 2
         grids.append((h, w))
     return grids
+
+
+def region_labels_on_grid(labels, h, w):
+    """labels [H, W] (-1: no subject) sampled at the centres of an h x w grid's cells."""
+    labels = torch.as_tensor(labels)
+    rows = ((torch.arange(h) + 0.5) * labels.shape[0] / h).long()
+    cols = ((torch.arange(w) + 0.5) * labels.shape[1] / w).long()
+    return labels[rows][:, cols]
 
 
 def guided_probs(query, key, layout_map, strength, scale, num_uncond=0, mask=None):
@@ -172,7 +203,7 @@ class GuidedCrossAttnProcessor:
         query, key, value, attention_mask = project(attn, hidden_states, encoder_hidden_states, attention_mask)
         probs = guided_probs(query, key, g.map_for(num_queries), g.strength, attn.scale, g.num_uncond, attention_mask)
         if g.recorder is not None:
-            g.recorder.add(probs[g.num_uncond:])
+            g.recorder.add(probs[g.num_uncond:2 * g.num_uncond])  # the conditional rows, not the plain ones
         out = (probs @ value.float()).to(value.dtype)  # [B, heads, N, hd]
         out = out.transpose(1, 2).reshape(batch, num_queries, -1)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -184,8 +215,8 @@ class GuidedCrossAttnProcessor:
         """Record an unguided call's conditional probabilities, computed apart from the fused kernel that still
         makes the output, so recording leaves the images exactly as they are without it."""
         n = self.guidance.num_uncond
-        mask = None if attention_mask is None else attention_mask[n:]
-        query, key, _, mask = project(attn, hidden_states[n:], encoder_hidden_states[n:], mask)
+        mask = None if attention_mask is None else attention_mask[n:2 * n]
+        query, key, _, mask = project(attn, hidden_states[n:2 * n], encoder_hidden_states[n:2 * n], mask)
         self.guidance.recorder.add(plain_probs(query, key, attn.scale, mask))
 
 
@@ -229,12 +260,39 @@ class AttentionRecorder:
         return {name: mean[:, j].cpu().numpy().astype(np.float32) for j, name in enumerate(self.names)}
 
 
+class RegionSelfAttnProcessor:
+    """Self-attention with the region mask of LayoutGuidance.self_masks during guided steps (variant
+    region_self_attention), diffusers' fused AttnProcessor2_0 otherwise (and always without the variant)."""
+
+    def __init__(self, guidance):
+        self.guidance = guidance
+        self.fused = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        g = self.guidance
+        if not g.active or not g.self_masks or encoder_hidden_states is not None or hidden_states.ndim != 3:
+            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        assert attn.spatial_norm is None and attn.group_norm is None and attention_mask is None, (
+            "region self-attention expects a Transformer2D attention block")
+        residual = hidden_states
+        batch, num_queries, _ = hidden_states.shape
+        query, key, value, _ = project(attn, hidden_states, hidden_states, None)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=g.self_masks[num_queries].to(query.dtype))
+        out = out.transpose(1, 2).reshape(batch, num_queries, -1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 def install_guidance(unet):
-    """Put one GuidedCrossAttnProcessor on every cross-attention layer (`attn2`); fused SDPA elsewhere."""
+    """Put one GuidedCrossAttnProcessor on every cross-attention layer (`attn2`) and one
+    RegionSelfAttnProcessor (fused SDPA unless its variant is on) on every self-attention layer (`attn1`)."""
     guidance = LayoutGuidance()
     guided = GuidedCrossAttnProcessor(guidance)
-    unet.set_attn_processor({name: guided if ".attn2." in name else AttnProcessor2_0()
-                             for name in unet.attn_processors})
+    region = RegionSelfAttnProcessor(guidance)
+    unet.set_attn_processor({name: guided if ".attn2." in name else region if ".attn1." in name
+                             else AttnProcessor2_0() for name in unet.attn_processors})
     return guidance
 
 
@@ -264,19 +322,25 @@ def cfg_scales(cfg_scale, schedule, sigmas):
 
 
 def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_type,
-                      guidance=None, guided_steps=0, strengths=None, masks=None, added_cond=None):
+                      guidance=None, guided_steps=0, strengths=None, masks=None, added_cond=None,
+                      plain=None, residual_guidance=0.0):
     """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
 
     cond, uncond [B, L, d]; sigmas, scales: lists of floats; strengths: a [G] tensor on the UNet's
     device. The layout guidance (if any) is switched on for steps i < guided_steps. masks: (cond, uncond)
     [L] of 1 (attend) and 0, or None. added_cond: SDXL's extra conditioning of the [uncond; cond] batch.
+    Variant residual_guidance (docs/METHOD.md E): plain [B, L, d] is cond without the residuals, run as a third
+    branch (guided as the conditional one) and e = e_u + s_i (e_c - e_u) + residual_guidance (e_c - e_plain).
     """
-    encoder_states = torch.cat([uncond, cond]).to(unet.dtype)  # [2B, L, d]
+    branches = [uncond, cond] if plain is None else [uncond, cond, plain]
+    encoder_states = torch.cat(branches).to(unet.dtype)  # [2B or 3B, L, d]
     batch = cond.shape[0]
     extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
     if masks is not None:
         cond_mask, uncond_mask = (torch.tensor(m, device=cond.device)[None].expand(batch, -1) for m in masks)
-        extra["encoder_attention_mask"] = torch.cat([uncond_mask, cond_mask])  # [2B, L]
+        extra["encoder_attention_mask"] = torch.cat([uncond_mask] + [cond_mask] * (len(branches) - 1))
+    if plain is not None and added_cond is not None:
+        extra["added_cond_kwargs"] = {k: torch.cat([v, v[batch:]]) for k, v in added_cond.items()}
 
     def denoise(x, i):
         sigma = sigmas[i]
@@ -284,9 +348,12 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
             active = i < guided_steps
             guidance.set_step(active, strengths[i] if active else None, num_uncond=batch)
         x_in = (x / math.sqrt(sigma ** 2 + 1)).to(unet.dtype)
-        out = unet(torch.cat([x_in, x_in]), timesteps[i], encoder_hidden_states=encoder_states, **extra).sample.float()
-        out_uncond, out_cond = out.chunk(2)
+        raw = unet(torch.cat([x_in] * len(branches)), timesteps[i], encoder_hidden_states=encoder_states,
+                   **extra).sample.float()
+        out_uncond, out_cond = raw[:batch], raw[batch:2 * batch]
         out = out_uncond + scales[i] * (out_cond - out_uncond)
+        if plain is not None:
+            out = out + residual_guidance * (out_cond - raw[2 * batch:])
         if prediction_type == "v_prediction":
             return out * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
         return x - sigma * out
@@ -297,7 +364,7 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
 @torch.no_grad()
 def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_scale, cfg_schedule="sigma",
              guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None, pooled=None,
-             recorder=None):
+             recorder=None, region_labels=None, guidance_schedule="sigma", plain=None, residual_guidance=0.0):
     """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
 
     cond, uncond [L, d] float32 (residuals already applied). With `guidance` (from install_guidance) and a
@@ -305,6 +372,9 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     uncond) lists [L] of 1 and 0 for the UNet's encoder_attention_mask (text length "words"), or None.
     pooled: SDXL's pooled text embeddings (cond [p], uncond [p]); None for SD.
     recorder: an AttentionRecorder (needs `guidance`) that this sampling's cross-attention is added to.
+    Variants (docs/METHOD.md E), off by default: region_labels [H, W] (each pixel's subject region, -1 for
+    none) masks self-attention between regions during guided steps; guidance_schedule "constant" keeps the
+    first step's strength gamma * log(1 + sigma_0^2) for every guided step instead of letting it fall with sigma.
     """
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
@@ -317,8 +387,9 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
         if weight_map is not None and guidance_steps > 0:
             guidance.set_layout(weight_map, (height // 8, width // 8), device)
             guided_steps = min(guidance_steps, num_inference_steps)  # the strength's schedule has as many steps
-            strengths = guidance_weight * torch.log1p(guidance_sigmas(guided_steps) ** 2)
-            strengths = strengths.float().to(device)  # [G]: set_step copies one on the device, no wait
+            # [G] on the device: set_step copies one from there, no wait
+            strengths = guidance_strengths(guidance_weight, guided_steps, guidance_schedule).to(device)
+        guidance.set_self_attention(region_labels if guided_steps else None, (height // 8, width // 8), device)
         guidance.set_step(False)
 
     # One CPU generator per image: its initial latents first, then each recurrence noise in order. All are
@@ -340,7 +411,7 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
     denoise = make_cfg_denoiser(
         sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
         cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths, masks,
-        added_cond)
+        added_cond, None if plain is None else plain[None].expand(batch, -1, -1), residual_guidance)
     if recorder is not None:
         guidance.recorder = recorder
     try:

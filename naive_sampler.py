@@ -106,7 +106,7 @@ def naive_image(sd32, state, job, residual_paths, seed, height, width):
     again for this image. residual_paths: one file per subject of the job, in order; the job is left as it is."""
     subjects = [dataclasses.replace(subject, residual=load_residual(path))
                 for subject, path in zip(job.subjects, residual_paths)]
-    cond, uncond, weight_map, pooled = job_inputs(sd32, dataclasses.replace(job, subjects=subjects))
+    cond, uncond, weight_map, pooled, _ = job_inputs(sd32, dataclasses.replace(job, subjects=subjects))
     added_cond = (None, None)
     if pooled is not None:
         added_cond = tuple(sd32.added_cond(p[None].to(sd32.unet.device, sd32.unet.dtype), height, width)
