@@ -3,6 +3,7 @@ concept (a broken training loop or a residual at the wrong position fails the ma
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import analyze
@@ -23,46 +24,79 @@ def test_scenes_are_deterministic_and_read_back():
 def test_residual_learned_on_the_toy_model_carries_its_concept(tmp_path):
     residual = measure.train_concept(tmp_path, "blue_circle")
     zero = measure.fixed_residual(tmp_path / "zero.safetensors", torch.zeros(1, 64), "circle")
-    seeds = 8
-    with_residual = measure.fidelity_cell(tmp_path, "with", "blue_circle", residual, seeds)
-    without = measure.fidelity_cell(tmp_path, "without", "blue_circle", zero, seeds)
+    seeds, names = 8, ("blue_circle",)
+    with_residual = measure.fidelity_cells(tmp_path, "with", {"blue_circle": residual}, seeds, names=names)
+    without = measure.fidelity_cells(tmp_path, "without", {"blue_circle": zero}, seeds, names=names)
+    with_residual, without = with_residual["blue_circle"], without["blue_circle"]
     assert with_residual["fidelity"] >= without["fidelity"] + 0.5, (with_residual["fidelity"], without["fidelity"])
     assert with_residual["class_kept"] >= 0.75
 
 
-def test_results_are_written_under_out_only(tmp_path, monkeypatch):
-    """results.json goes to --out; a report only where --results_md asks, keeping its analysis section.
-    Training and sampling are replaced by fixed cells: this checks where the results go, in a second."""
-    cell = {"fidelity": 1.0, "class_kept": 1.0, "both_colours": 1.0, "layout_accuracy": 1.0, "leakage": 0.0,
-            "examples": np.zeros((4, 64, 64, 3), dtype=np.uint8),
-            "attention_in_region": dict.fromkeys(measure.CONCEPTS, 0.75),
-            "attention_in_region_failed": dict.fromkeys(measure.CONCEPTS)}
+def obj(colour, cx, shape="circle"):
+    return {"colour": colour, "shape": shape, "cx": cx, "cy": 32.0, "area": 100, "fill": 0.8}
 
-    def train_concept(out, name):  # where train.py would have written it
-        (out / "residuals").mkdir(exist_ok=True)
-        return out / "residuals" / f"{name}.safetensors"
+
+@pytest.mark.parametrize("found,kind", [
+    ([obj("blue", 10), obj("yellow", 50, "square")], "ok"),
+    ([obj("yellow", 50, "square")], "missing"),
+    ([obj("blue", 10), obj("red", 20)], "missing"),
+    ([obj("yellow", 10), obj("blue", 50)], "misplaced"),
+    ([obj("blue", 10), obj("orange", 50, "square")], "wrong_colour"),
+    ([obj("green", 10), obj("orange", 50)], "wrong_colour"),
+])
+def test_failure_kinds(found, kind):
+    assert measure.failure_kind(found, ("blue_circle", "yellow_square")) == kind
+
+
+def test_results_are_written_under_out_only(tmp_path, monkeypatch):
+    """results.json goes to --out, with the faithful figures under today's keys and the best setting's under
+    "best"; a report only where --results_md asks, keeping its analysis section. Training and sampling are
+    replaced by fixed cells: this checks where the results go, in a second."""
+    examples = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+
+    def fidelity_cells(out, cell, residuals, seeds, position=2, **keys):
+        value = 1.0 if keys.get("residual_guidance") else 0.5
+        return {n: {"fidelity": value, "class_kept": 1.0, "examples": examples} for n in measure.CONCEPTS}
+
+    def composition_cells(out, cell, residuals, seeds, guided=True, nouns=False, **keys):
+        kinds = dict.fromkeys(measure.FAILURES, 0.0) | {"ok": 1.0}
+        return {"+".join(p): {"both_colours": 1.0, "layout_accuracy": 0.9 if keys.get("residual_guidance") else 0.6,
+                              "leakage": 0.0, "examples": examples, "failures": kinds,
+                              "attention_by_failure": dict.fromkeys(measure.FAILURES),
+                              "attention_in_region": dict.fromkeys(p, 0.75),
+                              "attention_in_region_failed": dict.fromkeys(p)} for p in measure.PAIRS}
+
+    def train_concept(out, name, changes=None):  # where train.py would have written it
+        path = out / "residuals" / measure.training_label(changes) / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     monkeypatch.setattr(measure, "train_concept", train_concept)
-    monkeypatch.setattr(measure, "fixed_residual", lambda path, tensor, noun: path)
     monkeypatch.setattr(measure, "noun_swap_residual", lambda out, name: out / f"{name}_swap.safetensors")
     monkeypatch.setattr(measure, "load_residual", lambda path: type("R", (), {"tensor": torch.zeros(1, 64)}))
-    monkeypatch.setattr(measure, "fidelity_cell", lambda *a, **k: cell)
-    monkeypatch.setattr(measure, "composition_cell", lambda *a, **k: cell)
+    monkeypatch.setattr(measure, "fidelity_cells", fidelity_cells)
+    monkeypatch.setattr(measure, "composition_cells", composition_cells)
     tracked_report = measure.TOY / "RESULTS.md"
     before = tracked_report.read_text()
 
     out = tmp_path / "out"
-    measure.run(measure.parse_args(["--seeds", "2", "--out", str(out)]))
+    measure.run(measure.parse_args(["--quick", "--out", str(out)]))
     results = json.loads((out / "results.json").read_text())
-    assert results["concept_fidelity_with"] == 1.0 and results["attention_in_region_with_guidance"] == 0.75
+    assert results["seeds"] == 8 and "sweep" not in results
+    assert results["concept_fidelity_with"] == 0.5 and results["attention_in_region_with_guidance"] == 0.75
+    assert results["layout_accuracy_with_guidance"] == 0.6
+    assert results["best"]["layout_accuracy_with_guidance"] == 0.9 and results["best"]["concept_fidelity_with"] == 1.0
+    assert results["best"]["setting"] == measure.BEST
     assert (out / "examples.png").is_file() and not list(tmp_path.glob("*.md"))
+    assert all(p.is_relative_to(out) for p in tmp_path.rglob("*") if p != out)
 
     report = tmp_path / "report.md"
     report.write_text("old tables\n## Analysis\nkept by hand\n")
-    measure.run(measure.parse_args(["--seeds", "2", "--out", str(out), "--results_md", str(report)]))
+    measure.run(measure.parse_args(["--seeds", "2", "--sweep", "--out", str(out), "--results_md", str(report)]))
     text = report.read_text()
-    assert text.startswith("# Toy world results") and "old tables" not in text
+    assert text.startswith("# Toy world results") and "old tables" not in text and "## Sweep" in text
     assert text.endswith("## Analysis\nkept by hand\n")
+    assert len(json.loads((out / "results.json").read_text())["sweep"]) == len(measure.SWEEP) + len(measure.NOUN_SWEEP)
     assert tracked_report.read_text() == before
 
 
@@ -71,8 +105,8 @@ def test_layout_guidance_puts_each_concepts_attention_in_its_region(tmp_path):
     attention lies more inside its half than without."""
     pair = ("blue_circle", "yellow_square")
     residuals = {name: measure.noun_swap_residual(tmp_path, name) for name in pair}
-    guided = measure.composition_cell(tmp_path, "guided", pair, residuals, 4, guided=True)
-    unguided = measure.composition_cell(tmp_path, "unguided", pair, residuals, 4, guided=False)
+    guided, unguided = (measure.composition_cells(tmp_path, f"guided{g}", residuals, 4, guided=g, pairs=[pair])
+                        ["+".join(pair)] for g in (True, False))
     print("attention_in_region guided", guided["attention_in_region"], "unguided", unguided["attention_in_region"])
     for name in pair:
         assert guided["attention_in_region"][name] > unguided["attention_in_region"][name] + 0.1

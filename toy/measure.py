@@ -1,24 +1,32 @@
-"""Does the method work? Concept fidelity, composition and layout in the toy world, through the project's CLIs.
+"""Does the method work? Concept fidelity, composition and layout in the toy world, through the project's code.
 
-    python toy/measure.py --seeds 32 --out toy/results --results_md toy/RESULTS.md     # about 10 minutes, 2 cores
+    python toy/measure.py --seeds 32                        # the faithful method and the best setting (~8 min)
+    python toy/measure.py --quick                           # 8 seeds, the main cells only (~3 min)
+    python toy/measure.py --seeds 32 --sweep --results_md toy/RESULTS.md    # also the sweep of knobs, the report
 
-With toy/base_model (toy/build_base.py), exactly as users run the project:
+With toy/base_model (toy/build_base.py):
 1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a blue circle,
    "square" = a yellow square, "triangle" = a blue triangle, and "circle" = a yellow circle), five images each;
-2. `inference.py` samples every cell below for --seeds seeds, and toy/analyze.py reads the images back:
+2. inference.py's own main() samples the cells below (one call per cell, all its configs on one model load,
+   each config's seeds in one batch), and toy/analyze.py reads the images back:
    - concept fidelity: how often "a {shape}" comes out in the concept's colour, with the residual and without
      it (a zero residual; chance is 1/6), and whether the shape is still the class;
    - composition: "a {shape1} and a {shape2}" with two residuals and a left/right layout, with layout guidance
-     and without: both colours present, each object's centroid in its region, leakage (an object wearing the
-     other concept's colour), and from the attention maps (inference.py's save_attention) the share of each
-     concept's attention inside its half, over all samples and over the samples whose layout failed;
-   - ablations: sigma vs constant CFG, text length "adaptive" (the UNet sees one EOS it never saw in
-     training) and "max", the residual on the wrong token (a negative control), and as an upper bound the
-     specific noun's embedding put in the generic noun's place ("plum" for "circle").
-Writes results.json and examples.png to --out, nothing elsewhere; with --results_md, also the tables of a
-report such as toy/RESULTS.md (its hand-written analysis below the tables is kept).
+     and without: both colours present, each object in its half, leakage (an object wearing the other
+     concept's colour), why each failed sample failed (FAILURES), and from the attention maps (save_attention)
+     the share of each concept's attention inside its half;
+   - ablations: sigma vs constant CFG, text length "adaptive" and "max", the residual on the wrong token (a
+     negative control), and as an upper bound the specific noun's embedding put in the generic noun's place.
+   Every figure is measured twice: with the faithful method (today's keys of results.json) and with BEST, the
+   best setting the sweep found (results.json "best", with its "setting"). The residuals are trained once:
+   BEST changes only sampling.
+3. --sweep: composition under each setting of SWEEP (the method's knobs, residual training and the variants of
+   docs/METHOD.md E), and with the specific nouns in the prompt (no residual) as the base model's upper bound.
+Writes results.json, examples.png and the runs behind them to --out, nothing elsewhere; with --results_md, also
+the tables of a report such as toy/RESULTS.md (its hand-written analysis below the tables is kept).
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 TOY = Path(__file__).resolve().parent
 ROOT = TOY.parent
@@ -52,17 +60,50 @@ PAIRS = [("blue_circle", "yellow_square"), ("yellow_square", "blue_triangle"),
          ("blue_triangle", "yellow_circle"), ("yellow_circle", "blue_circle")]
 # Sampling that suits the toy: CFG 3 (7.5, doubled early by the sigma schedule, over-saturates it).
 SAMPLING = {"cfg_scale": 3.0, "cfg_schedule": "constant", "text_length": "words", "num_inference_steps": 30}
+GUIDANCE = {"guidance_weight": 0.08, "weight_negative": -1e8}  # guidance_steps: all steps, or 0 unguided
 TRAINING = ["--resolution", "64", "--max_train_steps", "300", "--learning_rate", "1e-3", "--text_length", "words",
             "--num_validation_images", "0", "--checkpointing_steps", "0", "--seed", "0"]
+# The best setting of the sweep (toy/RESULTS.md): config keys on top of the faithful ones, training flags.
+# Chosen as the highest layout accuracy whose concept fidelity is >= 0.9 and leakage no worse than the faithful.
+BEST = {"config": {"region_self_attention": True, "residual_guidance": 2.0, "cfg_scale": 2.0}, "training": {}}
+# The sweep: (label, config keys, training flags); all cells guided unless the keys say otherwise.
+SWEEP = [
+    ("faithful", {}, {}),
+    ("guidance_weight 0 (self-recurrence only)", {"guidance_weight": 0.0}, {}),
+    ("guidance_weight 0.04", {"guidance_weight": 0.04}, {}),
+    ("guidance_weight 0.2", {"guidance_weight": 0.2}, {}),
+    ("weight_negative -1", {"weight_negative": -1.0}, {}),
+    ("weight_negative -5", {"weight_negative": -5.0}, {}),
+    ("guidance_steps 10", {"guidance_steps": 10}, {}),
+    ("guidance_steps 15", {"guidance_steps": 15}, {}),
+    ("cfg_scale 5", {"cfg_scale": 5.0}, {}),
+    ("cfg_scale 7.5", {"cfg_scale": 7.5}, {}),
+    ("cfg_schedule sigma", {"cfg_schedule": "sigma"}, {}),
+    ("50 steps, all guided", {"num_inference_steps": 50, "guidance_steps": 50}, {}),
+    ("text_length adaptive", {"text_length": "adaptive"}, {}),
+    ("training 150 steps", {}, {"--max_train_steps": "150"}),
+    ("training lr 3e-3", {}, {"--learning_rate": "3e-3"}),
+    ("E1 guidance_schedule constant", {"guidance_schedule": "constant"}, {}),
+    ("E2 residual_scale 1.5", {"residual_scale": 1.5}, {}),
+    ("E2 residual_scale 2", {"residual_scale": 2.0}, {}),
+    ("E3 residual_guidance 2", {"residual_guidance": 2.0}, {}),
+    ("E4 region_self_attention", {"region_self_attention": True}, {}),
+    ("E4 + E2 residual_scale 1.75", {"region_self_attention": True, "residual_scale": 1.75}, {}),
+    ("E4 + E3 residual_guidance 1", {"region_self_attention": True, "residual_guidance": 1.0}, {}),
+    ("E4 + E3 residual_guidance 2", {"region_self_attention": True, "residual_guidance": 2.0}, {}),
+    ("E4 + E3 residual_guidance 3", {"region_self_attention": True, "residual_guidance": 3.0}, {}),
+    ("E4 + E3 2 + E2 residual_scale 1.25", {"region_self_attention": True, "residual_guidance": 2.0,
+                                            "residual_scale": 1.25}, {}),
+    ("E4 + E3 2, cfg_scale 2 (best)", BEST["config"], BEST["training"]),
+    ("E4 + E3 2, cfg_scale 2, training lr 3e-3", BEST["config"], {"--learning_rate": "3e-3"}),
+]
+# The base model's own ceiling: the specific nouns ("a berry and a butter") in the prompt, no residual.
+NOUN_SWEEP = [("nouns, unguided", {"guidance_steps": 0}), ("nouns, faithful", {}),
+              ("nouns, weight_negative -1", {"weight_negative": -1.0}),
+              ("nouns, E4 region_self_attention", {"region_self_attention": True})]
+# Why a composed sample failed, in this order: the first that applies.
+FAILURES = ("ok", "missing", "misplaced", "wrong_colour")
 LEFT, RIGHT = "255,0,0", "0,255,0"
-
-
-def python(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args[:2]))} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,21 +119,44 @@ def concept_images(folder, shape, colour, count=5, seed=0):
     return folder
 
 
-def train_concept(out, name, model=BASE_MODEL, steps=None):
+def training_flags(changes):
+    """TRAINING with the flags of `changes` ({flag: value}) replaced."""
+    args = list(TRAINING)
+    for flag, value in changes.items():
+        args[args.index(flag) + 1] = str(value)
+    return args
+
+
+def train_concept(out, name, model=BASE_MODEL, changes=None):
+    """train.py on the concept's five images, in a process of its own, as users run it; the residual's path."""
     noun, shape, colour = CONCEPTS[name]
     data = concept_images(out / "concepts" / name, shape, colour)
-    args = list(TRAINING)
-    if steps:
-        args[args.index("--max_train_steps") + 1] = str(steps)
-    python("train.py", "--pretrained_model_name_or_path", model, "--instance_data_dir", data,
-           "--instance_prompt", noun, "--output_dir", out / "residuals" / name, *args)
-    return out / "residuals" / name / "residual.safetensors"
+    folder = out / "residuals" / training_label(changes) / name
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "train.py", "--pretrained_model_name_or_path", str(model),
+                           "--instance_data_dir", str(data), "--instance_prompt", noun, "--output_dir", str(folder),
+                           *training_flags(changes or {})], cwd=ROOT, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"train.py failed for {name}:\n{done.stderr[-3000:]}")
+    return folder / "residual.safetensors"
+
+
+def training_label(changes):
+    return "default" if not changes else "_".join(f"{k.strip('-')}{v}" for k, v in sorted(changes.items()))
 
 
 def fixed_residual(path, tensor, noun):
     from residual_utils import save_residual
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_residual(path, tensor, {"class_phrase": noun, "base_model": str(BASE_MODEL)})
+    return path
+
+
+def unlabelled_residual(path, tensor):
+    """A residual file without a class phrase (a plain tensor), which inference lets sit on any token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensor, path)
     return path
 
 
@@ -104,100 +168,159 @@ def noun_swap_residual(out, name, model=BASE_MODEL):
     sd = load_model(str(model), torch.device("cpu"), torch.float32)
     specific = encode_ids(sd.text_encoder, token_ids(sd.tokenizer, f"a {NOUNS[shape][colour]}"))[0, 2]
     generic = encode_ids(sd.text_encoder, token_ids(sd.tokenizer, f"a {noun}"))[0, 2]
-    return fixed_residual(out / "residuals" / f"{name}_swap.safetensors", (specific - generic)[None], noun)
+    return fixed_residual(out / "residuals" / "swap" / f"{name}.safetensors", (specific - generic)[None], noun)
 
 
 # ------------------------------------------------------------------------------------------------
-# Cells
+# Sampling: inference.py's main() on every config of a cell
 
 def full_layout(out):
-    path = out / "layouts" / "full.png"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (64, 64), (255, 0, 0)).save(path)
-    return path
+    return solid_layout(out / "layouts" / "full.png", 64)
 
 
 def halves_layout(out):
-    path = out / "layouts" / "halves.png"
+    return solid_layout(out / "layouts" / "halves.png", 32)
+
+
+def solid_layout(path, split):
+    """A 64 x 64 layout: red left of column `split`, green from it on (all red for split 64)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         array = np.zeros((64, 64, 3), dtype=np.uint8)
-        array[:, :32] = (255, 0, 0)
-        array[:, 32:] = (0, 255, 0)
+        array[:, :split] = (255, 0, 0)
+        array[:, split:] = (0, 255, 0)
         Image.fromarray(array).save(path)
     return path
 
 
-def sample(out, cell, config, seeds, model=BASE_MODEL):
-    """Run inference.py on one config; returns the images [S, 64, 64, 3] (and with the config's save_attention,
-    also each image's attention maps {name: [64, 64]})."""
-    path = out / "configs" / f"{cell}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([config]))
-    folder = out / "images" / cell
-    python("inference.py", "--pretrained_model_name_or_path", model, "--inference_config", path,
-           "--output_dir", folder, "--num_images", seeds, "--batch_size", seeds, "--seed", 1000, "--resolution", 64,
-           "--overwrite")  # a measurement run again replaces its images
-    run_folder = next(folder.rglob("config.json")).parent
-    images = np.stack([np.array(Image.open(run_folder / f"{1000 + j}.png")) for j in range(seeds)])
-    if not config.get("save_attention"):
-        return images
-    return images, [read_attention(run_folder / ATTENTION_FOLDER / f"{1000 + j}.npz") for j in range(seeds)]
+def sample(out, cell, configs, seeds, model=BASE_MODEL):
+    """Run inference.py's main() once on `configs` ({key: config}); returns {key: (images [S, 64, 64, 3], attention
+    maps [{name: [64, 64]}] or None)}. Its messages go to out/logs/{cell}.log."""
+    import inference
+
+    paths = []
+    for key, config in configs.items():
+        paths.append(out / "configs" / cell / f"{key}.json")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        paths[-1].write_text(json.dumps([config]))
+    args = ["--pretrained_model_name_or_path", str(model), "--inference_config", *map(str, paths),
+            "--output_dir", str(out / "images" / cell), "--num_images", str(seeds), "--batch_size", str(seeds),
+            "--seed", "1000", "--resolution", "64", "--device", "cpu", "--overwrite"]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"{cell}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        folders = inference.main(inference.parse_args(args))
+    results = {}
+    for key, folder in zip(configs, folders):
+        images = np.stack([np.array(Image.open(folder / f"{1000 + j}.png")) for j in range(seeds)])
+        maps = None
+        if configs[key].get("save_attention"):
+            maps = [read_attention(folder / ATTENTION_FOLDER / f"{1000 + j}.npz") for j in range(seeds)]
+        results[key] = (images, maps)
+    return results
 
 
-def fidelity_cell(out, cell, name, residual, seeds, position=2, **overrides):
-    noun, shape, colour = CONCEPTS[name]
-    config = {"prompt": f"a {noun}", "residual_dict": {"<c>": str(residual)},
-              "color_context": {LEFT: [noun, 2.5]}, "guidance_steps": 0, "guidance_weight": 0.08,
-              "weight_negative": -1e8, "layout": str(full_layout(out)), "subject_list": [["<c>", position]],
-              **SAMPLING, **overrides}
-    images = sample(out, cell, config, seeds)
+def subject(name):
+    return f"<{name}>"
+
+
+def fidelity_config(out, name, residual, position=2, **keys):
+    noun = CONCEPTS[name][0]
+    return {"prompt": f"a {noun}", "residual_dict": {subject(name): str(residual)},
+            "color_context": {LEFT: [noun, 2.5]}, "guidance_steps": 0, **GUIDANCE, "layout": str(full_layout(out)),
+            "subject_list": [[subject(name), position]], **SAMPLING, **keys}
+
+
+def composition_config(out, pair, residuals, guided=True, nouns=None, **keys):
+    """nouns: the two words of the prompt (default the concepts' generic nouns)."""
+    first, second = nouns or (CONCEPTS[pair[0]][0], CONCEPTS[pair[1]][0])
+    a, b = subject(pair[0]), subject(pair[1])
+    return {"prompt": f"a {first} and a {second}", "residual_dict": {a: str(residuals[pair[0]]), b: str(residuals[pair[1]])},
+            "color_context": {LEFT: [a, 2.5], RIGHT: [b, 2.5]},
+            "guidance_steps": SAMPLING["num_inference_steps"] if guided else 0, **GUIDANCE,
+            "layout": str(halves_layout(out)), "subject_list": [[a, 2], [b, 5]], "save_attention": True,
+            **SAMPLING, **keys}
+
+
+def fidelity_cells(out, cell, residuals, seeds, position=2, names=tuple(CONCEPTS), **keys):
+    """{concept: {fidelity, class_kept, examples}} of one cell: each concept's "a {noun}" with its residual."""
+    configs = {name: fidelity_config(out, name, residuals[name], position, **keys) for name in names}
+    return {name: score_fidelity(name, images) for name, (images, _) in sample(out, cell, configs, seeds).items()}
+
+
+def score_fidelity(name, images):
+    _, shape, colour = CONCEPTS[name]
     found = [objects(image) for image in images]
     return {"fidelity": float(np.mean([bool(f) and f[0]["colour"] == colour for f in found])),
             "class_kept": float(np.mean([bool(f) and f[0]["shape"] == shape for f in found])),
             "examples": images[:4]}
 
 
-def composition_cell(out, cell, pair, residuals, seeds, guided, **overrides):
-    (noun1, shape1, colour1), (noun2, shape2, colour2) = CONCEPTS[pair[0]], CONCEPTS[pair[1]]
-    config = {"prompt": f"a {noun1} and a {noun2}",
-              "residual_dict": {"<c1>": str(residuals[pair[0]]), "<c2>": str(residuals[pair[1]])},
-              "color_context": {LEFT: ["<c1>", 2.5], RIGHT: ["<c2>", 2.5]},
-              "guidance_steps": SAMPLING["num_inference_steps"] if guided else 0, "guidance_weight": 0.08,
-              "weight_negative": -1e8, "layout": str(halves_layout(out)), "subject_list": [["<c1>", 2], ["<c2>", 5]],
-              "save_attention": True, **SAMPLING, **overrides}
-    images, maps = sample(out, cell, config, seeds)
-    both, placed, leaked = [], [], []
+def composition_cells(out, cell, residuals, seeds, guided=True, nouns=False, pairs=tuple(PAIRS), **keys):
+    """{"a+b": scores} of one cell: every pair composed with its two residuals on the halves layout.
+    nouns: the specific nouns in the prompt instead of the generic ones (residuals then are zeros)."""
+    configs = {}
+    for pair in pairs:
+        words = (specific_noun(pair[0]), specific_noun(pair[1])) if nouns else None
+        configs["+".join(pair)] = composition_config(out, pair, residuals, guided, words, **keys)
+    results = sample(out, cell, configs, seeds)
+    return {key: score_composition(tuple(key.split("+")), *results[key]) for key in configs}
+
+
+def specific_noun(name):
+    _, shape, colour = CONCEPTS[name]
+    return NOUNS[shape][colour]
+
+
+def failure_kind(found, pair):
+    """FAILURES: why one composed image (its objects) is not right; "ok" when each concept's colour is in its half."""
+    (_, _, colour1), (_, _, colour2) = CONCEPTS[pair[0]], CONCEPTS[pair[1]]
+    first = [o for o in found if o["colour"] == colour1]
+    second = [o for o in found if o["colour"] == colour2]
+    if first and second and first[0]["cx"] < 32 <= second[0]["cx"]:
+        return "ok"
+    if not any(o["cx"] < 32 for o in found) or not any(o["cx"] >= 32 for o in found):
+        return "missing"  # a half holds no object
+    if first and second:
+        return "misplaced"  # both colours drawn, not each in its own half
+    return "wrong_colour"  # an object in each half, but a concept's colour is nowhere
+
+
+def score_composition(pair, images, maps):
+    (_, shape1, colour1), (_, shape2, colour2) = CONCEPTS[pair[0]], CONCEPTS[pair[1]]
+    kinds, both, leaked = [], [], []
     for image in images:
         found = objects(image)
+        kinds.append(failure_kind(found, pair))
         colours = {o["colour"] for o in found}
         both.append(colour1 in colours and colour2 in colours)
-        first = [o for o in found if o["colour"] == colour1]
-        second = [o for o in found if o["colour"] == colour2]
-        placed.append(bool(first) and bool(second) and first[0]["cx"] < 32 <= second[0]["cx"])
         # the other concept's colour on this concept's shape (when the two shapes differ)
         leaked.append(shape1 != shape2 and any((o["shape"] == shape1 and o["colour"] == colour2) or
                                                (o["shape"] == shape2 and o["colour"] == colour1) for o in found))
     inside = attention_in_halves(maps, pair)  # {concept: [S]}
-    failed = [not p for p in placed]
-    return {"both_colours": float(np.mean(both)), "layout_accuracy": float(np.mean(placed)),
+    per_sample = np.mean(list(inside.values()), axis=0)  # [S]: the mean of the two concepts
+    failed = np.array([k != "ok" for k in kinds])
+    return {"both_colours": float(np.mean(both)), "layout_accuracy": float(np.mean(failed == 0)),
             "leakage": float(np.mean(leaked)), "examples": images[:4],
+            "failures": {k: kinds.count(k) / len(kinds) for k in FAILURES},
+            "attention_by_failure": {k: float(per_sample[[x == k for x in kinds]].mean()) if k in kinds else None
+                                     for k in FAILURES},
             "attention_in_region": {n: float(np.mean(v)) for n, v in inside.items()},
-            "attention_in_region_failed": {n: float(np.mean(np.array(v)[failed])) if any(failed) else None
+            "attention_in_region_failed": {n: float(np.mean(np.array(v)[failed])) if failed.any() else None
                                            for n, v in inside.items()}}
 
 
 def attention_in_halves(maps, pair):
-    """{concept: [S]}: the share of each sample's attention on <c1> in the left half and on <c2> in the right."""
+    """{concept: [S]}: the share of each sample's attention on the first subject in the left half and on the
+    second in the right."""
     left = np.zeros((64, 64), dtype=bool)
     left[:, :32] = True
-    return {pair[0]: [mass_inside(m["<c1>"], left) for m in maps],
-            pair[1]: [mass_inside(m["<c2>"], ~left) for m in maps]}
+    return {pair[0]: [mass_inside(m[subject(pair[0])], left) for m in maps],
+            pair[1]: [mass_inside(m[subject(pair[1])], ~left) for m in maps]}
 
 
 def mean_of(cells, key):
-    return float(np.mean([c[key] for c in cells]))
+    return float(np.mean([c[key] for c in cells.values()]))
 
 
 def mean_attention(cells):
@@ -205,138 +328,273 @@ def mean_attention(cells):
     return float(np.mean([v for c in cells.values() for v in c["attention_in_region"].values()]))
 
 
+def pooled_failures(cells):
+    """FAILURES shares over all pairs of a cell."""
+    return {k: float(np.mean([c["failures"][k] for c in cells.values()])) for k in FAILURES}
+
+
 # ------------------------------------------------------------------------------------------------
+# The measurement
 
-def run(args):
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    residuals = {name: train_concept(out, name) for name in CONCEPTS}
-    print(f"trained {len(residuals)} residuals ({time.time() - start:.0f}s)", flush=True)
-    zero = {name: fixed_residual(out / "residuals" / f"{name}_zero.safetensors", torch.zeros(1, 64), CONCEPTS[name][0])
-            for name in CONCEPTS}
-    swap = {name: noun_swap_residual(out, name) for name in CONCEPTS}
-    # the negative control puts the residual on "a": a file without a class phrase, which inference allows
-    unlabelled = {}
-    for name, path in residuals.items():
-        unlabelled[name] = out / "residuals" / f"{name}_unlabelled.pt"
-        torch.save(load_residual(path).tensor, unlabelled[name])
+class Measurement:
+    """The residuals of one --out folder, trained once per training setting, and the cells sampled with them."""
 
-    fidelity = {}
-    variants = {
-        "with": lambda n: fidelity_cell(out, f"{n}_with", n, residuals[n], args.seeds),
-        "without": lambda n: fidelity_cell(out, f"{n}_without", n, zero[n], args.seeds),
-        "sigma_cfg": lambda n: fidelity_cell(out, f"{n}_sigma", n, residuals[n], args.seeds, cfg_schedule="sigma"),
-        "text_adaptive": lambda n: fidelity_cell(out, f"{n}_adaptive", n, residuals[n], args.seeds,
-                                                 text_length="adaptive"),
-        "text_max": lambda n: fidelity_cell(out, f"{n}_max", n, residuals[n], args.seeds, text_length="max"),
-        "wrong_token": lambda n: fidelity_cell(out, f"{n}_wrong", n, unlabelled[n], args.seeds, position=1),
-        "noun_swap": lambda n: fidelity_cell(out, f"{n}_swap", n, swap[n], args.seeds),
-    }
-    for variant, cell in variants.items():
-        fidelity[variant] = {name: cell(name) for name in CONCEPTS}
-        print(f"fidelity {variant}: " + ", ".join(f"{n} {c['fidelity']:.2f}" for n, c in fidelity[variant].items())
-              + f" ({time.time() - start:.0f}s)", flush=True)
+    def __init__(self, out, seeds):
+        self.out, self.seeds = out, seeds
+        self.trained = {}  # training label -> {concept: residual path}
+        zeros = torch.zeros(1, 64)
+        self.zero = {n: fixed_residual(out / "residuals" / "zero" / f"{n}.safetensors", zeros, CONCEPTS[n][0])
+                     for n in CONCEPTS}
+        self.unlabelled_zero = {n: unlabelled_residual(out / "residuals" / "zero" / f"{n}.pt", zeros)
+                                for n in CONCEPTS}
 
-    composition = {}
-    comp_variants = {
-        "guided": dict(guided=True),
-        "unguided": dict(guided=False),
-        "guided_sigma_cfg": dict(guided=True, cfg_schedule="sigma"),
-        "guided_text_adaptive": dict(guided=True, text_length="adaptive"),
-    }
-    for variant, kwargs in comp_variants.items():
-        composition[variant] = {f"{a}+{b}": composition_cell(out, f"{a}_{b}_{variant}", (a, b), residuals,
-                                                             args.seeds, **kwargs) for a, b in PAIRS}
-        print(f"composition {variant}: layout "
-              f"{mean_of(composition[variant].values(), 'layout_accuracy'):.2f} ({time.time() - start:.0f}s)",
-              flush=True)
+    def residuals(self, changes=None):
+        label = training_label(changes)
+        if label not in self.trained:
+            self.trained[label] = {name: train_concept(self.out, name, changes=changes) for name in CONCEPTS}
+        return self.trained[label]
 
-    summary = {
-        "concept_fidelity_with": mean_of(fidelity["with"].values(), "fidelity"),
-        "concept_fidelity_without": mean_of(fidelity["without"].values(), "fidelity"),
-        "class_kept": mean_of(fidelity["with"].values(), "class_kept"),
-        "layout_accuracy_with_guidance": mean_of(composition["guided"].values(), "layout_accuracy"),
-        "layout_accuracy_without_guidance": mean_of(composition["unguided"].values(), "layout_accuracy"),
-        "leakage": mean_of(composition["guided"].values(), "leakage"),
-        "negative_control": mean_of(fidelity["wrong_token"].values(), "fidelity"),
-        "both_colours_with_guidance": mean_of(composition["guided"].values(), "both_colours"),
-        "both_colours_without_guidance": mean_of(composition["unguided"].values(), "both_colours"),
-        "leakage_without_guidance": mean_of(composition["unguided"].values(), "leakage"),
-        "upper_bound_noun_swap": mean_of(fidelity["noun_swap"].values(), "fidelity"),
+    def swap(self):
+        if not hasattr(self, "swapped"):
+            self.swapped = {n: noun_swap_residual(self.out, n) for n in CONCEPTS}
+        return self.swapped
+
+    def fidelity(self, setting, ablations):
+        """{variant: {concept: cell}} of one setting: with, without, the negative control, the noun swap and
+        (ablations) sigma CFG and the two other text lengths."""
+        keys, residuals = setting["config"], self.residuals(setting["training"])
+        tag = setting_tag(setting)
+        unlabelled = {n: unlabelled_residual(self.out / "residuals" / "unlabelled" / tag / f"{n}.pt",
+                                             load_residual(p).tensor) for n, p in residuals.items()}
+        swap = self.swap()
+        variants = {"with": (residuals, {}), "without": (self.zero, {}), "wrong_token": (unlabelled, {"position": 1}),
+                    "noun_swap": (swap, {})}
+        if ablations:
+            variants.update(sigma_cfg=(residuals, {"cfg_schedule": "sigma"}),
+                            text_adaptive=(residuals, {"text_length": "adaptive"}),
+                            text_max=(residuals, {"text_length": "max"}))
+        cells = {}
+        for variant, (files, extra) in variants.items():
+            position = extra.pop("position", 2)
+            cells[variant] = fidelity_cells(self.out, f"{tag}-fidelity-{variant}", files, self.seeds, position,
+                                            **{**keys, **extra})
+            log(f"{tag} fidelity {variant}: " + ", ".join(f"{n} {c['fidelity']:.2f}" for n, c in cells[variant].items()))
+        return cells
+
+    def composition(self, setting, ablations):
+        keys, residuals = setting["config"], self.residuals(setting["training"])
+        tag = setting_tag(setting)
+        variants = {"guided": dict(guided=True), "unguided": dict(guided=False)}
+        if ablations:
+            variants.update(guided_sigma_cfg=dict(guided=True, cfg_schedule="sigma"),
+                            guided_text_adaptive=dict(guided=True, text_length="adaptive"))
+        cells = {}
+        for variant, extra in variants.items():
+            cells[variant] = composition_cells(self.out, f"{tag}-composition-{variant}", residuals, self.seeds,
+                                               **{**keys, **extra})
+            log(f"{tag} composition {variant}: layout {mean_of(cells[variant], 'layout_accuracy'):.2f}")
+        return cells
+
+    def sweep(self, faithful_guided):
+        """[row]: composition (guided, all pairs) under each SWEEP and NOUN_SWEEP setting."""
+        rows = []
+        for label, keys, training in SWEEP:
+            cells = faithful_guided if not keys and not training else composition_cells(
+                self.out, f"sweep-{len(rows)}", self.residuals(training), self.seeds, **keys)
+            rows.append(sweep_row(label, keys, training, cells))
+        for label, keys in NOUN_SWEEP:
+            guided = keys.get("guidance_steps", 1) != 0
+            keys = {k: v for k, v in keys.items() if k != "guidance_steps"}
+            cells = composition_cells(self.out, f"sweep-{len(rows)}", self.unlabelled_zero, self.seeds, guided,
+                                      nouns=True, **keys)
+            rows.append(sweep_row(label, keys, {}, cells))
+        return rows
+
+
+def sweep_row(label, keys, training, cells):
+    row = {"setting": label, "config": keys, "training": training,
+           "layout_accuracy": mean_of(cells, "layout_accuracy"), "both_colours": mean_of(cells, "both_colours"),
+           "leakage": mean_of(cells, "leakage"), "attention_in_region": mean_attention(cells),
+           "failures": pooled_failures(cells),
+           "per_pair": {p: c["layout_accuracy"] for p, c in cells.items()}}
+    log(f"sweep {label}: layout {row['layout_accuracy']:.2f} leakage {row['leakage']:.2f}")
+    return row
+
+
+def setting_tag(setting):
+    return "best" if setting is BEST else "faithful"
+
+
+START = time.time()
+
+
+def log(message):
+    print(f"{message} ({time.time() - START:.0f}s)", flush=True)
+
+
+def summary(fidelity, composition):
+    """results.json's figures of one setting."""
+    return {
+        "concept_fidelity_with": mean_of(fidelity["with"], "fidelity"),
+        "concept_fidelity_without": mean_of(fidelity["without"], "fidelity"),
+        "class_kept": mean_of(fidelity["with"], "class_kept"),
+        "layout_accuracy_with_guidance": mean_of(composition["guided"], "layout_accuracy"),
+        "layout_accuracy_without_guidance": mean_of(composition["unguided"], "layout_accuracy"),
+        "leakage": mean_of(composition["guided"], "leakage"),
+        "negative_control": mean_of(fidelity["wrong_token"], "fidelity"),
+        "both_colours_with_guidance": mean_of(composition["guided"], "both_colours"),
+        "both_colours_without_guidance": mean_of(composition["unguided"], "both_colours"),
+        "leakage_without_guidance": mean_of(composition["unguided"], "leakage"),
+        "upper_bound_noun_swap": mean_of(fidelity["noun_swap"], "fidelity"),
         "attention_in_region_with_guidance": mean_attention(composition["guided"]),
         "attention_in_region_without_guidance": mean_attention(composition["unguided"]),
+        "concept_fidelity_min": min(c["fidelity"] for c in fidelity["with"].values()),
+        "attention_in_region_min": min(v for c in composition["guided"].values()
+                                       for v in c["attention_in_region"].values()),
+        "failures_with_guidance": pooled_failures(composition["guided"]),
     }
-    cells = {
-        "fidelity": {v: {n: {k: c[k] for k in ("fidelity", "class_kept")} for n, c in cs.items()}
-                     for v, cs in fidelity.items()},
-        "composition": {v: {p: {k: c[k] for k in ("both_colours", "layout_accuracy", "leakage", "attention_in_region",
-                                                  "attention_in_region_failed")} for p, c in cs.items()}
-                        for v, cs in composition.items()},
-    }
-    minutes = (time.time() - start) / 60
-    results = {**summary, "cells": cells, "seeds": args.seeds, "sampling": SAMPLING, "training": TRAINING,
-               "minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def cell_table(fidelity, composition):
+    """The per-cell figures for results.json (the examples left out)."""
+    return {"fidelity": {v: {n: {k: c[k] for k in ("fidelity", "class_kept")} for n, c in cs.items()}
+                         for v, cs in fidelity.items()},
+            "composition": {v: {p: {k: v2 for k, v2 in c.items() if k != "examples"} for p, c in cs.items()}
+                            for v, cs in composition.items()}}
+
+
+def run(args):
+    global START
+    START = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = 8 if args.quick and args.seeds is None else (args.seeds or 32)
+    ablations = not args.quick
+    measurement = Measurement(out, seeds)
+    faithful = {"config": {}, "training": {}}
+    fidelity = measurement.fidelity(faithful, ablations)
+    composition = measurement.composition(faithful, ablations)
+    best_fidelity = measurement.fidelity(BEST, False)
+    best_composition = measurement.composition(BEST, False)
+    results = {**summary(fidelity, composition),
+               "best": {**summary(best_fidelity, best_composition), "setting": BEST,
+                        "cells": cell_table(best_fidelity, best_composition)},
+               "cells": cell_table(fidelity, composition)}
+    if args.sweep:
+        results["sweep"] = measurement.sweep(composition["guided"])
+    minutes = (time.time() - START) / 60
+    results.update(seeds=seeds, quick=args.quick, sampling=SAMPLING, guidance=GUIDANCE, training=TRAINING,
+                   minutes=round(minutes, 1), date=time.strftime("%Y-%m-%d"))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_examples(out / "examples.png", fidelity, composition)
+    write_examples(out / "examples.png", fidelity, composition, best_fidelity, best_composition)
     if args.results_md:
         write_report(Path(args.results_md), results, args)
-    print(json.dumps(summary))
+    print(json.dumps({k: results[k] for k in HEADLINE} | {"best": {k: results["best"][k] for k in HEADLINE}}))
     return results
 
 
-def write_examples(path, fidelity, composition):
-    """Rows of four samples: each concept without and with its residual, then each pair without and with layout."""
-    rows = []
-    for name in CONCEPTS:
-        rows.append(np.concatenate([*fidelity["without"][name]["examples"], *fidelity["with"][name]["examples"]], 1))
-    for pair in composition["guided"]:
-        rows.append(np.concatenate([*composition["unguided"][pair]["examples"],
-                                    *composition["guided"][pair]["examples"]], 1))
-    Image.fromarray(np.concatenate(rows, 0)).resize((8 * 128, len(rows) * 128), Image.NEAREST).save(path)
+# ------------------------------------------------------------------------------------------------
+# Examples and report
+
+def write_examples(path, fidelity, composition, best_fidelity, best_composition, scale=2):
+    """A labelled grid: per concept four samples without its residual, with it, and with it under BEST; per pair
+    four samples unguided, guided (faithful) and guided under BEST."""
+    rows = [("concept", ("without its residual", "with it (faithful)", "with it (best setting)"))]
+    rows += [(name, [fidelity["without"][name], fidelity["with"][name], best_fidelity["with"][name]])
+             for name in CONCEPTS]
+    rows.append(("pair", ("unguided", "guided (faithful)", "guided (best setting)")))
+    rows += [(pair, [composition["unguided"][pair], composition["guided"][pair], best_composition["guided"][pair]])
+             for pair in composition["guided"]]
+    tile, label_width, header, gap = 64 * scale, 150, 22, 12
+    heights = [header if isinstance(cells, tuple) else tile + 4 for _, cells in rows]
+    canvas = Image.new("RGB", (label_width + 3 * (4 * tile + gap), sum(heights)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for (label, cells), height in zip(rows, heights):
+        for g, cell in enumerate(cells):
+            x = label_width + g * (4 * tile + gap)
+            if isinstance(cells, tuple):  # a header: the three groups' titles
+                draw.text((x + 4, y + 6), cell, fill=(0, 0, 0))
+                continue
+            for j, image in enumerate(cell["examples"]):
+                canvas.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x + j * tile, y))
+        draw.text((6, y + (6 if isinstance(cells, tuple) else tile // 2 - 12)), label.replace("+", " +\n"),
+                  fill=(0, 0, 0))
+        y += height
+    canvas.save(path)
+
+
+HEADLINE = ("concept_fidelity_with", "concept_fidelity_without", "class_kept", "layout_accuracy_with_guidance",
+            "layout_accuracy_without_guidance", "leakage", "leakage_without_guidance", "both_colours_with_guidance",
+            "both_colours_without_guidance", "negative_control", "upper_bound_noun_swap",
+            "attention_in_region_with_guidance", "attention_in_region_without_guidance", "concept_fidelity_min",
+            "attention_in_region_min")
+GOALS = {"concept_fidelity_min": ">= 0.9", "layout_accuracy_with_guidance": ">= 0.85", "leakage": "<= 0.10",
+         "attention_in_region_min": ">= 0.7"}
 
 
 def write_report(path, results, args):
-    c = results["cells"]
+    c, b = results["cells"], results["best"]["cells"]
+    command = f"python toy/measure.py --seeds {results['seeds']}" + (" --sweep" if args.sweep else "")
     lines = [
         "# Toy world results",
         "",
-        f"`python toy/measure.py --seeds {args.seeds} --out {args.out} --results_md {args.results_md}`, "
-        f"{results['date']}, {results['minutes']} minutes on {os.cpu_count()} CPU cores. "
-        f"Sampling: {json.dumps(results['sampling'])}; training: `{' '.join(results['training'])}`.",
+        f"`{command} --results_md {args.results_md}`, {results['date']}, {results['minutes']} minutes on "
+        f"{os.cpu_count()} CPU cores. Sampling: {json.dumps(results['sampling'])}, guidance "
+        f"{json.dumps(results['guidance'])}; training: `{' '.join(results['training'])}`. Best setting: config "
+        f"`{json.dumps(results['best']['setting']['config'])}`, the same residuals.",
         "",
-        "| figure | value |",
-        "| --- | ---: |",
+        "| figure | faithful | best setting | goal (best) |",
+        "| --- | ---: | ---: | --- |",
     ]
-    for key in ("concept_fidelity_with", "concept_fidelity_without", "class_kept", "layout_accuracy_with_guidance",
-                "layout_accuracy_without_guidance", "leakage", "leakage_without_guidance", "both_colours_with_guidance",
-                "both_colours_without_guidance", "negative_control", "upper_bound_noun_swap",
-                "attention_in_region_with_guidance", "attention_in_region_without_guidance"):
-        lines.append(f"| {key} | {results[key]:.3f} |")
-    lines += ["", "## Concept fidelity per cell (colour of 'a {noun}' is the concept's)", "",
-              "| concept | " + " | ".join(c["fidelity"]) + " |", "| --- |" + " ---: |" * len(c["fidelity"])]
+    for key in HEADLINE:
+        lines.append(f"| {key} | {results[key]:.3f} | {results['best'][key]:.3f} | {GOALS.get(key, '')} |")
+    lines += ["", "## Concept fidelity per cell (colour of 'a {noun}' is the concept's; class kept in brackets)", "",
+              "| concept | " + " | ".join(c["fidelity"]) + " | best: with | best: wrong_token |",
+              "| --- |" + " ---: |" * (len(c["fidelity"]) + 2)]
     for name in CONCEPTS:
-        lines.append(f"| {name} | " + " | ".join(f"{c['fidelity'][v][name]['fidelity']:.2f}" for v in c["fidelity"])
-                     + " |")
+        cells = [c["fidelity"][v][name] for v in c["fidelity"]] + [b["fidelity"][v][name] for v in ("with", "wrong_token")]
+        lines.append(f"| {name} | " + " | ".join(f"{x['fidelity']:.2f} ({x['class_kept']:.2f})" for x in cells) + " |")
+    composed = {**c["composition"], **{f"best: {v}": cs for v, cs in b["composition"].items()}}
     lines += ["", "## Composition per pair (layout accuracy / both colours / leakage)", "",
-              "| pair | " + " | ".join(c["composition"]) + " |", "| --- |" + " ---: |" * len(c["composition"])]
-    for pair in next(iter(c["composition"].values())):
+              "| pair | " + " | ".join(composed) + " |", "| --- |" + " ---: |" * len(composed)]
+    for pair in c["composition"]["guided"]:
         lines.append(f"| {pair} | " + " | ".join(
-            "{layout_accuracy:.2f} / {both_colours:.2f} / {leakage:.2f}".format(**c["composition"][v][pair])
-            for v in c["composition"]) + " |")
+            "{layout_accuracy:.2f} / {both_colours:.2f} / {leakage:.2f}".format(**composed[v][pair]) for v in composed)
+            + " |")
+    lines += ["", "## Why compositions fail (share of samples; attention in region for that kind in brackets)", "",
+              "ok: each concept's colour in its half; missing: a half holds no object; misplaced: both colours drawn, "
+              "not each in its half; wrong_colour: an object in each half, a concept's colour nowhere. Attention: the "
+              "mean share of the two concepts' attention inside their halves, over the samples of that kind.", "",
+              "| pair | setting | " + " | ".join(FAILURES) + " |", "| --- | --- |" + " ---: |" * len(FAILURES)]
+    for pair in c["composition"]["guided"]:
+        for label, cell in (("faithful, guided", c["composition"]["guided"][pair]),
+                            ("faithful, unguided", c["composition"]["unguided"][pair]),
+                            ("best setting", b["composition"]["guided"][pair])):
+            lines.append(f"| {pair} | {label} | " + " | ".join(
+                f"{cell['failures'][k]:.2f} ({fmt(cell['attention_by_failure'][k])})" for k in FAILURES) + " |")
     lines += ["", "## Attention in each concept's region (all samples / samples whose layout failed)", "",
-              "The share of the concept's cross-attention (inference.py's save_attention) inside its half. A failed "
-              "sample with a high share had its attention in the right place, and the object came out in the wrong "
-              "colour; a low share means the attention itself went to the wrong place.", "",
-              "| pair | concept | " + " | ".join(c["composition"]) + " |",
-              "| --- | --- |" + " ---: |" * len(c["composition"])]
-    for pair in next(iter(c["composition"].values())):
+              "| pair | concept | " + " | ".join(composed) + " |", "| --- | --- |" + " ---: |" * len(composed)]
+    for pair in c["composition"]["guided"]:
         for name in pair.split("+"):
             lines.append(f"| {pair} | {name} | " + " | ".join(
-                f"{c['composition'][v][pair]['attention_in_region'][name]:.2f} / "
-                f"{fmt(c['composition'][v][pair]['attention_in_region_failed'][name])}" for v in c["composition"]) + " |")
-    lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without and four "
-              "with its residual; per pair, four without and four with layout guidance.", ""]
+                f"{composed[v][pair]['attention_in_region'][name]:.2f} / "
+                f"{fmt(composed[v][pair]['attention_in_region_failed'][name])}" for v in composed) + " |")
+    if "sweep" in results:
+        lines += ["", "## Sweep (composition with guidance, all four pairs)", "",
+                  "Each row changes the faithful setting as its label says (E1-E4: the variants of docs/METHOD.md E). "
+                  "Rows starting \"nouns\" put the specific nouns in the prompt (\"a berry and a butter\") with no "
+                  "residual: what the base model itself can compose.", "",
+                  "| setting | layout | both colours | leakage | attention | ok / missing / misplaced / wrong colour "
+                  "| per pair |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+        for row in results["sweep"]:
+            lines.append(f"| {row['setting']} | {row['layout_accuracy']:.2f} | {row['both_colours']:.2f} | "
+                         f"{row['leakage']:.2f} | {row['attention_in_region']:.2f} | "
+                         + " / ".join(f"{row['failures'][k]:.2f}" for k in FAILURES) + " | "
+                         + " ".join(f"{v:.2f}" for v in row["per_pair"].values()) + " |")
+    lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without its residual, "
+              "four with it and four with it under the best setting; per pair, four unguided, four guided and four "
+              "under the best setting.", ""]
     # a hand-written analysis below the tables is kept when the tables are rewritten
     analysis = path.read_text().partition("\n## Analysis")[2] if path.exists() else ""
     path.write_text("\n".join(lines) + (f"\n## Analysis{analysis}" if analysis else ""))
@@ -344,12 +602,18 @@ def write_report(path, results, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=32, help="samples per cell (default 32)")
+    p.add_argument("--seeds", type=int, default=None, help="samples per cell (default 32; 8 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="8 seeds and the main cells only (no sigma-CFG and text-length ablations): for iterating")
+    p.add_argument("--sweep", action="store_true", help="also the sweep of knobs and variants (about 15 minutes more)")
     p.add_argument("--out", default=str(TOY / "results"),
                    help="folder for results.json, examples.png and the runs behind them (default toy/results)")
     p.add_argument("--results_md", default=None, metavar="PATH",
                    help="also write the report's tables to PATH, e.g. toy/RESULTS.md (default: no report)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        p.error("--seeds: expected an integer >= 1")
+    return args
 
 
 if __name__ == "__main__":
