@@ -48,6 +48,21 @@ def test_failure_kinds(found, kind):
     assert measure.failure_kind(found, ("blue_circle", "yellow_square")) == kind
 
 
+@pytest.mark.parametrize("found,by_shape,by_colour", [
+    ([obj("blue", 10), obj("yellow", 50, "square")], False, False),
+    ([obj("blue", 10), obj("yellow", 50, "circle")], True, False),  # the square took the circle's shape
+    ([obj("yellow", 10), obj("yellow", 50, "square")], False, True),  # the circle took the square's colour
+    ([obj("blue", 10, "square"), obj("yellow", 50, "circle")], True, False),  # each took the other's shape
+    ([obj("yellow", 10), obj("blue", 50, "square")], False, True),  # each took the other's colour
+    ([obj("yellow", 10, "triangle"), obj("orange", 50, "square")], False, False),
+])
+def test_leakage_is_told_apart_by_where_the_object_is(found, by_shape, by_colour):
+    """Pair (blue circle left, yellow square right): an object with one's shape and the other's colour is the
+    colour's concept with the wrong shape in that concept's half, and the shape's concept with the wrong colour
+    in the other half."""
+    assert measure.leaks(found, ("blue_circle", "yellow_square")) == (by_shape, by_colour)
+
+
 def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     """results.json goes to --out, with the faithful figures under today's keys and the best setting's under
     "best"; a report only where --results_md asks, keeping its analysis section. Training and sampling are
@@ -61,7 +76,8 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     def composition_cells(out, cell, residuals, seeds, guided=True, nouns=False, **keys):
         kinds = dict.fromkeys(measure.FAILURES, 0.0) | {"ok": 1.0}
         return {"+".join(p): {"both_colours": 1.0, "layout_accuracy": 0.9 if keys.get("residual_guidance") else 0.6,
-                              "leakage": 0.0, "examples": examples, "failures": kinds,
+                              "leakage": 0.0, "leakage_by_shape": 0.0, "leakage_by_colour": 0.0,
+                              "examples": examples, "failures": kinds,
                               "attention_by_failure": dict.fromkeys(measure.FAILURES),
                               "attention_in_region": dict.fromkeys(p, 0.75),
                               "attention_in_region_failed": dict.fromkeys(p)} for p in measure.PAIRS}

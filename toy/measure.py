@@ -1,8 +1,8 @@
 """Does the method work? Concept fidelity, composition and layout in the toy world, through the project's code.
 
-    python toy/measure.py --seeds 32                        # the faithful method and the best setting (~10 min)
+    python toy/measure.py --seeds 32                        # the faithful method and the best setting (~8 min)
     python toy/measure.py --quick                           # 8 seeds, the main cells only (~3 min)
-    python toy/measure.py --seeds 32 --sweep --results_md toy/RESULTS.md    # + the sweep (~20 min), the report
+    python toy/measure.py --seeds 32 --sweep --results_md toy/RESULTS.md    # + the sweep (~24 min), the report
 
 With toy/base_model (toy/build_base.py):
 1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a blue circle,
@@ -12,8 +12,9 @@ With toy/base_model (toy/build_base.py):
    - concept fidelity: how often "a {shape}" comes out in the concept's colour, with the residual and without
      it (a zero residual; chance is 1/6), and whether the shape is still the class;
    - composition: "a {shape1} and a {shape2}" with two residuals and a left/right layout, with layout guidance
-     and without: both colours present, each object in its half, leakage (an object wearing the other
-     concept's colour), why each failed sample failed (FAILURES), and from the attention maps (save_attention)
+     and without: both colours present, each object in its half, leakage (an object with one concept's
+     shape and the other's colour, split by where it is: by shape in the half of the concept whose colour it
+     wears, by colour in the other), why each failed sample failed (FAILURES), and from the attention maps (save_attention)
      the share of each concept's attention inside its half;
    - ablations: sigma vs constant CFG, text length "adaptive" and "max", the residual on the wrong token (a
      negative control), and as an upper bound the specific noun's embedding put in the generic noun's place.
@@ -64,7 +65,7 @@ GUIDANCE = {"guidance_weight": 0.08, "weight_negative": -1e8}  # guidance_steps:
 TRAINING = ["--resolution", "64", "--max_train_steps", "300", "--learning_rate", "1e-3", "--text_length", "words",
             "--num_validation_images", "0", "--checkpointing_steps", "0", "--seed", "0"]
 # The best setting of the sweep (toy/RESULTS.md): config keys on top of the faithful ones, training flags.
-# The sweep's highest layout accuracy, with the least leakage among the settings that reach it.
+# Of the sweep's settings that reach the layout goal (>= 0.85), the one with the least leakage.
 BEST = {"config": {"region_self_attention": True, "residual_guidance": 3.0}, "training": {}}
 # The sweep: (label, config keys, training flags); all cells guided unless the keys say otherwise.
 SWEEP = [
@@ -288,22 +289,39 @@ def failure_kind(found, pair):
     return "wrong_colour"  # an object in each half, but a concept's colour is nowhere
 
 
-def score_composition(pair, images, maps):
+def leaks(found, pair):
+    """(by shape, by colour): whether an object wears one concept's shape and the other's colour (the two
+    concepts' shapes differ), told apart by where it is. In the half of the concept whose colour it wears, that
+    concept took the other's shape; in the half of the concept whose shape it has, that concept took the other's
+    colour (appearance crossing the regions)."""
     (_, shape1, colour1), (_, shape2, colour2) = CONCEPTS[pair[0]], CONCEPTS[pair[1]]
+    by_shape = by_colour = False
+    if shape1 != shape2:
+        for o in found:
+            left = o["cx"] < 32
+            if o["shape"] == shape1 and o["colour"] == colour2:  # concept 1's shape, concept 2's colour
+                by_colour, by_shape = by_colour or left, by_shape or not left
+            elif o["shape"] == shape2 and o["colour"] == colour1:
+                by_colour, by_shape = by_colour or not left, by_shape or left
+    return by_shape, by_colour
+
+
+def score_composition(pair, images, maps):
+    (_, _, colour1), (_, _, colour2) = CONCEPTS[pair[0]], CONCEPTS[pair[1]]
     kinds, both, leaked = [], [], []
     for image in images:
         found = objects(image)
         kinds.append(failure_kind(found, pair))
         colours = {o["colour"] for o in found}
         both.append(colour1 in colours and colour2 in colours)
-        # the other concept's colour on this concept's shape (when the two shapes differ)
-        leaked.append(shape1 != shape2 and any((o["shape"] == shape1 and o["colour"] == colour2) or
-                                               (o["shape"] == shape2 and o["colour"] == colour1) for o in found))
+        leaked.append(leaks(found, pair))
+    leaked = np.array(leaked, dtype=bool).reshape(len(images), 2)  # [S, (by shape, by colour)]
     inside = attention_in_halves(maps, pair)  # {concept: [S]}
     per_sample = np.mean(list(inside.values()), axis=0)  # [S]: the mean of the two concepts
     failed = np.array([k != "ok" for k in kinds])
     return {"both_colours": float(np.mean(both)), "layout_accuracy": float(np.mean(failed == 0)),
-            "leakage": float(np.mean(leaked)), "examples": images[:4],
+            "leakage": float(np.mean(leaked.any(1))), "leakage_by_shape": float(np.mean(leaked[:, 0])),
+            "leakage_by_colour": float(np.mean(leaked[:, 1])), "examples": images[:4],
             "failures": {k: kinds.count(k) / len(kinds) for k in FAILURES},
             "attention_by_failure": {k: float(per_sample[[x == k for x in kinds]].mean()) if k in kinds else None
                                      for k in FAILURES},
@@ -416,7 +434,8 @@ class Measurement:
 def sweep_row(label, keys, training, cells):
     row = {"setting": label, "config": keys, "training": training,
            "layout_accuracy": mean_of(cells, "layout_accuracy"), "both_colours": mean_of(cells, "both_colours"),
-           "leakage": mean_of(cells, "leakage"), "attention_in_region": mean_attention(cells),
+           "leakage": mean_of(cells, "leakage"), "leakage_by_shape": mean_of(cells, "leakage_by_shape"),
+           "leakage_by_colour": mean_of(cells, "leakage_by_colour"), "attention_in_region": mean_attention(cells),
            "failures": pooled_failures(cells),
            "per_pair": {p: c["layout_accuracy"] for p, c in cells.items()}}
     log(f"sweep {label}: layout {row['layout_accuracy']:.2f} leakage {row['leakage']:.2f}")
@@ -443,6 +462,8 @@ def summary(fidelity, composition):
         "layout_accuracy_with_guidance": mean_of(composition["guided"], "layout_accuracy"),
         "layout_accuracy_without_guidance": mean_of(composition["unguided"], "layout_accuracy"),
         "leakage": mean_of(composition["guided"], "leakage"),
+        "leakage_by_shape": mean_of(composition["guided"], "leakage_by_shape"),
+        "leakage_by_colour": mean_of(composition["guided"], "leakage_by_colour"),
         "negative_control": mean_of(fidelity["wrong_token"], "fidelity"),
         "both_colours_with_guidance": mean_of(composition["guided"], "both_colours"),
         "both_colours_without_guidance": mean_of(composition["unguided"], "both_colours"),
@@ -527,7 +548,8 @@ def write_examples(path, fidelity, composition, best_fidelity, best_composition,
 
 
 HEADLINE = ("concept_fidelity_with", "concept_fidelity_without", "class_kept", "layout_accuracy_with_guidance",
-            "layout_accuracy_without_guidance", "leakage", "leakage_without_guidance", "both_colours_with_guidance",
+            "layout_accuracy_without_guidance", "leakage", "leakage_by_shape", "leakage_by_colour",
+            "leakage_without_guidance", "both_colours_with_guidance",
             "both_colours_without_guidance", "negative_control", "upper_bound_noun_swap",
             "attention_in_region_with_guidance", "attention_in_region_without_guidance", "concept_fidelity_min",
             "attention_in_region_min")
@@ -587,11 +609,12 @@ def write_report(path, results, args):
                   "Each row changes the faithful setting as its label says (E1-E4: the variants of docs/METHOD.md E). "
                   "Rows starting \"nouns\" put the specific nouns in the prompt (\"a berry and a butter\") with no "
                   "residual: what the base model itself can compose.", "",
-                  "| setting | layout | both colours | leakage | attention | ok / missing / misplaced / wrong colour "
-                  "| per pair |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+                  "| setting | layout | both colours | leakage (by shape / by colour) | attention "
+                  "| ok / missing / misplaced / wrong colour | per pair |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
         for row in results["sweep"]:
             lines.append(f"| {row['setting']} | {row['layout_accuracy']:.2f} | {row['both_colours']:.2f} | "
-                         f"{row['leakage']:.2f} | {row['attention_in_region']:.2f} | "
+                         f"{row['leakage']:.2f} ({row['leakage_by_shape']:.2f} / {row['leakage_by_colour']:.2f}) | "
+                         f"{row['attention_in_region']:.2f} | "
                          + " / ".join(f"{row['failures'][k]:.2f}" for k in FAILURES) + " | "
                          + " ".join(f"{v:.2f}" for v in row["per_pair"].values()) + " |")
     lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without its residual, "
@@ -607,7 +630,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="samples per cell (default 32; 8 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="8 seeds and the main cells only (no sigma-CFG and text-length ablations): for iterating")
-    p.add_argument("--sweep", action="store_true", help="also the sweep of knobs and variants (about 15 minutes more)")
+    p.add_argument("--sweep", action="store_true", help="also the sweep of knobs and variants (about 24 minutes more)")
     p.add_argument("--out", default=str(TOY / "results"),
                    help="folder for results.json, examples.png and the runs behind them (default toy/results)")
     p.add_argument("--results_md", default=None, metavar="PATH",
