@@ -453,22 +453,29 @@ def log(message):
     print(f"{message} ({time.time() - START:.0f}s)", flush=True)
 
 
+# results.json's mean figures of one setting: key, the cells (fidelity or composition), variant, score
+MEANS = [line.split() for line in """
+    concept_fidelity_with                fidelity     with         fidelity
+    concept_fidelity_without             fidelity     without      fidelity
+    class_kept                           fidelity     with         class_kept
+    layout_accuracy_with_guidance        composition  guided       layout_accuracy
+    layout_accuracy_without_guidance     composition  unguided     layout_accuracy
+    leakage                              composition  guided       leakage
+    leakage_by_shape                     composition  guided       leakage_by_shape
+    leakage_by_colour                    composition  guided       leakage_by_colour
+    negative_control                     fidelity     wrong_token  fidelity
+    both_colours_with_guidance           composition  guided       both_colours
+    both_colours_without_guidance        composition  unguided     both_colours
+    leakage_without_guidance             composition  unguided     leakage
+    upper_bound_noun_swap                fidelity     noun_swap    fidelity
+""".strip().splitlines()]
+
+
 def summary(fidelity, composition):
     """results.json's figures of one setting."""
+    cells = {"fidelity": fidelity, "composition": composition}
     return {
-        "concept_fidelity_with": mean_of(fidelity["with"], "fidelity"),
-        "concept_fidelity_without": mean_of(fidelity["without"], "fidelity"),
-        "class_kept": mean_of(fidelity["with"], "class_kept"),
-        "layout_accuracy_with_guidance": mean_of(composition["guided"], "layout_accuracy"),
-        "layout_accuracy_without_guidance": mean_of(composition["unguided"], "layout_accuracy"),
-        "leakage": mean_of(composition["guided"], "leakage"),
-        "leakage_by_shape": mean_of(composition["guided"], "leakage_by_shape"),
-        "leakage_by_colour": mean_of(composition["guided"], "leakage_by_colour"),
-        "negative_control": mean_of(fidelity["wrong_token"], "fidelity"),
-        "both_colours_with_guidance": mean_of(composition["guided"], "both_colours"),
-        "both_colours_without_guidance": mean_of(composition["unguided"], "both_colours"),
-        "leakage_without_guidance": mean_of(composition["unguided"], "leakage"),
-        "upper_bound_noun_swap": mean_of(fidelity["noun_swap"], "fidelity"),
+        **{key: mean_of(cells[kind][variant], score) for key, kind, variant, score in MEANS},
         "attention_in_region_with_guidance": mean_attention(composition["guided"]),
         "attention_in_region_without_guidance": mean_attention(composition["unguided"]),
         "concept_fidelity_min": min(c["fidelity"] for c in fidelity["with"].values()),
