@@ -56,6 +56,21 @@ fetch() {  # fetch SUBJECT FILE TARGET: copy or download one file to TARGET
   fi
 }
 
+# Folders this run creates, deepest first. Those still empty when it ends (every file of a subject failed its
+# checksum, or the download stopped) are removed, so a failed run leaves nothing behind.
+created=()
+make_folder() {
+  local missing=() path=$1
+  while [ ! -d "$path" ]; do missing+=("$path"); path=$(dirname "$path"); done
+  mkdir -p "$1" && created=("${missing[@]}" "${created[@]}")
+}
+remove_empty_folders() {
+  local folder
+  for folder in "${created[@]}"; do rmdir "$folder" 2>/dev/null; done
+  return 0
+}
+trap remove_empty_folders EXIT
+
 installed=(); skipped=(); no_source=(); failed=()
 for name in "${concepts[@]}"; do
   entries=$(awk -v s="$name" '{ split($2, p, "/"); if (p[1] == s) print $1, p[2] }' "$SUMS")
@@ -63,7 +78,7 @@ for name in "${concepts[@]}"; do
     no_source+=("$name")
     continue
   fi
-  mkdir -p "$DEST/$name"
+  make_folder "$DEST/$name" || { echo "error: cannot create $DEST/$name" >&2; exit 1; }
   ok=1; fresh=0
   while read -r sum file; do
     target="$DEST/$name/$file"

@@ -368,6 +368,29 @@ def test_get_dataset_from_local_copy(tmp_path):
     assert sorted(p.name for p in (dest / "vase").iterdir()) == ["00.png"]
 
 
+def test_get_dataset_leaves_no_empty_folder_when_every_checksum_fails(tmp_path):
+    """A subject none of whose files install leaves neither its folder nor a --dest folder the run created; a
+    folder that was there before stays."""
+    source = tmp_path / "dataset"
+    make_images(source / "dog", count=2)
+    make_images(source / "cat2", count=1, seed=1)
+    sums = tmp_path / "SUMS"
+    sums.write_text("".join(f"{'0' * 64}  dog/{p.name}\n" for p in sorted((source / "dog").iterdir()))
+                    + f"{hashlib.sha256((source / 'cat2' / '00.png').read_bytes()).hexdigest()}  cat2/00.png\n")
+    dest = tmp_path / "Data" / "concept_image"
+    cmd = ["bash", str(ROOT / "get_dataset.sh"), "--from", str(source), "--sums", str(sums), "--dest", str(dest)]
+    bad = subprocess.run(cmd + ["dog"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("checksum mismatch for dog/") == 2, bad.stderr
+    assert "error: incomplete: dog" in bad.stderr
+    assert sorted(tmp_path.iterdir()) == sorted([source, sums])  # no Data/ at all
+
+    good = subprocess.run(cmd + ["cat2"], capture_output=True, text=True)
+    assert good.returncode == 0 and [p.name for p in dest.iterdir()] == ["cat2"]
+    bad = subprocess.run(cmd + ["dog", "cat2"], capture_output=True, text=True)
+    assert bad.returncode == 1 and sorted(p.name for p in dest.iterdir()) == ["cat2"]
+    assert [p.name for p in (dest / "cat2").iterdir()] == ["00.png"]
+
+
 def test_get_dataset_sums_cover_the_seed_subjects():
     lines = (ROOT / "data" / "dreambench_SHA256SUMS").read_text().splitlines()
     subjects = {line.split()[1].split("/")[0] for line in lines}
