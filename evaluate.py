@@ -38,7 +38,8 @@ from file_utils import (check_output_file, check_writable_folder, file_sha256, i
                         resolve_relative, write_json, write_png, write_text)
 from inference import parse_colour
 from layouts import RENDERED_LAYOUT
-from pipeline_utils import ArgumentParser, UserError, first_line, library_versions, resolve_device, run_cli
+from pipeline_utils import (ArgumentParser, UserError, first_line, library_versions, model_source, resolve_device,
+                            run_cli)
 from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside, read_attention, read_layout,
                           region_colours, region_mask, side_by_side)
 
@@ -67,6 +68,8 @@ class Scorer:
 
         self.device = device
         self.clip_model_name, self.dino_model_name = clip_model, dino_model
+        for flag, name in (("--clip_model", clip_model), ("--dino_model", dino_model)):
+            check_scoring_model(flag, name)
         self.clip = self._load(CLIPModel, clip_model)
         self.clip_processor = self._load(AutoProcessor, clip_model)
         self.dino = self._load(ViTModel, dino_model, add_pooling_layer=False)
@@ -75,7 +78,7 @@ class Scorer:
 
     def _load(self, cls, name, **kwargs):
         try:
-            loaded = cls.from_pretrained(name, **kwargs)
+            loaded = cls.from_pretrained(name, **model_source(name, "config.json"), **kwargs)
         except Exception as e:
             raise UserError(f"cannot load {cls.__name__} from '{name}': {first_line(e)}") from None
         if isinstance(loaded, torch.nn.Module):
@@ -124,6 +127,17 @@ class Scorer:
             pixels = self.dino_processor(images=images[start:start + batch_size], return_tensors="pt")["pixel_values"]
             out.append(self.dino(pixel_values=pixels.to(self.device)).last_hidden_state[:, 0])
         return _unit(torch.cat(out))
+
+
+def check_scoring_model(flag, name):
+    """A local folder must exist; a hub id is checked with one request (pipeline_utils.model_source), so one
+    that can be neither reached nor found in the cache fails at once instead of after the hub's retries."""
+    if not Path(name).expanduser().exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        raise UserError(f"{flag} {name}: folder not found (and not a hub id, which is 'owner/name')")
+    try:
+        model_source(name, "config.json")
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
 
 
 def _projected(features):

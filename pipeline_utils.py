@@ -239,18 +239,19 @@ def check_model_location(model):
 
 
 @functools.lru_cache(maxsize=None)
-def model_source(model):
+def model_source(model, index_file="model_index.json"):
     """from_pretrained's keyword arguments for `model`: {} or, for a hub id to be read from the local cache
     only, {"local_files_only": True}. A hub id that does not exist, or that can be neither downloaded nor
-    found in the cache, is a UserError saying what to do."""
+    found in the cache, is a UserError saying what to do. index_file: the file every copy of such a model
+    holds (a diffusers pipeline's model_index.json; a transformers model's config.json), looked up in the cache."""
     if Path(model).expanduser().exists():
         return {}
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    cached = isinstance(try_to_load_from_cache(model, index_file), str)
     moved = f"; its weights are now at '{MOVED_MODELS[model]}'" if model in MOVED_MODELS else ""
-    remedy = ("give a local diffusers folder, a hub id that can be reached, or the id of a model already in the "
+    remedy = ("give a local model folder, a hub id that can be reached, or the id of a model already in the "
               "cache with HF_HUB_OFFLINE=1")
     if constants.HF_HUB_OFFLINE:
         if not cached:

@@ -152,7 +152,7 @@ def test_bad_input(tiny_scorers, tmp_path, capsys):
     expect_error(capsys, "--images", good, "--prompt", "x", "--concept_images", f"c={tmp_path / 'empty'}", *models,
                  fragment="--concept_images c:")
     expect_error(capsys, "--images", good, "--prompt", "x", "--clip_model", tmp_path / "nowhere", "--dino_model",
-                 dino_dir, fragment="cannot load CLIPModel from")
+                 dino_dir, fragment=f"--clip_model {tmp_path / 'nowhere'}: folder not found")
     results = fake_results(tmp_path / "results")
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps({"<cat2>": str(good), "<dog6>": str(good)}))
@@ -186,6 +186,63 @@ def test_wrong_models_long_prompts_and_unwritable_summaries(tiny_scorers, tmp_pa
     expect_error(capsys, "--results", results, "--concepts", concepts, "--clip_model", clip_dir, "--dino_model",
                  dino_dir, fragment="summary.md: exists and is not a regular file")
     assert not list(results.rglob("metrics.json"))
+
+
+def evaluate_process(tmp_path, env, *models):
+    """evaluate.py in a process of its own, as a user runs it, on one image; (exit status, stderr lines, seconds)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    images = make_images(tmp_path / "gen", 1, seed=0)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--images", str(images), "--prompt", "a dog",
+                           *map(str, models)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub_cache"), **env})
+    return done.returncode, done.stderr.strip().splitlines(), time.perf_counter() - start
+
+
+def test_unreachable_default_models_fail_at_once_in_one_line(tmp_path):
+    """The default hub ids with a hub that refuses connections and an empty cache: one request, one line, exit 2,
+    no metrics; with HF_HUB_OFFLINE=1, no request at all."""
+    unreachable = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # port 9: connection refused
+    status, lines, seconds = evaluate_process(tmp_path, unreachable)
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --clip_model: model 'openai/clip-vit-base-patch32': cannot be downloaded "
+                               "(the hub cannot be reached") and "HF_HUB_OFFLINE=1" in lines[0]
+    assert seconds < 60 and not (tmp_path / "gen" / "metrics.json").exists()
+    status, lines, _ = evaluate_process(tmp_path, {"HF_HUB_OFFLINE": "1"})
+    assert status == 2 and lines == ["error: --clip_model: model 'openai/clip-vit-base-patch32': not in the local "
+                                     "Hugging Face cache, and HF_HUB_OFFLINE is set (give a local model folder, a "
+                                     "hub id that can be reached, or the id of a model already in the cache with "
+                                     "HF_HUB_OFFLINE=1)"]
+
+
+def test_hub_ids_in_the_cache_score_offline(tiny_scorers, tmp_path):
+    """Hub ids whose files sit in the Hugging Face cache (as an earlier online run leaves them) are scored with
+    HF_HUB_OFFLINE=1, and with a hub that cannot be reached (a warning, then the cached copy)."""
+    import shutil
+
+    commit = "0" * 40
+    for model, folder in zip(("someone/tiny-clip", "someone/tiny-dino"), tiny_scorers):
+        repo = tmp_path / "hub_cache" / f"models--{model.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    models = ("--clip_model", "someone/tiny-clip", "--dino_model", "someone/tiny-dino", "--device", "cpu")
+    status, lines, _ = evaluate_process(tmp_path, {"HF_HUB_OFFLINE": "1"}, *models)
+    assert status == 0, lines
+    metrics = json.loads((tmp_path / "gen" / "metrics.json").read_text())
+    assert metrics["n_images"] == 1 and 0 <= metrics["clip_t"] <= 100
+    (tmp_path / "gen" / "metrics.json").unlink()
+    status, lines, _ = evaluate_process(tmp_path, {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"},
+                                        *models)
+    assert status == 0, lines
+    assert any(line.startswith("warning: model 'someone/tiny-clip': the hub cannot be reached") for line in lines)
+    assert json.loads((tmp_path / "gen" / "metrics.json").read_text())["clip_t"] == metrics["clip_t"]
 
 
 # ------------------------------------------------------------------------------------------------
