@@ -50,25 +50,33 @@ def resolve_relative(value, base):
 def read_json(path, what):
     """The JSON value in file `path`; bad JSON, duplicate keys and deep nesting are one-line errors."""
     path = regular_file(path, what)
-
-    def no_duplicates(pairs):
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        if repeated:
-            raise UserError(f"{path}: key '{repeated[0]}' appears twice in one object (JSON keeps only the last)")
-        return dict(pairs)
-
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM, as Windows editors write, is not an error
-        if _nesting(text) > MAX_JSON_DEPTH:
-            raise UserError(f"{path}: nested deeper than {MAX_JSON_DEPTH} levels; not a {what}")
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    except ValueError as e:  # Python refuses integers of over 4300 digits
-        raise UserError(f"{path}: not a usable JSON value ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    return parse_json(text, path, what)
+
+
+def parse_json(text, source, what):
+    """The JSON value of `text` read as strictly as a file (read_json); messages start with `source`."""
+    def no_duplicates(pairs):
+        value = dict(pairs)
+        if len(value) < len(pairs):  # linear: a hostile object of many keys must not take quadratic time
+            seen = set()
+            repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise UserError(f"{source}: key '{repeated}' appears twice in one object (JSON keeps only the last)")
+        return value
+
+    if _nesting(text) > MAX_JSON_DEPTH:
+        raise UserError(f"{source}: nested deeper than {MAX_JSON_DEPTH} levels; not a {what}")
+    try:
+        return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: not valid JSON ({e})") from None
+    except ValueError as e:  # Python refuses integers of over 4300 digits
+        raise UserError(f"{source}: not a usable JSON value ({e})") from None
 
 
 def _nesting(text):
@@ -213,7 +221,12 @@ def write_text(path, text):
 
 
 def write_json(path, value):
-    write_text(path, json.dumps(value, indent=2) + "\n")
+    """Strict JSON only: a NaN or an infinity in `value` is an error, never written as the non-JSON NaN."""
+    try:
+        text = json.dumps(value, indent=2, allow_nan=False)
+    except ValueError:
+        raise UserError(f"{path}: refused to write a NaN or infinite number into JSON") from None
+    write_text(path, text + "\n")
 
 
 def write_png(path, image):

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from file_utils import (check_writable_folder, file_sha256, read_json, remove_path, resolve_relative, write_json,
-                        write_png)
+from file_utils import (check_writable_folder, file_sha256, read_json, read_rgb, remove_path, resolve_relative,
+                        write_json, write_png)
 from layouts import RENDERED_LAYOUT, read_regions, regions_color_context, render_regions
 from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, Processes, UserError,
                             add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
@@ -39,7 +39,7 @@ from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_IMAGE_SIDE, MAX_SEED, Arg
                             token_texts, word_ids, words_mask)
 from region_utils import (ATTENTION_FOLDER, attention_picture, read_layout, region_colours, region_mask,
                           write_attention)
-from residual_utils import apply_residuals, find_sequence, load_residual
+from residual_utils import FAMILY_NAMES, apply_residuals, find_sequence, load_residual
 
 # The seed's keys (all required) and the optional ones with their defaults.
 REQUIRED_KEYS = ("prompt", "residual_dict", "color_context", "guidance_steps", "guidance_weight",
@@ -268,6 +268,7 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
         reader.fail("subject_list", f"two subjects share token rows: {[(s.name, s.rows) for s in subjects]}")
     layout, color_context, layout_path, keys = job_layout(reader, data, height, width)
     regions = layout_regions(reader, tokenizer, text, subjects, color_context, layout, layout_path, keys)
+    check_regions(reader, regions, layout, data["weight_negative"], list(color_context), keys)
 
     settings.update(
         prompt=data["prompt"],
@@ -307,9 +308,6 @@ def tokenize_text(reader, tokenizer, prompt, settings):
     ids = token_ids(tokenizer, prompt, max(length, num_tokens))[:length]
     uncond_ids = token_ids(tokenizer, settings["negative_prompt"], max(length, num_uncond))[:length]
     return Text(prompt, ids, uncond_ids, num_tokens, num_uncond, token_texts(tokenizer, ids))
-
-
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
 
 
 def load_residuals(reader, residual_dict, embedding_dim, family):
@@ -375,7 +373,10 @@ def job_layout(reader, data, height, width):
     layout = render_regions(reader.regions, height, width, reader.fail)
     color_context = regions_color_context(reader.regions)
     reader.colours = {colour: parse_colour(colour, reader.fail) for colour in color_context}
-    return layout, color_context, None, {colour: f"regions[{i}]" for i, colour in enumerate(color_context)}
+    first_box = {}
+    for i, region in enumerate(reader.regions):
+        first_box.setdefault(region["phrase"], f"regions[{i}]")
+    return layout, color_context, None, {colour: first_box[phrase] for colour, (phrase, _) in color_context.items()}
 
 
 def load_layout(reader, layout_path, height, width):
@@ -411,6 +412,53 @@ def layout_regions(reader, tokenizer, text, subjects, color_context, layout, lay
                         f"{layout.shape[1]}x{layout.shape[0]} (its colours: {_layout_colours(layout)}){hint}")
         regions.append((rgb, rows, float(w_active)))
     return regions
+
+
+def joined_regions(layout, regions):
+    """(layout, regions) with the regions that guide the same token rows joined into one: the pixels of every
+    colour after the first repainted in the first's colour, whose region alone is kept. Several colours (or
+    boxes) for one subject are one region; without such repeats both come back unchanged.
+
+    regions [(rgb, rows, w_active)] as layout_regions gives them (check_regions has made each group's weights
+    equal)."""
+    first = {}  # rows -> the region kept
+    joined, repaint = [], []
+    for rgb, rows, w_active in regions:
+        kept = first.setdefault(tuple(rows), (rgb, rows, w_active))
+        if kept[0] == rgb:
+            joined.append(kept)
+        else:
+            repaint.append((rgb, kept[0]))
+    if not repaint:
+        return layout, regions
+    layout = layout.copy()
+    for rgb, into in repaint:
+        layout[(layout == np.array(rgb, dtype=np.uint8)).all(-1)] = into
+    return layout, joined
+
+
+def check_regions(reader, regions, layout, weight_negative, colours, keys=None):
+    """Before sampling: the colours that guide the same token rows share one weight (they are one region), and
+    no row is pushed to weight_negative on every pixel (listed by regions that do not overlap: the subject
+    would be suppressed everywhere). colours: the color_context keys, in the order of `regions`."""
+    key_of = (lambda colour: keys[colour]) if keys else (lambda colour: f"color_context.{colour}")
+    first = {}
+    for colour, (rgb, rows, w_active) in zip(colours, regions):
+        other, weight = first.setdefault(tuple(rows), (colour, w_active))
+        if w_active != weight:
+            reader.fail(key_of(colour), f"weight {w_active}, but {key_of(other)} guides the same tokens with weight "
+                                        f"{weight}: the colours of one subject are one region with one weight")
+    if not weight_negative < 0:  # nothing is suppressed
+        return
+    layout, joined = joined_regions(layout, regions)
+    masks = [(layout == np.array(rgb, dtype=np.uint8)).all(-1) for rgb, _, _ in joined]
+    for row in sorted({row for _, rows, _ in joined for row in rows}):
+        listing = [i for i, (_, rows, _) in enumerate(joined) if row in rows]
+        allowed = np.logical_and.reduce([masks[i] for i in listing])
+        if not allowed.any():
+            names = [key_of(colours[[r[0] for r in regions].index(joined[i][0])]) for i in listing]
+            reader.fail(names[-1], f"token {row} is also guided by {', '.join(names[:-1])}, and their regions do "
+                                   f"not overlap: it would be suppressed (weight_negative) on every pixel")
 
 
 def checked_length(reader, tokenizer, data, key):
@@ -471,6 +519,13 @@ def read_run_record(path):
             raise UserError(f"{path}: {key}: file not found: '{file}'")
         if file_sha256(file) != digest:
             raise UserError(f"{path}: {key}: {file} has changed since the run (its sha256 differs)")
+    if "regions" in config:  # the boxes must still give the layout the run recorded, as its files must be unchanged
+        def fail(key, message):
+            raise UserError(f"{path}: {key}: {message} (was the record edited?)")
+        rendered = render_regions(read_regions(config["regions"], fail), run["height"], run["width"], fail)
+        if not np.array_equal(rendered, read_rgb(files["layout"], "layout")):
+            raise UserError(f"{path}: regions: they no longer give the run's layout {files['layout']} (was the "
+                            f"record edited?)")
     return config, run
 
 
@@ -535,7 +590,8 @@ def job_inputs(sd, job):
     plain, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids, not job.settings["negative_prompt"])
     scale = job.settings["residual_scale"]
     cond = apply_residuals(plain, [(s.residual.tensor * scale, s.position) for s in job.subjects])
-    weight_map = layout_weight_map(job.layout, job.regions, len(job.prompt_ids), job.settings["weight_negative"])
+    weight_map = layout_weight_map(*joined_regions(job.layout, job.regions), len(job.prompt_ids),
+                                   job.settings["weight_negative"])
     return JobInputs(cond, uncond, weight_map, pooled, plain if job.settings["residual_guidance"] else None)
 
 
@@ -559,13 +615,15 @@ def sample_job(sd, guidance, job, inputs, seeds, height, width, recorder=None):
 
 
 def subject_regions(job):
-    """[H, W] int64: for each pixel, the index of the color_context region it lies in when that region guides a
-    subject's rows, -1 elsewhere (other phrases' regions and unlisted colours are shared by all)."""
+    """[H, W] int64: for each pixel, the index of the region it lies in (a subject's colours joined into one,
+    joined_regions) when that region guides a subject's rows, -1 elsewhere (other phrases' regions and unlisted
+    colours are shared by all)."""
     subject_rows = {row for s in job.subjects for row in s.rows}
-    labels = np.full(job.layout.shape[:2], -1, dtype=np.int64)
-    for index, (rgb, rows, _) in enumerate(job.regions):
+    layout, regions = joined_regions(job.layout, job.regions)  # a subject's colours are one region
+    labels = np.full(layout.shape[:2], -1, dtype=np.int64)
+    for index, (rgb, rows, _) in enumerate(regions):
         if subject_rows & set(rows):
-            labels[(job.layout == np.array(rgb, dtype=np.uint8)).all(-1)] = index
+            labels[(layout == np.array(rgb, dtype=np.uint8)).all(-1)] = index
     return labels
 
 

@@ -130,6 +130,8 @@ class LayoutGuidance:
 def latent_grids(latent_size):
     """(h, w) of every UNet level of an h x w latent, finest first: each level halves it (stride-2 conv: ceil)."""
     h, w = latent_size
+    if h < 1 or w < 1:  # halving never reaches 1 x 1 from an empty grid
+        raise UserError(f"an image of under 8 pixels a side has no latent ({h} x {w}); sizes are multiples of 8")
     grids = [(h, w)]
     while (h, w) != (1, 1):
         h, w = (h + 1) // 2, (w + 1) // 2

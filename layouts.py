@@ -4,7 +4,8 @@
 
 Box coordinates are fractions of the image's width and height. A pixel belongs to a box when its centre lies
 inside it (left * W <= x + 0.5 < right * W, likewise for rows); where boxes overlap, the later one covers the
-earlier. Each region gets its own colour (region_colour), unpainted pixels stay BACKGROUND, so the layout and
+earlier. The boxes of one phrase are one region (their union), so they share a weight; each region gets its own
+colour (region_colour, in the order phrases first appear), unpainted pixels stay BACKGROUND, so the layout and
 `regions_color_context` together are exactly a painted config: the sampler cannot tell the two apart.
 Used by inference.py (configs with regions), make_layout.py and app.py.
 """
@@ -44,7 +45,14 @@ def read_regions(value, fail):
         fail("regions", 'expected a list of {"phrase": ..., "box": [left, top, right, bottom], "weight": 2.5}')
     if len(value) > MAX_REGIONS:
         fail("regions", f"{len(value)} regions, more than {MAX_REGIONS}")
-    return [read_region(entry, lambda message, i=i: fail(f"regions[{i}]", message)) for i, entry in enumerate(value)]
+    regions = [read_region(entry, lambda message, i=i: fail(f"regions[{i}]", message)) for i, entry in enumerate(value)]
+    first = {}  # phrase -> index of its first box
+    for i, region in enumerate(regions):
+        j = first.setdefault(region["phrase"], i)
+        if region["weight"] != regions[j]["weight"]:
+            fail(f"regions[{i}]", f"weight {region['weight']}, but regions[{j}] gives '{region['phrase']}' weight "
+                                  f"{regions[j]['weight']}: the boxes of one phrase are one region with one weight")
+    return regions
 
 
 def read_region(entry, fail):
@@ -80,26 +88,37 @@ def box_mask(box, height, width):
     return rows[:, None] & columns[None, :]
 
 
-def render_regions(regions, height, width, fail):
-    """The layout uint8 [H, W, 3]: region i painted in region_colour(i), in order (later covers earlier).
+def phrase_colours(regions):
+    """{phrase: (r, g, b)}: region_colour(i) for the i-th distinct phrase, in the order phrases first appear."""
+    colours = {}
+    for region in regions:
+        colours.setdefault(region["phrase"], region_colour(len(colours)))
+    return colours
 
-    A region left without a pixel (thinner than a pixel at this size, or covered by later boxes) would guide
-    nothing: fail(key, message) reports it.
+
+def render_regions(regions, height, width, fail):
+    """The layout uint8 [H, W, 3]: each box painted in its phrase's colour, in order (later covers earlier).
+
+    A box left without a pixel of its own (thinner than a pixel at this size, or covered by later boxes of
+    other phrases) would guide nothing: fail(key, message) reports it.
     """
+    colours = phrase_colours(regions)
     layout = np.zeros((height, width, 3), dtype=np.uint8)
     layout[:] = BACKGROUND
-    for i, region in enumerate(regions):
-        layout[box_mask(region["box"], height, width)] = region_colour(i)
-    for i, region in enumerate(regions):
-        if not (layout == np.array(region_colour(i), dtype=np.uint8)).all(-1).any():
+    masks = [box_mask(region["box"], height, width) for region in regions]
+    for region, mask in zip(regions, masks):
+        layout[mask] = colours[region["phrase"]]
+    for i, (region, mask) in enumerate(zip(regions, masks)):
+        if not (layout[mask] == np.array(colours[region["phrase"]], dtype=np.uint8)).all(-1).any():
             fail(f"regions[{i}]", f"box {region['box']} covers no pixel of the {width}x{height} image (thinner "
                                   f"than a pixel, or covered by later boxes)")
     return layout
 
 
 def regions_color_context(regions):
-    """The painted config's color_context of `regions`: {'r,g,b': [phrase, weight]} in region order."""
-    return {colour_key(region_colour(i)): [r["phrase"], r["weight"]] for i, r in enumerate(regions)}
+    """The painted config's color_context of `regions`: {'r,g,b': [phrase, weight]}, one entry per phrase."""
+    return {colour_key(rgb): [phrase, next(r["weight"] for r in regions if r["phrase"] == phrase)]
+            for phrase, rgb in phrase_colours(regions).items()}
 
 
 def region_masks(layout, entries):

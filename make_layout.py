@@ -12,10 +12,10 @@ phrases over a white canvas or over --preview_on.
 import os
 from pathlib import Path
 
-from file_utils import read_image, write_json, write_png
+from file_utils import check_output_file, check_writable_folder, read_image, write_json, write_png
 from inference import PAINTED_KEYS, ConfigReader, job_layout
 from layouts import draw_preview
-from pipeline_utils import ArgumentParser, check_multiple_of_8, run_cli
+from pipeline_utils import ArgumentParser, UserError, check_multiple_of_8, run_cli
 
 
 def painted_config(reader, data, layout_file, color_context, out_dir):
@@ -28,27 +28,39 @@ def painted_config(reader, data, layout_file, color_context, out_dir):
 
 
 def main(args):
-    """Returns the files written."""
+    """Returns the files written: all of them, or (on any mistake) none."""
     check_multiple_of_8(args, "resolution", "height", "width")
     height, width = args.height or args.resolution, args.width or args.resolution
     reader = ConfigReader(args.config)
     data = reader.read()
     layout, color_context, _, _ = job_layout(reader, data, height, width)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir, "--out_dir")
     name = Path(args.config).stem
-    written = []
+    outputs = {}  # file -> what to write, all made before the first is written
     if "regions" in data:
         layout_file = out_dir / f"{name}_layout.png"
-        write_png(layout_file, layout)
-        config_file = out_dir / f"{name}_painted.json"
-        write_json(config_file, painted_config(reader, data, layout_file, color_context, out_dir))
-        written += [layout_file, config_file]
+        outputs[layout_file] = layout
+        outputs[out_dir / f"{name}_painted.json"] = painted_config(reader, data, layout_file, color_context,
+                                                                   out_dir.resolve())
     background = read_image(args.preview_on, "--preview_on image") if args.preview_on else None
     entries = [(phrase, reader.colours[colour]) for colour, (phrase, _) in color_context.items()]
-    preview = out_dir / f"{name}_preview.png"
-    write_png(preview, draw_preview(layout, entries, background))
-    written.append(preview)
+    outputs[out_dir / f"{name}_preview.png"] = draw_preview(layout, entries, background)
+    for file in outputs:
+        check_output_file(file, "cannot write")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir}: cannot create the folder ({e.strerror or e})") from None
+    written = []
+    try:
+        for file, content in outputs.items():
+            (write_json if file.suffix == ".json" else write_png)(file, content)
+            written.append(file)
+    except BaseException:
+        for file in written:
+            file.unlink(missing_ok=True)
+        raise
     for file in written:
         print(f"wrote {file}")
     return written

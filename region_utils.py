@@ -6,11 +6,13 @@ its position. The layout is resized to the image as inference does it (nearest).
 `attention/{seed}.npz` inference.py writes with --save_attention: one [H, W] float32 map per phrase, sum 1.
 """
 import io
+import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from file_utils import read_rgb, write_atomic
+from pipeline_utils import MAX_IMAGE_SIDE, UserError
 
 ATTENTION_FOLDER = "attention"
 HEAT = np.array([255, 0, 0], dtype=np.float32)  # the colour an attention map blends the image towards
@@ -68,9 +70,34 @@ def write_attention(path, maps):
     write_atomic(path, save)
 
 
-def read_attention(path):
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
+def read_attention(path, size=None):
+    """{name: [H, W] float32} of an attention file written by write_attention, for an image of size (W, H)
+    (None: maps of any one size).
+
+    Anything else is a UserError naming the file: not an .npz, broken or cut short, holding pickled objects
+    (never unpickled) or more data than maps of that size, a map not [H, W], not finite, negative or all zero.
+    """
+    width, height = size or (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+    try:
+        with zipfile.ZipFile(path) as archive:  # sizes before anything is decompressed: a small file can hold a lot
+            if any(info.file_size > 8 * height * width + 4096 for info in archive.infolist()):
+                raise UserError(f"{path}: holds more than attention maps of a {width}x{height} image")
+        with np.load(path, allow_pickle=False) as data:
+            maps = {name: data[name] for name in data.files}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable attention file ({type(e).__name__}: {str(e)[:120]})") from None
+    shapes = {attention_map.shape for attention_map in maps.values()}
+    if size is None and len(shapes) == 1 and len(next(iter(shapes))) == 2:
+        height, width = next(iter(shapes))
+    for name, attention_map in maps.items():
+        if attention_map.shape != (height, width) or attention_map.dtype.kind != "f":
+            raise UserError(f"{path}: map '{name}': expected a float map [{height}, {width}] (the image's size), "
+                            f"got {attention_map.dtype} {list(attention_map.shape)}")
+        if not np.isfinite(attention_map).all() or (attention_map < 0).any() or not attention_map.sum() > 0:
+            raise UserError(f"{path}: map '{name}': expected finite, non-negative values that do not all vanish")
+    return {name: attention_map.astype(np.float32) for name, attention_map in maps.items()}
 
 
 # ------------------------------------------------------------------------------------------------

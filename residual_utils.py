@@ -1,12 +1,13 @@
 """Residual embeddings: the 4 KB a concept is learned into (docs/METHOD.md A.7), and where they go in a prompt.
 
 A residual is a float32 tensor [k, d]: k token rows (`token_num`), d the text encoder's width (768 for
-SD 1.x, 1024 for SD 2.x). It is added to rows p .. p+k-1 of the prompt's text embedding, where p is the
-position of the concept's class word.
+SD 1.x, 1024 for SD 2.x, 2048 for SDXL's two encoders side by side). It is added to rows p .. p+k-1 of the
+prompt's text embedding, where p is the position of the concept's class word.
 
 Files:
 - `.safetensors` (written by train.py): one tensor `residual` [k, d] and string metadata
-  `class_phrase`, `token_num`, `embedding_dim`, `base_model` (plus the training settings).
+  `class_phrase`, `token_num`, `embedding_dim`, `base_model`, `family` (`sd` or `sdxl`; files without it are
+  told apart by their width) and the training settings.
 - legacy `.pt` (the seed's files): a bare float tensor [1, d]. Read with `weights_only=True` on the CPU, so a
   pickle holding anything else is refused, never executed.
 """
@@ -19,6 +20,7 @@ from file_utils import regular_file, write_atomic
 from pipeline_utils import UserError
 
 REQUIRED_METADATA = ("class_phrase", "token_num", "embedding_dim", "base_model")
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}  # the `family` a residual may record
 
 
 @dataclass
@@ -64,6 +66,11 @@ def load_residual(path):
                         f"{list(tensor.shape)}")
     tensor = tensor.detach().reshape(-1, tensor.shape[-1]).to(torch.float32).contiguous()
     check_finite_rows(tensor, path)
+    family = metadata.get("family")
+    if family is not None and family not in FAMILY_NAMES:
+        hint = f" (names are lower case: '{family.lower()}')" if family.lower() in FAMILY_NAMES else ""
+        raise UserError(f"{path}: metadata family: unknown model family '{family[:40]}'{hint}; expected one of "
+                        f"{', '.join(FAMILY_NAMES)}")
     return Residual(tensor, str(path), metadata)
 
 
