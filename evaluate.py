@@ -38,8 +38,8 @@ from file_utils import (check_output_file, check_writable_folder, file_sha256, i
                         resolve_relative, write_json, write_png, write_text)
 from inference import parse_colour
 from layouts import RENDERED_LAYOUT
-from pipeline_utils import (ArgumentParser, UserError, first_line, library_versions, model_source, resolve_device,
-                            run_cli)
+from pipeline_utils import (ArgumentParser, UserError, first_line, is_finite32, library_versions, model_source,
+                            resolve_device, run_cli)
 from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside, read_attention, read_layout,
                           region_colours, region_mask, side_by_side)
 
@@ -195,20 +195,48 @@ def reference_embeddings(scorer, files, cache):
 # ------------------------------------------------------------------------------------------------
 # Region-aware scores
 
+def check_region_keys(config_path, record):
+    """The record's region keys hold what inference.py writes there; an edited one is a UserError naming it."""
+    def bad(key, expected):
+        raise UserError(f"{config_path}: {key}: expected {expected}, got {str(record[key])[:80]} (was the record "
+                        f"edited?)")
+
+    def integer(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(record["layout"], str):
+        bad("layout", "a file path")
+    if not isinstance(record["file_sha256"], dict) or not all(isinstance(v, str) for v in record["file_sha256"].values()):
+        bad("file_sha256", "an object {key: sha256}")
+    context = record["color_context"]
+    if not isinstance(context, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and is_finite32(v[1])
+            for v in context.values()):
+        bad("color_context", '{"r,g,b": [phrase, weight]}')
+    for colour in context:
+        parse_colour(colour, lambda message: bad("color_context", f"colours as keys ({message})"))
+    rows = record["token_rows"]
+    if not isinstance(rows, dict) or set(rows) - set(context) or not all(
+            isinstance(v, list) and all(integer(row) for row in v) for v in rows.values()):
+        bad("token_rows", "an object {colour of color_context: [token rows]}")
+    if not isinstance(record["subject_list"], list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and integer(e[1])
+            for e in record["subject_list"]):
+        bad("subject_list", "[[name, position], ...]")
+
+
 def record_regions(config_path, record, size):
     """{subject: bool [H, W]} from a run record, at the images' size (W, H); or (None, why not)."""
     if not all(key in record for key in REGION_KEYS):
         return None, "the record has no layout (written before region scores, or not by inference.py)"
+    check_region_keys(config_path, record)
     layout_path = Path(record["layout"])
     if not layout_path.is_file():
         return None, f"its layout {layout_path} is not found"
     if file_sha256(layout_path) != record["file_sha256"].get("layout"):
         return None, f"its layout {layout_path} has changed since the run (its sha256 differs)"
     layout = read_layout(layout_path, *size)
-
-    def bad(message):
-        raise UserError(f"{config_path}: color_context: {message}")
-    rgb_of = {colour: parse_colour(colour, bad) for colour in record["color_context"]}
+    rgb_of = {colour: parse_colour(colour, None) for colour in record["color_context"]}  # checked above
     return {name: region_mask(layout, [rgb_of[c] for c in region_colours(record["token_rows"], position)])
             for name, position in record["subject_list"]}, None
 
@@ -222,15 +250,20 @@ def region_crop(image, box):
     return square
 
 
-def score_regions(scorer, folder, image_paths, images, masks, references):
+def run_attention(folder, image_paths, size):
+    """Per image its attention maps {name: [H, W]} (attention/{stem}.npz), None where it has none."""
+    files = [folder / ATTENTION_FOLDER / f"{p.stem}.npz" for p in image_paths]
+    return [read_attention(file, size) if file.is_file() else None for file in files]
+
+
+def score_regions(scorer, images, masks, attention, references):
     """({subject: {box, and per image: region_clip_i, region_dino, identity_ok, attention_in_region}},
     {subject: [square crops]}) for each subject with a region (see the module's docstring).
 
-    masks {subject: bool [H, W]}; references {subject: (CLIP [R, D], DINO [R, D])} of every subject, in the
-    record's order (on a tie in closeness the subject listed first is the closest)."""
+    masks {subject: bool [H, W]}; attention: per image {name: [H, W]} or None (run_attention); references
+    {subject: (CLIP [R, D], DINO [R, D])} of every subject, in the record's order (on a tie in closeness the
+    subject listed first is the closest)."""
     names = list(references)
-    attention = [read_attention(folder / ATTENTION_FOLDER / f"{p.stem}.npz")
-                 if (folder / ATTENTION_FOLDER / f"{p.stem}.npz").is_file() else None for p in image_paths]
     per_subject, crops = {}, {}
     for name, mask in masks.items():
         box = bounding_box(mask)
@@ -336,19 +369,30 @@ def batch_jobs(results_dir, concepts_file):
     return jobs
 
 
-def score_run_regions(scorer, folder, image_paths, concepts, record, cache):
-    """The region-aware scores of one run folder (with regions.png written there), as metrics.json keys."""
+def run_regions(folder, image_paths, record):
+    """(masks or None, attention maps, why not) of one run folder, every file it reads checked before anything is
+    scored: the record's region keys, the images' one size, the attention maps (run_attention)."""
     images = read_images(image_paths)
-    masks, why_not = record_regions(folder / "config.json", record, images[0].size)
+    sizes = sorted({image.size for image in images})
+    if len(sizes) > 1:
+        raise UserError(f"{folder}: images of {len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:3])}); a "
+                        f"run's images share one size, as its layout does")
+    masks, why_not = record_regions(folder / "config.json", record, sizes[0])
+    return masks, (run_attention(folder, image_paths, sizes[0]) if masks is not None else None), why_not
+
+
+def score_run_regions(scorer, image_paths, concepts, regions, cache):
+    """(metrics.json keys, regions.png picture or None) of one run folder's region-aware scores; regions: its
+    run_regions."""
+    masks, attention, why_not = regions
     if masks is None:
-        print(f"warning: {folder}: no region scores: {why_not}", file=sys.stderr)
-        return {**dict.fromkeys(SCORE_COLUMNS[3:]), "regions": None, "regions_skipped": why_not}
+        return {**dict.fromkeys(SCORE_COLUMNS[3:]), "regions": None, "regions_skipped": why_not}, None
+    images = read_images(image_paths)
     references = {name: reference_embeddings(scorer, files, cache) for name, files in concepts.items()}
-    per_subject, crops = score_regions(scorer, folder, image_paths, images, masks, references)
-    if per_subject:
-        write_png(folder / REGIONS_NAME, regions_picture(images, masks, per_subject, crops))
+    per_subject, crops = score_regions(scorer, images, masks, attention, references)
+    picture = regions_picture(images, masks, per_subject, crops) if per_subject else None
     return {**region_summary(per_subject), "regions": {"images": [p.name for p in image_paths],
-                                                       "pad_fill": list(PAD_FILL), "per_subject": per_subject}}
+                                                       "pad_fill": list(PAD_FILL), "per_subject": per_subject}}, picture
 
 
 SCORE_COLUMNS = ("clip_t", "clip_i", "dino", "region_clip_i", "region_dino", "swap_rate", "attention_in_region")
@@ -399,17 +443,27 @@ def main(args):
         raise UserError("--results needs --concepts FILE (a JSON object {subject name: reference image folder})")
     jobs = batch_jobs(args.results, args.concepts)
     jobs = [(*job, images_in(job[0], "images in")) for job in jobs]
-    for output in [job[0] / "metrics.json" for job in jobs] + [Path(args.results) / f"summary.{kind}"
-                                                              for kind in ("md", "csv")]:
-        check_output_file(output, "cannot write")  # checked before scoring, so a run is written whole or not at all
+    for output in [job[0] / name for job in jobs for name in ("metrics.json", REGIONS_NAME)] + [
+            Path(args.results) / f"summary.{kind}" for kind in ("md", "csv")]:
+        check_output_file(output, "cannot write")
+    # Every file every folder needs is read and checked before the first is scored, and everything is scored
+    # before the first file is written: a mistake in the last folder leaves the first untouched.
+    regions = [run_regions(folder, images, record) for folder, _, _, record, images in jobs]
     scorer = Scorer(args.clip_model, args.dino_model, resolve_device(args.device))
-    cache, rows = {}, []
-    for folder, prompt, concepts, record, images in jobs:
+    cache, rows, outputs = {}, [], []
+    for (folder, prompt, concepts, record, images), folder_regions in zip(jobs, regions):
         result = score_folder(scorer, images, prompt, concepts, cache)
-        result.update(score_run_regions(scorer, folder, images, concepts, record, cache))
-        write_json(folder / "metrics.json", result)
+        region_scores, picture = score_run_regions(scorer, images, concepts, folder_regions, cache)
+        result.update(region_scores)
+        if folder_regions[0] is None:
+            print(f"warning: {folder}: no region scores: {folder_regions[2]}", file=sys.stderr)
+        outputs.append((folder, result, picture))
         rows.append({"config": str(folder.relative_to(args.results)), "subjects": " ".join(concepts),
                      "n_images": result["n_images"], **{c: result[c] for c in SCORE_COLUMNS}})
+    for folder, result, picture in outputs:
+        write_json(folder / "metrics.json", result)
+        if picture is not None:
+            write_png(folder / REGIONS_NAME, picture)
     print(write_summary(Path(args.results), rows))
     return rows
 
