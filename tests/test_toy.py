@@ -1,6 +1,7 @@
 """The toy world: its scenes read back exactly, and a residual learned on the committed base model carries its
 concept (a broken training loop or a residual at the wrong position fails the margin)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,43 @@ def test_residual_learned_on_the_toy_model_carries_its_concept(tmp_path):
     with_residual, without = with_residual["blue_circle"], without["blue_circle"]
     assert with_residual["fidelity"] >= without["fidelity"] + 0.5, (with_residual["fidelity"], without["fidelity"])
     assert with_residual["class_kept"] >= 0.75
+
+
+def test_trained_residuals_are_reused_only_when_their_settings_match(tmp_path):
+    """A second run into the same folder reuses a residual whose recorded settings match (no train.py: the file is
+    untouched and it takes well under the seconds a training takes); other settings or --retrain train again."""
+    import time
+
+    changes = {"--max_train_steps": "2"}
+    residual = measure.train_concept(tmp_path, "yellow_square", changes=changes)
+    record = residual.parent / measure.SETTINGS_FILE
+    settings = json.loads(record.read_text())
+    assert settings["flags"] == measure.training_flags(changes) and settings["instance_prompt"] == "square"
+    assert settings["model_sha256"] == measure.folder_sha256(measure.BASE_MODEL)
+    first = residual.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert measure.train_concept(tmp_path, "yellow_square", changes=changes) == residual
+    assert residual.stat().st_mtime_ns == first and time.perf_counter() - start < 2
+
+    record.write_text(json.dumps({**settings, "flags": measure.TRAINING}))  # trained with other flags
+    measure.train_concept(tmp_path, "yellow_square", changes=changes)
+    second = residual.stat().st_mtime_ns
+    assert second != first and json.loads(record.read_text()) == settings
+    measure.train_concept(tmp_path, "yellow_square", changes=changes, retrain=True)
+    assert residual.stat().st_mtime_ns != second
+
+
+def test_a_default_run_writes_to_an_untracked_folder():
+    """The committed figures (toy/results) are not where a run goes unless --out names them; git ignores the default."""
+    import subprocess
+
+    out = Path(measure.parse_args([]).out)
+    assert out == measure.TOY / "runs" and out != measure.TOY / "results"
+    if (measure.ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=measure.ROOT)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "toy/results/results.json"], cwd=measure.ROOT,
+                                 capture_output=True)
+        assert ignored.returncode == 0 and tracked.returncode == 0
 
 
 def obj(colour, cx, shape="circle"):
@@ -69,11 +107,15 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     replaced by fixed cells: this checks where the results go, in a second."""
     examples = np.zeros((4, 64, 64, 3), dtype=np.uint8)
 
+    sampled = []
+
     def fidelity_cells(out, cell, residuals, seeds, position=2, **keys):
+        sampled.append(cell)
         value = 1.0 if keys.get("residual_guidance") else 0.5
         return {n: {"fidelity": value, "class_kept": 1.0, "examples": examples} for n in measure.CONCEPTS}
 
     def composition_cells(out, cell, residuals, seeds, guided=True, nouns=False, **keys):
+        sampled.append(cell)
         kinds = dict.fromkeys(measure.FAILURES, 0.0) | {"ok": 1.0}
         return {"+".join(p): {"both_colours": 1.0, "layout_accuracy": 0.9 if keys.get("residual_guidance") else 0.6,
                               "leakage": 0.0, "leakage_by_shape": 0.0, "leakage_by_colour": 0.0,
@@ -82,7 +124,7 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
                               "attention_in_region": dict.fromkeys(p, 0.75),
                               "attention_in_region_failed": dict.fromkeys(p)} for p in measure.PAIRS}
 
-    def train_concept(out, name, changes=None):  # where train.py would have written it
+    def train_concept(out, name, changes=None, retrain=False):  # where train.py would have written it
         path = out / "residuals" / measure.training_label(changes) / f"{name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
@@ -99,6 +141,7 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     measure.run(measure.parse_args(["--quick", "--out", str(out)]))
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == 8 and "sweep" not in results
+    assert len(sampled) == len(set(sampled)) == measure.planned_cells(ablations=False, sweep=False) == 12
     assert results["concept_fidelity_with"] == 0.5 and results["attention_in_region_with_guidance"] == 0.75
     assert results["layout_accuracy_with_guidance"] == 0.6
     assert results["best"]["layout_accuracy_with_guidance"] == 0.9 and results["best"]["concept_fidelity_with"] == 1.0
@@ -108,9 +151,12 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
 
     report = tmp_path / "report.md"
     report.write_text("old tables\n## Analysis\nkept by hand\n")
+    sampled.clear()
     measure.run(measure.parse_args(["--seeds", "2", "--sweep", "--out", str(out), "--results_md", str(report)]))
+    assert len(sampled) == len(set(sampled)) == measure.planned_cells(ablations=True, sweep=True)
     text = report.read_text()
     assert text.startswith("# Toy world results") and "old tables" not in text and "## Sweep" in text
+    assert f"`python toy/measure.py --seeds 2 --sweep --out {out} --results_md {report}`" in text
     assert text.endswith("## Analysis\nkept by hand\n")
     assert len(json.loads((out / "results.json").read_text())["sweep"]) == len(measure.SWEEP) + len(measure.NOUN_SWEEP)
     assert tracked_report.read_text() == before

@@ -1,8 +1,8 @@
 """Does the method work? Concept fidelity, composition and layout in the toy world, through the project's code.
 
-    python toy/measure.py --seeds 32                        # the faithful method and the best setting (~8 min)
-    python toy/measure.py --quick                           # 8 seeds, the main cells only (~3 min)
-    python toy/measure.py --seeds 32 --sweep --results_md toy/RESULTS.md    # + the sweep (~24 min), the report
+    python toy/measure.py --quick                           # 8 seeds, the main cells only, into toy/runs/
+    python toy/measure.py --seeds 32 --out toy/results       # the committed figures: faithful and best setting
+    python toy/measure.py --seeds 32 --sweep --out toy/results --results_md toy/RESULTS.md   # + the sweep, the report
 
 With toy/base_model (toy/build_base.py):
 1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a blue circle,
@@ -23,11 +23,16 @@ With toy/base_model (toy/build_base.py):
    BEST changes only sampling.
 3. --sweep: composition under each setting of SWEEP (the method's knobs, residual training and the variants of
    docs/METHOD.md E), and with the specific nouns in the prompt (no residual) as the base model's upper bound.
-Writes results.json, examples.png and the runs behind them to --out, nothing elsewhere; with --results_md, also
-the tables of a report such as toy/RESULTS.md (its hand-written analysis below the tables is kept).
+Writes results.json, examples.png and the runs behind them to --out (default toy/runs/, untracked: the committed
+figures in toy/results/ change only when --out names that folder), nothing elsewhere; with --results_md, also the
+tables of a report such as toy/RESULTS.md (its hand-written analysis below the tables is kept). A progress bar
+shows the training and the sampling. Residuals trained by an earlier run into the same --out are reused when
+the settings recorded beside them match (model weights, the concept's images, the training flags); --retrain
+trains them again.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -38,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 TOY = Path(__file__).resolve().parent
 ROOT = TOY.parent
@@ -49,6 +55,7 @@ from residual_utils import load_residual  # noqa: E402
 from world import NOUNS, Shape, render  # noqa: E402
 
 BASE_MODEL = TOY / "base_model"
+DEFAULT_OUT = TOY / "runs"  # untracked: a default run never touches the committed figures in toy/results
 # Colours the base model draws reliably from their specific nouns ("berry", "butter", "ocean", "lemon": 8 of 8),
 # and that the generic nouns rarely take by themselves (those lean to red and green).
 CONCEPTS = {  # name: (generic noun, shape, colour)
@@ -130,18 +137,39 @@ def training_flags(changes):
     return args
 
 
-def train_concept(out, name, model=BASE_MODEL, changes=None):
-    """train.py on the concept's five images, in a process of its own, as users run it; the residual's path."""
+def train_concept(out, name, model=BASE_MODEL, changes=None, retrain=False):
+    """train.py on the concept's five images, in a process of its own, as users run it; the residual's path.
+    A residual whose recorded settings (SETTINGS_FILE beside it) equal this call's is reused unless `retrain`."""
     noun, shape, colour = CONCEPTS[name]
     data = concept_images(out / "concepts" / name, shape, colour)
     folder = out / "residuals" / training_label(changes) / name
+    flags = training_flags(changes or {})
+    settings = {"model_sha256": folder_sha256(model), "images_sha256": folder_sha256(data),
+                "instance_prompt": noun, "flags": flags}
+    residual, record = folder / "residual.safetensors", folder / SETTINGS_FILE
+    if not retrain and residual.is_file() and record.is_file() and json.loads(record.read_text()) == settings:
+        return residual
+    record.unlink(missing_ok=True)  # a run stopped mid-training leaves no record that matches
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     done = subprocess.run([sys.executable, "train.py", "--pretrained_model_name_or_path", str(model),
                            "--instance_data_dir", str(data), "--instance_prompt", noun, "--output_dir", str(folder),
-                           *training_flags(changes or {})], cwd=ROOT, capture_output=True, text=True, env=env)
+                           *flags], cwd=ROOT, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"train.py failed for {name}:\n{done.stderr[-3000:]}")
-    return folder / "residual.safetensors"
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+    return residual
+
+
+SETTINGS_FILE = "measure_settings.json"  # beside each residual: what it was trained from, to reuse it
+
+
+def folder_sha256(folder):
+    """One sha256 over the names and contents of every file under `folder` (a model's weights, a concept's images)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def training_label(changes):
@@ -359,20 +387,44 @@ def pooled_failures(cells):
 class Measurement:
     """The residuals of one --out folder, trained once per training setting, and the cells sampled with them."""
 
-    def __init__(self, out, seeds):
-        self.out, self.seeds = out, seeds
+    def __init__(self, out, seeds, retrain=False):
+        self.out, self.seeds, self.retrain = out, seeds, retrain
         self.trained = {}  # training label -> {concept: residual path}
+        self.progress = None  # the sampling's progress bar, from start_sampling
         zeros = torch.zeros(1, 64)
         self.zero = {n: fixed_residual(out / "residuals" / "zero" / f"{n}.safetensors", zeros, CONCEPTS[n][0])
                      for n in CONCEPTS}
         self.unlabelled_zero = {n: unlabelled_residual(out / "residuals" / "zero" / f"{n}.pt", zeros)
                                 for n in CONCEPTS}
 
+    def train(self, trainings):
+        """Every concept under each training setting of `trainings` ([{flag: value}]), behind one progress bar
+        (a residual reused from an earlier run counts as done at once)."""
+        todo = {training_label(c): c for c in trainings if training_label(c) not in self.trained}
+        jobs = [(changes, name) for changes in todo.values() for name in CONCEPTS]
+        with tqdm(jobs, desc="training concepts", unit="concept", file=sys.stdout, dynamic_ncols=True) as bar:
+            for changes, name in bar:
+                flags = training_flags(changes)
+                bar.set_postfix_str(f"{name}, {training_label(changes)}, "
+                                    f"{flags[flags.index('--max_train_steps') + 1]} steps")
+                path = train_concept(self.out, name, changes=changes, retrain=self.retrain)
+                self.trained.setdefault(training_label(changes), {})[name] = path
+
     def residuals(self, changes=None):
-        label = training_label(changes)
-        if label not in self.trained:
-            self.trained[label] = {name: train_concept(self.out, name, changes=changes) for name in CONCEPTS}
-        return self.trained[label]
+        self.train([changes or {}])
+        return self.trained[training_label(changes)]
+
+    def start_sampling(self, cells):
+        self.progress = tqdm(total=cells, desc="sampling cells", unit="cell", file=sys.stdout, dynamic_ncols=True)
+
+    def sampled(self, cells, label, *args, **keys):
+        """cells(out, label, ...) (fidelity_cells or composition_cells), counted on the progress bar."""
+        if self.progress is not None:
+            self.progress.set_postfix_str(label)
+        result = cells(self.out, label, *args, **keys)
+        if self.progress is not None:
+            self.progress.update()
+        return result
 
     def swap(self):
         if not hasattr(self, "swapped"):
@@ -396,8 +448,8 @@ class Measurement:
         cells = {}
         for variant, (files, extra) in variants.items():
             position = extra.pop("position", 2)
-            cells[variant] = fidelity_cells(self.out, f"{tag}-fidelity-{variant}", files, self.seeds, position,
-                                            **{**keys, **extra})
+            cells[variant] = self.sampled(fidelity_cells, f"{tag}-fidelity-{variant}", files, self.seeds, position,
+                                          **{**keys, **extra})
             log(f"{tag} fidelity {variant}: " + ", ".join(f"{n} {c['fidelity']:.2f}" for n, c in cells[variant].items()))
         return cells
 
@@ -410,8 +462,8 @@ class Measurement:
                             guided_text_adaptive=dict(guided=True, text_length="adaptive"))
         cells = {}
         for variant, extra in variants.items():
-            cells[variant] = composition_cells(self.out, f"{tag}-composition-{variant}", residuals, self.seeds,
-                                               **{**keys, **extra})
+            cells[variant] = self.sampled(composition_cells, f"{tag}-composition-{variant}", residuals, self.seeds,
+                                          **{**keys, **extra})
             log(f"{tag} composition {variant}: layout {mean_of(cells[variant], 'layout_accuracy'):.2f}")
         return cells
 
@@ -419,14 +471,14 @@ class Measurement:
         """[row]: composition (guided, all pairs) under each SWEEP and NOUN_SWEEP setting."""
         rows = []
         for label, keys, training in SWEEP:
-            cells = faithful_guided if not keys and not training else composition_cells(
-                self.out, f"sweep-{len(rows)}", self.residuals(training), self.seeds, **keys)
+            cells = faithful_guided if not keys and not training else self.sampled(
+                composition_cells, f"sweep-{len(rows)}", self.residuals(training), self.seeds, **keys)
             rows.append(sweep_row(label, keys, training, cells))
         for label, keys in NOUN_SWEEP:
             guided = keys.get("guidance_steps", 1) != 0
             keys = {k: v for k, v in keys.items() if k != "guidance_steps"}
-            cells = composition_cells(self.out, f"sweep-{len(rows)}", self.unlabelled_zero, self.seeds, guided,
-                                      nouns=True, **keys)
+            cells = self.sampled(composition_cells, f"sweep-{len(rows)}", self.unlabelled_zero, self.seeds, guided,
+                                 nouns=True, **keys)
             rows.append(sweep_row(label, keys, {}, cells))
         return rows
 
@@ -450,7 +502,14 @@ START = time.time()
 
 
 def log(message):
-    print(f"{message} ({time.time() - START:.0f}s)", flush=True)
+    tqdm.write(f"{message} ({time.time() - START:.0f}s)", file=sys.stdout)
+
+
+def planned_cells(ablations, sweep):
+    """How many cells run() samples: per setting 4 fidelity variants (with, without, wrong_token, noun_swap) and
+    2 composition variants (guided, unguided); the faithful setting's ablations add 3 and 2; the sweep adds a
+    cell per row but its faithful row, which is the faithful guided cell."""
+    return 2 * (4 + 2) + (3 + 2) * ablations + (len(SWEEP) - 1 + len(NOUN_SWEEP)) * sweep
 
 
 # results.json's mean figures of one setting: key, the cells (fidelity or composition), variant, score
@@ -500,8 +559,12 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     seeds = 8 if args.quick and args.seeds is None else (args.seeds or 32)
     ablations = not args.quick
-    measurement = Measurement(out, seeds)
+    measurement = Measurement(out, seeds, args.retrain)
     faithful = {"config": {}, "training": {}}
+    # every residual first, so the sampling's bar times sampling only
+    measurement.train([faithful["training"], BEST["training"]] + [t for _, _, t in SWEEP if args.sweep])
+    measurement.swap()
+    measurement.start_sampling(planned_cells(ablations, args.sweep))
     fidelity = measurement.fidelity(faithful, ablations)
     composition = measurement.composition(faithful, ablations)
     best_fidelity = measurement.fidelity(BEST, False)
@@ -512,6 +575,7 @@ def run(args):
                "cells": cell_table(fidelity, composition)}
     if args.sweep:
         results["sweep"] = measurement.sweep(composition["guided"])
+    measurement.progress.close()
     minutes = (time.time() - START) / 60
     results.update(seeds=seeds, quick=args.quick, sampling=SAMPLING, guidance=GUIDANCE, training=TRAINING,
                    minutes=round(minutes, 1), date=time.strftime("%Y-%m-%d"))
@@ -566,7 +630,8 @@ GOALS = {"concept_fidelity_min": ">= 0.9", "layout_accuracy_with_guidance": ">= 
 
 def write_report(path, results, args):
     c, b = results["cells"], results["best"]["cells"]
-    command = f"python toy/measure.py --seeds {results['seeds']}" + (" --sweep" if args.sweep else "")
+    command = (f"python toy/measure.py --seeds {results['seeds']}" + (" --sweep" if args.sweep else "")
+               + (f" --out {args.out}" if Path(args.out) != DEFAULT_OUT else ""))
     lines = [
         "# Toy world results",
         "",
@@ -638,8 +703,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="8 seeds and the main cells only (no sigma-CFG and text-length ablations): for iterating")
     p.add_argument("--sweep", action="store_true", help="also the sweep of knobs and variants (about 24 minutes more)")
-    p.add_argument("--out", default=str(TOY / "results"),
-                   help="folder for results.json, examples.png and the runs behind them (default toy/results)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="folder for results.json, examples.png and the runs behind them (default toy/runs, untracked; "
+                        "the committed figures are in toy/results)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the concepts again even where --out holds residuals trained with the same settings")
     p.add_argument("--results_md", default=None, metavar="PATH",
                    help="also write the report's tables to PATH, e.g. toy/RESULTS.md (default: no report)")
     args = p.parse_args(argv)
