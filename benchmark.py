@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from layout_guidance import SD_BETAS
 from naive_sampler import install_naive, naive_image
@@ -185,11 +186,12 @@ class PeakMemory:
         return self.peak / 2 ** 30
 
 
-def timed(device, fn, repeats):
-    """Seconds per call of fn() over `repeats` calls (after the caller's warm-up), and peak memory in GB."""
+def timed(device, fn, repeats, what, unit="image"):
+    """Seconds per call of fn() over `repeats` calls (after the caller's warm-up), and peak memory in GB.
+    A progress bar on stderr says what is timed and how long the rest will take."""
     with PeakMemory(device) as memory:
         start = time.perf_counter()
-        for _ in range(repeats):
+        for _ in tqdm(range(repeats), desc=what, unit=unit, dynamic_ncols=True):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -290,7 +292,7 @@ def bench_inference(args):
             residual_paths = [Path(tmp) / "cat.safetensors", Path(tmp) / "dog.safetensors"]
             naive_image(sd, state, warm, residual_paths, 0, resolution, resolution)
             seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths, 0, resolution,
-                                                                resolution), args.naive_images)
+                                                                resolution), args.naive_images, "naive")
             results["naive"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # guided: the project's path, in the chosen dtype
@@ -306,7 +308,7 @@ def bench_inference(args):
         sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution)
         seeds = iter(range(10_000))
         seconds, memory = timed(device, lambda: sample_job(sd, guidance, job, inputs, [next(seeds)], resolution,
-                                                           resolution), args.images)
+                                                           resolution), args.images, "guided")
         results["guided"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
         if args.profile:
             profile(device, lambda: sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution))
@@ -317,7 +319,7 @@ def bench_inference(args):
                 recorder = attention_recorder(sd, job, size)
                 sample_job(sd, guidance, job, inputs, [next(seeds)], resolution, resolution, recorder)
                 return recorder.maps()
-            seconds, memory = timed(device, recorded, args.images)
+            seconds, memory = timed(device, recorded, args.images, "guided, recording attention")
             results["guided_recording"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # stock diffusers, the same number of UNet evaluations
@@ -331,7 +333,7 @@ def bench_inference(args):
             return pipeline(prompt, height=resolution, width=resolution, num_inference_steps=num_steps,
                             guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
         stock(2)
-        seconds, memory = timed(device, lambda: stock(evaluations), args.images)
+        seconds, memory = timed(device, lambda: stock(evaluations), args.images, "stock")
         results["stock"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
     summary = dict(mode="inference", preset=args.preset, device=str(device), dtype=str(dtype).replace("torch.", ""),
@@ -423,10 +425,10 @@ def bench_training(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for _ in range(args.warmup_steps):
+        for _ in tqdm(range(args.warmup_steps), desc=f"{method}: warm-up", unit="step", dynamic_ncols=True):
             step()
         encoded = loss_of.cache.encoded
-        seconds, memory = timed(device, step, args.train_steps)
+        seconds, memory = timed(device, step, args.train_steps, method, unit="step")
         results[method] = dict(s_per_step=seconds, minutes_for_4000=seconds * 4000 / 60, peak_gb=memory,
                                vae_encodes_per_step=(loss_of.cache.encoded - encoded) / args.train_steps)
         if args.profile and not naive:

@@ -42,8 +42,12 @@ def unet_calls(monkeypatch):
 def test_inference_mode_reports_every_figure(capsys, unet_calls):
     summary = benchmark.main(benchmark.parse_args(
         ["inference", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--images", "1", "--profile"]))
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    last = captured.out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(summary))
+    # a progress bar (stderr) for each timed method, ended at its count of images
+    for method in ("naive", "guided", "stock"):
+        assert f"{method}: 100%" in captured.err and "1/1 [" in captured.err, method
     assert summary["unet_evaluations_per_image"] == 2  # one guided step, run twice (self-recurrence)
     # images each method made: a warm-up and a timed one; guided also one profiled
     images = {"naive": 2, "guided": 3, "stock": 2}
@@ -74,7 +78,11 @@ def test_training_mode_reports_every_figure(capsys, unet_calls):
     summary = benchmark.main(benchmark.parse_args(
         ["training", "--device", "cpu", "--preset", "tiny", "--photos", "2", "--warmup_steps", "2",
          "--train_steps", "1", "--profile"]))
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "training"
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["mode"] == "training"
+    for method in ("project", "naive"):  # progress bars: the warm-up steps, then the timed ones
+        assert f"{method}: warm-up: 100%" in captured.err and "2/2 [" in captured.err, method
+        assert f"{method}: 100%" in captured.err, method
     # one UNet forward of one sample per step: 2 warm-up steps, 1 timed, and for the project 1 profiled
     steps = {"project": 4, "naive": 3}
     for index, method in enumerate(("project", "naive")):
