@@ -17,6 +17,7 @@ from pipeline_utils import MAX_IMAGE_SIDE, UserError
 ATTENTION_FOLDER = "attention"
 HEAT = np.array([255, 0, 0], dtype=np.float32)  # the colour an attention map blends the image towards
 OUTLINE = (255, 255, 255)
+LABELLED_SIDE = 256  # a smaller panel is enlarged (nearest, by a whole factor) so its 11 px text lines cover little
 
 
 def read_layout(path, width, height):
@@ -112,10 +113,12 @@ def heat(image, attention_map):
 
 
 def labelled(panel, mask, lines):
-    """A PIL image of panel [H, W, 3] with the mask's outline (if any) and text lines at the top left."""
-    panel = panel.copy()
+    """A PIL image of panel [H, W, 3] with the mask's outline (if any) and text lines at the top left; a panel
+    under LABELLED_SIDE pixels on its short side is enlarged first, each pixel a square of pixels."""
+    scale = -(-LABELLED_SIDE // min(panel.shape[:2]))
+    panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)  # a copy, drawn on below
     if mask is not None:
-        panel[outline(mask)] = OUTLINE
+        panel[outline(mask.repeat(scale, axis=0).repeat(scale, axis=1))] = OUTLINE
     image = Image.fromarray(panel)
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
@@ -139,6 +142,6 @@ def attention_picture(image, maps, masks):
     """The image, then per phrase its map as a heat overlay with the outline of its region and its name.
 
     maps {name: [H, W]}; masks {name: bool [H, W] or None (no region)}."""
-    panels = [Image.fromarray(image)]
+    panels = [labelled(image, None, [])]
     panels += [labelled(heat(image, m), masks.get(name), [name]) for name, m in maps.items()]
     return side_by_side(panels)

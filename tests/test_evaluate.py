@@ -315,7 +315,10 @@ def test_pasted_subjects_are_recognised_in_their_regions_or_swapped(tiny_scorers
         assert per_subject["<a>"]["region_clip_i"] == [pytest.approx(100, abs=1e-3)]
         assert per_subject["<b>"]["region_dino"] == [pytest.approx(100, abs=1e-3)]
     assert per_subject["<a>"]["box"] == [0, 0, 32, 64] and metrics["attention_in_region"] is None
-    assert Image.open(folder / "regions.png").size == (3 * 64, 64)
+    regions = Image.open(folder / "regions.png")
+    assert regions.size == (3 * 256, 256)  # the 64 px image and two crops, enlarged 4 times so labels cover little
+    label_rows = (np.array(regions)[:, 256:512] == 0).all(axis=-1).any(axis=1)  # the first crop's label box rows
+    assert label_rows[:40].any() and not label_rows[64:].any()  # 4 or 5 lines of 11 px, a quarter of the panel
     assert "| swap rate |" in (tmp_path / "results" / "summary.md").read_text()
 
 

@@ -452,11 +452,16 @@ def test_save_attention_writes_maps_and_pictures_and_leaves_the_images_alone(tin
                 assert maps[name].shape == (64, 64) and maps[name].dtype == np.float32 and maps[name].min() >= 0
                 assert maps[name].sum() == pytest.approx(1, abs=1e-4)
         picture = Image.open(folder / "attention" / f"{seed}.png")
-        assert picture.size == (4 * 64, 64)  # the image, then three maps
-        assert np.array_equal(np.array(picture)[:, :64], np.array(Image.open(folder / f"{seed}.png")))
-        # <dog>'s panel outlines the red (left) half: its inner border at column 31 is white
-        dog = np.array(picture)[:, 2 * 64:3 * 64]
-        assert (dog[20:60, 31] == 255).all() and not (dog[20:60, 40] == 255).all()
+        assert picture.size == (4 * 256, 256)  # the image, then three maps, each 64 px panel enlarged 4 times
+        image = np.array(Image.open(folder / f"{seed}.png"))
+        assert np.array_equal(np.array(picture)[:, :256], image.repeat(4, axis=0).repeat(4, axis=1))
+        # <dog>'s panel outlines the red (left) half: its inner border at column 31 (127-124 enlarged) is white
+        dog = np.array(picture)[:, 2 * 256:3 * 256]
+        assert (dog[80:240, 127] == 255).all() and not (dog[80:240, 123] == 255).all()
+        assert not (dog[80:240, 160] == 255).all()
+        # the name's label covers its top-left corner only: one 11 px line of the 256 px panel
+        label = (dog == 0).all(axis=-1)  # the label's black box
+        assert label[:12].any() and not label[16:].any()
     with pytest.raises(inference.UserError, match="save_attention runs the UNet uncompiled; leave out --compile"):
         inference.main(inference.parse_args(["--pretrained_model_name_or_path", str(tiny_model), "--inference_config",
                                               str(config), "--save_attention", "--compile", "--output_dir",
