@@ -22,6 +22,7 @@ from file_utils import read_json, read_rgb, write_atomic
 from pipeline_utils import UserError, run_cli
 from residual_utils import load_residual
 from test_inference import expect_error, run, write_config, write_layout, write_residual
+from test_evaluate import tiny_scorers  # noqa: F401
 from test_train import make_images, run_train, train_args
 
 
@@ -480,3 +481,222 @@ def test_command_line_mistakes_are_one_line(script, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: argument --seed: invalid int value: 'abc' (see --help)" if script != "evaluate"
         else "error: unrecognized arguments: --bogus (see --help)"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Regions of one subject are one region; no token suppressed everywhere; no empty latent grid
+
+def test_boxes_of_one_phrase_are_one_region(tiny_model, tmp_path):
+    """Two boxes for <dog> with the cat's between them: one colour, and the same images as that layout painted."""
+    regions = [{"phrase": "<dog>", "box": [0, 0, 0.25, 1]}, {"phrase": "cat", "box": [0.25, 0, 0.75, 1]},
+               {"phrase": "<dog>", "box": [0.75, 0, 1, 1]}]
+    boxes = run(tiny_model, write_config(tmp_path / "boxes", layout=None, color_context=None, regions=regions),
+                tmp_path / "out_boxes")
+    record = json.loads((boxes / "config.json").read_text())
+    assert record["color_context"] == {"255,0,0": ["<dog>", 2.5], "0,255,0": ["cat", 2.5]}
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :16] = layout[:, 48:] = (255, 0, 0)
+    layout[:, 16:48] = (0, 255, 0)
+    assert np.array_equal(read_rgb(boxes / "layout.png"), layout)
+    painted = tmp_path / "painted"
+    write_config(painted, color_context={"255,0,0": ["<dog>", 2.5], "0,255,0": ["cat", 2.5]})
+    Image.fromarray(layout).save(painted / "layout.png")
+    guided = run(tiny_model, painted / "config.json", tmp_path / "out_painted")
+    assert np.array_equal(read_rgb(boxes / "0.png"), read_rgb(guided / "0.png"))
+
+
+def test_colours_of_one_phrase_join_and_weights_must_agree(tiny_model, tmp_path, capsys):
+    """A painted layout with two colours for the dog: its token is guided inside both, not suppressed in both."""
+    from layout_guidance import layout_weight_map
+
+    folder = tmp_path / "two"
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :16] = (255, 0, 0)
+    layout[:, 48:] = (0, 0, 255)
+    layout[:, 16:48] = (0, 255, 0)
+    config = write_config(folder, color_context={"255,0,0": ["dog", 2.5], "0,255,0": ["cat", 2.5],
+                                                 "0,0,255": ["<dog>", 2.5]})
+    Image.fromarray(layout).save(folder / "layout.png")
+    two = run(tiny_model, config, tmp_path / "out_two")
+    one = tmp_path / "one"
+    write_config(one)
+    joined = layout.copy()
+    joined[:, 48:] = (255, 0, 0)
+    Image.fromarray(joined).save(one / "layout.png")
+    assert np.array_equal(read_rgb(two / "0.png"), read_rgb(run(tiny_model, one / "config.json", tmp_path / "o1") / "0.png"))
+    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    weights = layout_weight_map(*inference.joined_regions(job.layout, job.regions), len(job.prompt_ids), -1e8)
+    assert (weights[8][:, :16] == 2.5).all() and (weights[8][:, 48:] == 2.5).all()  # by hand: inside both
+    assert (weights[8][:, 16:48] == -1e8).all() and (weights[2][:, 16:48] == 2.5).all()
+    write_config(folder, color_context={"255,0,0": ["dog", 2.5], "0,255,0": ["cat", 2.5], "0,0,255": ["<dog>", 3.0]})
+    Image.fromarray(layout).save(folder / "layout.png")
+    capsys.readouterr()
+    expect_error(capsys, tiny_model, config, tmp_path / "out_bad", "color_context.0,0,255: weight 3.0",
+                 "color_context.255,0,0 guides the same tokens")
+    regions = [{"phrase": "<dog>", "box": [0, 0, 0.5, 1]}, {"phrase": "<dog>", "box": [0.5, 0, 1, 1], "weight": 2.0}]
+    boxes = write_config(tmp_path / "boxes", layout=None, color_context=None, regions=regions)
+    expect_error(capsys, tiny_model, boxes, tmp_path / "out_boxes", "regions[1]: weight 2.0, but regions[0]")
+
+
+def test_a_token_suppressed_on_every_pixel_is_an_error(tiny_model, tmp_path, capsys):
+    """'a dog' (rows 7, 8) left, the subject <dog> (row 8) right: row 8 would be -1e8 everywhere."""
+    config = write_config(tmp_path / "cfg", color_context={"255,0,0": ["a dog", 2.5], "0,255,0": ["<dog>", 2.5]})
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "color_context.0,255,0: token 8 is also guided by "
+                 "color_context.255,0,0", "suppressed (weight_negative) on every pixel")
+    assert not (tmp_path / "out").exists()
+    config = write_config(tmp_path / "cfg", color_context={"255,0,0": ["a dog", 2.5], "0,255,0": ["<dog>", 2.5]},
+                          weight_negative=0.0)  # nothing is suppressed: allowed
+    run(tiny_model, config, tmp_path / "out")
+
+
+def test_no_size_makes_an_empty_latent_grid(tiny_model, tmp_path, capsys):
+    from layout_guidance import latent_grids
+
+    with pytest.raises(UserError, match="no latent"):
+        latent_grids((0, 3))
+    assert latent_grids((3, 5)) == [(3, 5), (2, 3), (1, 2), (1, 1)]
+    folder = run(tiny_model, write_config(tmp_path / "cfg"), tmp_path / "out", "--height", "8", "--width", "16")
+    assert read_rgb(folder / "0.png").shape == (8, 16, 3)  # the smallest size: one latent cell a side
+    for size in ("4", "100"):
+        line = one_error_line(capsys, lambda: run(tiny_model, write_config(tmp_path / "cfg"), tmp_path / "o",
+                                                  "--height", size))
+        assert f"--height {size}: expected a positive multiple of 8" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Residual families, attention files, run records, evaluate and make_layout: one line, nothing written
+
+@pytest.mark.parametrize("family,fragment", [("sd3", "unknown model family 'sd3'; expected one of sd, sdxl"),
+                                             ("SDXL", "(names are lower case: 'sdxl')"), ("", "unknown model family")])
+def test_unknown_residual_families_are_one_line(tiny_model, tmp_path, capsys, family, fragment):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "cfg"
+    config = write_config(folder)
+    save_file({"residual": torch.zeros(1, 32)}, str(folder / "dog.safetensors"),
+              metadata={"class_phrase": "dog", "base_model": "x", "token_num": "1", "embedding_dim": "32",
+                        "family": family})
+    expect_error(capsys, tiny_model, config, tmp_path / "out", "residual_dict.<dog>", fragment)
+
+
+def test_attention_files_are_checked(tmp_path):
+    from region_utils import read_attention, write_attention
+
+    good = {"<a>": np.full((8, 16), 1 / 128, np.float32)}
+    write_attention(tmp_path / "good.npz", good)
+    assert np.array_equal(read_attention(tmp_path / "good.npz", (16, 8))["<a>"], good["<a>"])
+    cases = {
+        "cut": ((tmp_path / "good.npz").read_bytes()[:100], "not a readable attention file"),
+        "text": (b"not an archive", "not a readable attention file"),
+    }
+    for name, (content, fragment) in cases.items():
+        (tmp_path / f"{name}.npz").write_bytes(content)
+        with pytest.raises(UserError, match=fragment):
+            read_attention(tmp_path / f"{name}.npz", (16, 8))
+    np.savez(tmp_path / "pickled.npz", **{"<a>": np.array([{"x": 1}], dtype=object)})
+    with pytest.raises(UserError, match="not a readable attention file"):  # never unpickled
+        read_attention(tmp_path / "pickled.npz", (16, 8))
+    for name, array, fragment in (("size", np.ones((8, 8), np.float32), r"expected a float map \[8, 16\]"),
+                                  ("ints", np.ones((8, 16), np.int64), "expected a float map"),
+                                  ("nan", np.full((8, 16), np.nan, np.float32), "finite, non-negative"),
+                                  ("zero", np.zeros((8, 16), np.float32), "do not all vanish"),
+                                  ("negative", -np.ones((8, 16), np.float32), "finite, non-negative")):
+        write_attention(tmp_path / f"{name}.npz", {"<a>": array})
+        with pytest.raises(UserError, match=fragment):
+            read_attention(tmp_path / f"{name}.npz", (16, 8))
+    write_attention(tmp_path / "big.npz", {"<a>": np.ones((800, 1600), np.float32)})  # more than the image holds
+    with pytest.raises(UserError, match="holds more than attention maps of a 16x8 image"):
+        read_attention(tmp_path / "big.npz", (16, 8))
+
+
+def test_json_is_written_strictly():
+    with pytest.raises(UserError, match="refused to write a NaN"):
+        file_utils.write_json("never.json", {"score": float("nan")})
+    assert not os.path.exists("never.json")
+    many = "{" + ", ".join(f'"k{i}": {i}' for i in range(200_000)) + ', "k7": 0}'  # linear time, and named
+    with deadline(20), pytest.raises(UserError, match="key 'k7' appears twice"):
+        file_utils.parse_json(many, "sent", "config")
+
+
+def regions_run(tiny_model, tmp_path, name):
+    """A boxes run with attention maps, in tmp_path/runs/name."""
+    regions = [{"phrase": "<dog>", "box": [0, 0, 0.5, 1]}, {"phrase": "<cat>", "box": [0.5, 0, 1, 1]}]
+    config = write_config(tmp_path / f"cfg_{name}", layout=None, color_context=None, regions=regions,
+                          prompt=f"A cat on the right and a dog on the left, {name}.")
+    return run(tiny_model, config, tmp_path / "runs", "--save_attention")
+
+
+def test_evaluate_checks_every_folder_before_writing_any(tiny_model, tiny_scorers, tmp_path, capsys):
+    from test_evaluate import make_images
+
+    clip_dir, dino_dir = tiny_scorers
+    first, second = regions_run(tiny_model, tmp_path, "one"), regions_run(tiny_model, tmp_path, "two")
+    make_images(tmp_path / "refs", 1, seed=0)
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"<cat>": "refs", "<dog>": "refs"}))
+    argv = ["--results", str(tmp_path / "runs"), "--concepts", str(concepts), "--clip_model", str(clip_dir),
+            "--dino_model", str(dino_dir)]
+
+    def bad(edit, fragment):
+        edit()
+        before = files_under(tmp_path / "runs")
+        line = one_error_line(capsys, lambda: run_cli(evaluate.main, evaluate.parse_args(argv)))
+        assert fragment in line, line
+        assert files_under(tmp_path / "runs") == before  # nothing written: not the first folder's either
+
+    attention = second / "attention" / "0.npz"
+    kept = attention.read_bytes()
+    bad(lambda: attention.write_bytes(kept[:200]), f"{attention}: not a readable attention file")
+    bad(lambda: np.savez(attention, **{"<dog>": np.zeros((64, 64), np.float32)}), "do not all vanish")
+    attention.write_bytes(kept)
+    record_file = second / "config.json"
+    record = json.loads(record_file.read_text())
+    bad(lambda: record_file.write_text(json.dumps({**record, "token_rows": {"255,0,0": ["8"]}})),
+        f"{record_file}: token_rows: expected an object")
+    bad(lambda: record_file.write_text(json.dumps({**record, "subject_list": [["<cat>", "x"]]})),
+        f"{record_file}: subject_list: expected [[name, position], ...]")
+    record_file.write_text(json.dumps(record))
+    Image.new("RGB", (32, 32)).save(second / "1.png")
+    bad(lambda: None, f"{second}: images of 2 sizes (32x32, 64x64)")
+    (second / "1.png").unlink()
+    rows = run_cli(evaluate.main, evaluate.parse_args(argv))
+    assert len(rows) == 2 and all(0 <= row["attention_in_region"] <= 1 for row in rows)
+    metrics = json.loads((first / "metrics.json").read_text())  # strict JSON: no NaN anywhere
+    assert metrics["regions"]["per_subject"]["<dog>"]["attention_in_region"][0] > 0
+
+
+def test_rerun_of_edited_boxes_is_refused(tiny_model, tmp_path, capsys):
+    folder = regions_run(tiny_model, tmp_path, "one")
+    record = json.loads((folder / "config.json").read_text())
+    record["regions"][0]["box"] = [0, 0, 0.25, 1]
+    (tmp_path / "rec.json").write_text(json.dumps(record))
+    line = one_error_line(capsys, lambda: run_cli(inference.main, inference.parse_args(
+        ["--rerun", str(tmp_path / "rec.json"), "--output_dir", str(tmp_path / "again")])))
+    assert "rec.json: regions: they no longer give the run's layout" in line and "was the record edited?" in line
+    assert not (tmp_path / "again").exists()
+
+
+def test_make_layout_writes_nothing_when_it_fails(tmp_path, capsys):
+    import make_layout
+    from test_layouts import boxes_config
+
+    config = boxes_config(tmp_path / "cfg")
+
+    def make(*extra):
+        return run_cli(make_layout.main, make_layout.parse_args([str(config), "--resolution", "64", *extra]))
+
+    out = tmp_path / "made"
+    cases = [(["--out_dir", str(out), "--preview_on", str(tmp_path / "missing.png")], "not found"),
+             (["--out_dir", str(out), "--resolution", "4"], "--resolution 4: expected a positive multiple of 8"),
+             (["--out_dir", str(config)], "is a file, not a folder")]
+    for extra, fragment in cases:
+        line = one_error_line(capsys, lambda: make(*extra))
+        assert fragment in line and not out.exists(), line
+    out.mkdir()
+    (out / "config_preview.png").mkdir()  # the last file cannot be written: neither are the first two
+    line = one_error_line(capsys, lambda: make("--out_dir", str(out)))
+    assert "config_preview.png: exists and is not a regular file" in line
+    assert files_under(out) == []
+    (tmp_path / "cfg" / "cat.safetensors").unlink()
+    line = one_error_line(capsys, lambda: make("--out_dir", str(tmp_path / "other")))
+    assert "residual_dict.<cat>: file not found" in line and not (tmp_path / "other").exists()
