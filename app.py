@@ -7,27 +7,45 @@ so an image made here equals the one `inference.py` makes from the config Save w
 page shows). Scripts can drive it through the `generate` endpoint:
 
     from gradio_client import Client, handle_file
-    Client("http://127.0.0.1:7860/").predict(config_json_text, handle_file("layout.png"), 0, 2, api_name="/generate")
+    Client("http://127.0.0.1:7860/").predict(open("configs/guidance_config_prompt0.json").read(),
+                                             handle_file("configs/layouts/layout_prompt0.png"), 0, 2,
+                                             api_name="/generate")
 
 returns the images as lossless PNG files. A bad config is the same one line inference.py prints, shown in
-the page.
+the page or raised by the client.
+
+What a caller can reach: a config names its residuals (and a painted layout) by file name, found among the
+files the server offers (--residuals, --layouts) or those sent with the request; the server opens no other
+file on a caller's behalf, and its messages name files by those names only. Each request is bounded
+(--max_images, --max_side, --max_steps, one sampling at a time, --max_queue waiting); its images are removed
+after the next requests. Serving beyond this machine (--host) needs --auth, or --open to say it is meant.
 """
-import argparse
+import atexit
 import json
+import os
+import re
+import shutil
 import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 import inference
-from file_utils import read_rgb, write_json, write_png
+from file_utils import IMAGE_EXTENSIONS, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
-from pipeline_utils import (ArgumentParser, UserError, check_multiple_of_8, load_model, load_tokenizer,
+from pipeline_utils import (MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, UserError, load_model, load_tokenizer,
                             model_family, model_sizes, resolve_device, resolve_dtype)
 
 PREVIEW_SIDE = 512  # the canvas is drawn at this longest side; boxes are fractions, so any size will do
-CONFIG_NAME = "config"  # how messages name the page's config; its relative paths are found in the working folder
+CONFIG_NAME = "config"  # how messages name the page's or the request's config
+RESIDUAL_SUFFIXES = (".safetensors", ".pt", ".bin")
+KEPT_REQUESTS = 8  # the folders of this many latest requests are kept (the page shows their images); older go
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD = "50mb"  # a residual is a few KB, a layout a few MB
 
 # Dragging on the canvas writes the box (fractions of the image shown) into #box and presses #add_box. The
 # image is letterboxed inside its element (object-fit), so fractions are taken of the drawn picture.
@@ -61,13 +79,42 @@ DRAG_JS = """
 """
 
 
-class Editor:
-    """The loaded model and the sampling the page and the API share."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the server's flags set them."""
+    max_images: int = 8
+    max_side: int = 1024
+    max_steps: int = 100
 
-    def __init__(self, model, device, dtype, out_dir):
+
+def offered_files(folders, suffixes, what):
+    """{file name: path} of the files with these suffixes in the folders given on the command line; one name
+    in two folders is an error (callers name files by name alone)."""
+    files = {}
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"--{what} {folder}: folder not found")
+        for file in sorted(Path(folder).iterdir()):
+            if file.suffix.lower() in suffixes and file.is_file():
+                if file.name in files:
+                    raise UserError(f"--{what}: two files named {file.name} ({files[file.name]} and {file}); callers "
+                                    f"name files by name, so rename one")
+                files[file.name] = file.resolve()
+    return files
+
+
+class Editor:
+    """The loaded model, the files it offers and the sampling the page and the API share (one at a time)."""
+
+    def __init__(self, model, device, dtype, residuals=None, layouts=None, limits=Limits()):
         from layout_guidance import install_guidance
 
-        self.model, self.out_dir = model, Path(out_dir)
+        self.model, self.limits = model, limits
+        self.residuals, self.layouts = dict(residuals or {}), dict(layouts or {})  # name -> server path
+        self.out_dir = Path(tempfile.mkdtemp(prefix="cones2-editor-"))
+        atexit.register(shutil.rmtree, self.out_dir, True)
+        self.requests = deque()  # request folders, oldest first
+        self.lock = threading.Lock()  # the guidance's state is one per model: one sampling at a time
         self.tokenizer = load_tokenizer(model)
         self.embedding_dim, self.native_size = model_sizes(model)
         self.family = model_family(model)
@@ -75,27 +122,120 @@ class Editor:
         self.sd = load_model(model, device, resolve_dtype(dtype, device), tokenizer=self.tokenizer)
         self.guidance = install_guidance(self.sd.unet)
 
-    def prepare(self, data, height, width):
-        return inference.prepare_job(Path(CONFIG_NAME), self.tokenizer, self.embedding_dim, height, width, {}, data,
-                                     self.family)
+    # What a caller may name: files by name, among those offered or sent. Each request runs in a folder of its
+    # own that holds copies of just those files under those names (residuals are a few KB), so inference's
+    # messages name them so and nothing else of the server's; the folder's own random path is cut from them.
 
-    def generate(self, config_text, layout_file, seed, num_images, maps=None):
-        """PNG files of images seed .. seed + num_images - 1 of a config (JSON text), as inference.py makes them
-        at the layout's size (batch size 1). layout_file replaces the config's layout; without one a boxes
-        config is rendered at the model's own size. maps: a list that gets, per image, the picture of where each
-        subject's tokens were attended (inference.py --save_attention's attention/{seed}.png); recording them
-        leaves the images as they are."""
-        data = parse_config(config_text)
-        height = width = self.native_size
+    def stage(self, data, folder, files=None, layout_file=None):
+        """The config `data` with its residuals (and a painted config's layout) as file names in `folder`, where
+        they are copied from `files` {name: path} (sent with the request, or named by a config the server
+        loaded) or the offered ones; layout_file (sent) replaces a painted config's layout."""
+        if not isinstance(data, dict) or not isinstance(data.get("residual_dict"), dict):
+            return data  # inference's checks say what is wrong
+        files = {**self.residuals, **(files or {})}
+        data = dict(data)
+        for subject, value in data["residual_dict"].items():
+            name = Path(value).name if isinstance(value, str) else None
+            if name not in files:
+                raise UserError(f"{CONFIG_NAME}: residual_dict.{subject}: {str(value)[:80]!r} is not a residual this "
+                                f"server offers ({', '.join(sorted(files)) or 'none'}) nor one sent with the request "
+                                f"(residuals are named by file name)")
+            copy_into(files[name], folder / name)
+        data["residual_dict"] = {subject: Path(value).name for subject, value in data["residual_dict"].items()}
+        if "regions" in data:
+            if layout_file:
+                raise UserError(f"{CONFIG_NAME}: regions: a boxes config is rendered from its boxes; send no layout "
+                                f"image with it")
+        elif layout_file:
+            data["layout"] = "layout" + Path(layout_file).suffix.lower()
+            copy_into(layout_file, folder / data["layout"])
+        elif "layout" in data:
+            value = data["layout"]
+            name = Path(value).name if isinstance(value, str) else None
+            if name not in self.layouts:
+                raise UserError(f"{CONFIG_NAME}: layout: {str(value)[:80]!r} is not a layout this server offers "
+                                f"({', '.join(sorted(self.layouts)) or 'none'}); send the layout image with the request")
+            data["layout"] = name
+            copy_into(self.layouts[name], folder / name)
+        return data
+
+    def public(self, error, folder):
+        """The error with the request folder's path cut from its message: files are named as the caller named them."""
+        message = str(error).replace(f"{folder}{os.sep}", "").replace(str(folder), ".")
+        return UserError(message)
+
+    def check_size(self, height, width, what):
+        side = self.limits.max_side
+        for name, value in (("height", height), ("width", width)):
+            if value < 8 or value % 8 or value > side:
+                raise UserError(f"{what}: {name} {value}: expected a multiple of 8 from 8 to {side} (this server's "
+                                f"--max_side)")
+
+    def layout_size(self, layout_file):
+        """(height, width) of a sent layout, checked from its header before it is decoded."""
+        try:
+            with Image.open(layout_file) as image:
+                width, height = image.size
+        except Exception:
+            raise UserError("the layout sent: not a readable image") from None
+        if max(width, height) > self.limits.max_side:
+            raise UserError(f"the layout sent: {width}x{height}, larger than this server's --max_side "
+                            f"{self.limits.max_side}")
+        height, width = read_rgb(layout_file, "layout").shape[:2]  # upright, as inference reads it
+        if height % 8 or width % 8 or min(height, width) < 8:
+            raise UserError(f"the layout sent: {width}x{height} pixels; images are made at the layout's size, whose "
+                            f"sides must be multiples of 8 (e.g. {max(8, width // 8 * 8)}x{max(8, height // 8 * 8)})")
+        return height, width
+
+    def prepare(self, data, folder, height, width):
+        return inference.prepare_job(folder / CONFIG_NAME, self.tokenizer, self.embedding_dim, height, width, {},
+                                     data, self.family)
+
+    def new_request_folder(self):
+        """A folder for one request's files; the oldest beyond KEPT_REQUESTS are removed."""
+        folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.out_dir))
+        self.requests.append(folder)
+        while len(self.requests) > KEPT_REQUESTS:
+            shutil.rmtree(self.requests.popleft(), ignore_errors=True)
+        return folder
+
+    def generate(self, data, layout_file, seed, num_images, files=None, size=None, maps=None):
+        """PNG files of images seed .. seed + num_images - 1 of a config (a dict, or its JSON text), as
+        inference.py makes them (batch size 1) at the sent layout's size, else at `size` (height, width), else
+        at the model's own. files: {name: path} of residuals sent with the request (stage). maps: a list
+        that gets, per image, the picture of where each subject's tokens were attended (inference.py
+        --save_attention's attention/{seed}.png); recording them leaves the images as they are."""
+        if isinstance(data, str):
+            data = parse_json(data, CONFIG_NAME, "config")
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        seed = checked_integer(seed, "seed", 0, MAX_SEED)
+        num_images = checked_integer(num_images, "num_images", 1, self.limits.max_images)
+        if seed + num_images - 1 > MAX_SEED:
+            raise UserError(f"seed: expected at most {MAX_SEED - num_images + 1} for {num_images} images")
+        height, width = size or (self.native_size, self.native_size)
         if layout_file:
-            data["layout"] = str(layout_file)
-            height, width = read_rgb(layout_file, "layout").shape[:2]
-        seed, num_images = checked_integer(seed, "seed", 0), checked_integer(num_images, "num_images", 1)
-        job = self.prepare(data, height, width)
+            height, width = self.layout_size(layout_file)
+        self.check_size(height, width, "size")
+        folder = self.new_request_folder()
+        try:
+            job = self.prepare(self.stage(data, folder, files, layout_file), folder, height, width)
+            steps = job.settings["num_inference_steps"]
+            if steps > self.limits.max_steps:
+                raise UserError(f"{CONFIG_NAME}: num_inference_steps: {steps}, more than this server's --max_steps "
+                                f"{self.limits.max_steps}")
+            with self.lock:
+                return self.sample(job, folder, seed, num_images, height, width, maps)
+        except UserError as e:
+            raise self.public(e, folder) from None
+
+    def sample(self, job, folder, seed, num_images, height, width, maps):
+        from tqdm import tqdm
+
         inputs = inference.job_inputs(self.sd, job)
-        folder = Path(tempfile.mkdtemp(prefix="generated-", dir=self.out_dir))
         files = []
-        for image_seed in range(seed, seed + num_images):
+        seeds = range(seed, seed + num_images)
+        for image_seed in tqdm(seeds, desc=f"generate {width}x{height}", unit="image", disable=num_images == 1):
             recorder = None
             if maps is not None:
                 recorder = inference.attention_recorder(self.sd, job, {"height": height, "width": width})
@@ -109,48 +249,58 @@ class Editor:
                 maps.append(str(folder / "attention" / f"{image_seed}.png"))
         return [str(f) for f in files]
 
-    def positions(self, data):
+    def positions(self, data, files=None):
         """'name -> position p 'token'' of each subject, or the one-line error."""
-        reader = inference.ConfigReader(Path(CONFIG_NAME))
-        settings = {**inference.DEFAULTS, **{k: data[k] for k in inference.DEFAULTS if k in data}}
-        text = inference.tokenize_text(reader, self.tokenizer, data["prompt"], settings)
-        residuals = inference.load_residuals(reader, data["residual_dict"], self.embedding_dim, self.family)
-        lines = []
-        for entry in data["subject_list"]:
-            name, position = (entry, None) if isinstance(entry, str) else (entry[0], entry[1])
-            s = inference.place_subject(reader, self.tokenizer, text, name, residuals, position)
-            lines.append(f"{s.name} -> position {s.position} '{' '.join(text.tokens[r] for r in s.rows)}'")
-        return "; ".join(lines)
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as folder:
+            folder = Path(folder)
+            try:
+                data = self.stage({k: v for k, v in data.items() if k != "layout"}, folder, files)
+                reader = inference.ConfigReader(folder / CONFIG_NAME)
+                settings = {**inference.DEFAULTS, **{k: data[k] for k in inference.DEFAULTS if k in data}}
+                text = inference.tokenize_text(reader, self.tokenizer, data["prompt"], settings)
+                residuals = inference.load_residuals(reader, data["residual_dict"], self.embedding_dim, self.family)
+                lines = []
+                for entry in data["subject_list"]:
+                    name, position = (entry, None) if isinstance(entry, str) else (entry[0], entry[1])
+                    s = inference.place_subject(reader, self.tokenizer, text, name, residuals, position)
+                    lines.append(f"{s.name} -> position {s.position} '{' '.join(text.tokens[r] for r in s.rows)}'")
+                return "; ".join(lines)
+            except UserError as e:
+                raise self.public(e, folder) from None
 
 
-def parse_config(text):
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
-    return data[0] if isinstance(data, list) and len(data) == 1 else data
+def copy_into(source, target):
+    """A copy of the file `source` at `target` (kept if it is there already: one file named twice)."""
+    if not target.exists():
+        try:
+            shutil.copyfile(source, target)
+        except (OSError, shutil.SpecialFileError):
+            raise UserError(f"{target.name}: cannot be read") from None
 
 
-def checked_integer(value, name, minimum):
-    if value is None or int(value) != value or value < minimum:
-        raise UserError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+def checked_integer(value, name, minimum, maximum):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value \
+            or not minimum <= value <= maximum:
+        raise UserError(f"{name}: expected an integer from {minimum} to {maximum}, got {str(value)[:40]}")
     return int(value)
 
 
 # ------------------------------------------------------------------------------------------------
-# The page's state: the config's keys and the painted layout at the output size
+# The page's state: the config's keys, the painted layout at the output size, and the files this session may
+# name (uploaded, or named by a loaded config) besides the offered ones
 
-def subject_name(path):
-    return f"<{Path(path).stem}>"
+def subject_name(file_name):
+    return f"<{Path(file_name).stem}>"
 
 
-def page_config(state, prompt, residual_files, guidance_steps, guidance_weight, cfg_scale, steps):
-    """The config the page shows: the state's keys (from a loaded config) with what the controls say."""
+def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, cfg_scale, steps):
+    """The config the page shows: the state's keys (from a loaded config) with what the controls say; residuals
+    are named by file name."""
     names = state["names"]
-    residual_dict = {names.get(f, subject_name(f)): f for f in residual_files}
+    residual_dict = {names.get(f, subject_name(f)): f for f in residual_names or []}
     positions = dict(state["positions"])
     subjects = [[name, positions[name]] if name in positions else name for name in residual_dict]
-    return {**state["extra"], "prompt": prompt, "residual_dict": residual_dict,
+    return {**state["extra"], "prompt": prompt or "", "residual_dict": residual_dict,
             "color_context": dict(state["color_context"]), "guidance_steps": int(guidance_steps),
             "guidance_weight": float(guidance_weight), "layout": "layout.png", "subject_list": subjects,
             "cfg_scale": float(cfg_scale), "num_inference_steps": int(steps)}
@@ -189,49 +339,63 @@ def preview(state):
 
 def new_state(height, width):
     return {"layout": np.zeros((height, width, 3), dtype=np.uint8), "color_context": {}, "names": {},
-            "positions": {}, "extra": {"weight_negative": -1e8}}
+            "positions": {}, "extra": {"weight_negative": -1e8}, "files": {}, "uploads": set()}
 
 
 def load_state(path, height, width):
-    """(state, config) of a config file, its layout at height x width as inference.py would read it."""
+    """(state, config) of a config file, its layout at height x width as inference.py would read it; the
+    config's residuals are named by file name (the state's files say where they are)."""
     reader = inference.ConfigReader(Path(path))
     data = reader.read()
     layout, color_context, _, _ = inference.job_layout(reader, data, height, width)
-    files = {name: str(reader.resolve_path(f"residual_dict.{name}", f)) for name, f in data["residual_dict"].items()}
+    files = {name: reader.resolve_path(f"residual_dict.{name}", f) for name, f in data["residual_dict"].items()}
     controlled = ("prompt", "residual_dict", "color_context", "layout", "regions", "subject_list", "guidance_steps",
                   "guidance_weight", "cfg_scale", "num_inference_steps")
-    state = {"layout": np.array(layout), "color_context": color_context, "names": {f: n for n, f in files.items()},
+    state = {"layout": np.array(layout), "color_context": color_context,
+             "names": {f.name: n for n, f in files.items()}, "files": {f.name: f for f in files.values()},
+             "uploads": set(),
              "positions": {n: p for n, p in reader.subjects if p is not None},
              "extra": {k: v for k, v in data.items() if k not in controlled}}
-    return state, {**data, "residual_dict": files}
+    return state, {**data, "residual_dict": {n: f.name for n, f in files.items()}}
 
 
-def save(state, config, save_dir, name):
-    """{name}.json and {name}_layout.png in save_dir: the config inference.py runs to the page's images."""
+SAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def save(state, config, save_dir, name, editor):
+    """{name}.json and {name}_layout.png in save_dir: the config inference.py runs to the page's images. Its
+    residuals are the server's files (a relative path from save_dir); one sent with the page is copied there."""
+    if not isinstance(name, str) or not SAVE_NAME.fullmatch(name):
+        raise UserError(f"save as {str(name)[:40]!r}: expected a name of letters, digits, _ and - (at most 64)")
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    layout_file = save_dir / f"{Path(name).name}_layout.png"
-    config_file = save_dir / f"{Path(name).name}.json"
+    files = {**editor.residuals, **state["files"]}
+    residual_dict = {}
+    for subject, name_of_file in config["residual_dict"].items():
+        if name_of_file not in files:
+            raise UserError(f"{CONFIG_NAME}: residual_dict.{subject}: {name_of_file!r} is not a residual this server "
+                            f"offers nor one sent with the page")
+        path = files[name_of_file]
+        if name_of_file in state["uploads"]:  # in gradio's cache, which is cleaned: kept beside the config
+            copy_into(path, save_dir / name_of_file)
+            path = save_dir / name_of_file
+        residual_dict[subject] = os.path.relpath(Path(path).resolve(), save_dir.resolve())
+    layout_file = save_dir / f"{name}_layout.png"
+    config_file = save_dir / f"{name}.json"
     write_png(layout_file, state["layout"])
-    write_json(config_file, {**config, "layout": layout_file.name})
+    write_json(config_file, {**config, "residual_dict": residual_dict, "layout": layout_file.name})
     return config_file, layout_file
 
 
 # ------------------------------------------------------------------------------------------------
 # The page
 
-def residual_files(folders):
-    """The residual files (.safetensors, .pt, .bin) in the folders given on the command line."""
-    return sorted(str(f.resolve()) for folder in folders for f in Path(folder).iterdir()
-                  if f.suffix in (".safetensors", ".pt", ".bin") and f.is_file())
-
-
-def build_page(editor, residual_folders, config_folder, save_dir):
+def build_page(editor, configs, save_dir):
+    """configs: {name: path} of the configs Load offers."""
     import gradio as gr
 
-    size = editor.native_size
-    configs = sorted(str(f) for f in Path(config_folder).glob("*.json")) if Path(config_folder).is_dir() else []
-    with gr.Blocks(title="Cones 2 layout editor") as page:
+    size, limits = editor.native_size, editor.limits
+    with gr.Blocks(title="Cones 2 layout editor", delete_cache=(600, 3600)) as page:
         state = gr.State(new_state(size, size))
         gr.Markdown("## Cones 2 layout editor\nPick residuals, write the prompt, choose a subject and drag its box "
                     "on the canvas; Generate runs inference.py's sampler, Save writes a config it runs.")
@@ -239,11 +403,11 @@ def build_page(editor, residual_folders, config_folder, save_dir):
         with gr.Row():
             with gr.Column():
                 with gr.Row():
-                    load_path = gr.Dropdown(configs, label="Config to load", allow_custom_value=True)
+                    load_name = gr.Dropdown(sorted(configs), label="Config to load", elem_id="load_name")
                     load_button = gr.Button("Load", elem_id="load")
-                files = gr.Dropdown(residual_files(residual_folders), multiselect=True, label="Residuals",
+                files = gr.Dropdown(sorted(editor.residuals), multiselect=True, label="Residuals",
                                     allow_custom_value=True, elem_id="residuals")
-                uploads = gr.File(file_count="multiple", label="Upload residuals", file_types=[".safetensors", ".pt"])
+                uploads = gr.File(file_count="multiple", label="Upload residuals", file_types=list(RESIDUAL_SUFFIXES))
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
                 positions = gr.Textbox(label="Where each subject lands", interactive=False, elem_id="positions")
                 phrase = gr.Dropdown([], label="Draw the region of (a subject, or type a phrase of the prompt)",
@@ -254,9 +418,10 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                 guidance_weight = gr.Slider(0, 0.3, 0.08, step=0.01, label="Guidance weight")
                 guidance_steps = gr.Slider(0, 100, 50, step=1, label="Guided steps")
                 cfg_scale = gr.Slider(1, 15, 7.5, step=0.5, label="CFG scale")
-                steps = gr.Slider(1, 100, 50, step=1, label="Steps", elem_id="steps")
+                steps = gr.Slider(1, limits.max_steps, min(50, limits.max_steps), step=1, label="Steps",
+                                  elem_id="steps")
                 seed = gr.Number(0, label="Seed", precision=0)
-                num_images = gr.Slider(1, 8, 1, step=1, label="Images", elem_id="num_images")
+                num_images = gr.Slider(1, limits.max_images, 1, step=1, label="Images", elem_id="num_images")
             with gr.Column():
                 canvas = gr.Image(preview(new_state(size, size)), label="Layout: drag a box", interactive=False,
                                   elem_id="canvas", format="png", buttons=[], height=PREVIEW_SIDE)
@@ -272,9 +437,11 @@ def build_page(editor, residual_folders, config_folder, save_dir):
                     save_name = gr.Textbox("my_layout", label="Save as", elem_id="save_name")
                     save_button = gr.Button("Save", elem_id="save")
                 config_view = gr.Code(language="json", label="Config", elem_id="config")
-        with gr.Row(visible=False):  # the API's inputs: scripts send a config and a layout file
+        with gr.Row(visible=False):  # the API's inputs: scripts send a config, a layout and residual files
             api_config, api_layout = gr.Textbox(), gr.File()
             api_seed, api_count = gr.Number(precision=0), gr.Number(precision=0)
+            api_residuals = gr.File(file_count="multiple")
+            api_height, api_width = gr.Number(0, precision=0), gr.Number(0, precision=0)
             api_files = gr.File(file_count="multiple")
             api_button = gr.Button()
 
@@ -284,7 +451,8 @@ def build_page(editor, residual_folders, config_folder, save_dir):
             """Config, positions and phrases of the page as it is now."""
             config = page_config(*values)
             try:
-                where = editor.positions(config) if config["residual_dict"] and config["prompt"].strip() else ""
+                where = editor.positions(config, values[0]["files"]) if config["residual_dict"] and \
+                    config["prompt"].strip() else ""
             except UserError as e:
                 where = f"error: {e}"
             names = list(config["residual_dict"]) + [p for p, _ in config["color_context"].values()]
@@ -297,17 +465,19 @@ def build_page(editor, residual_folders, config_folder, save_dir):
         for control in (prompt, files, guidance_steps, guidance_weight, cfg_scale, steps):
             control.change(shown, controls, view)
 
-        def on_upload(uploaded, selected):
-            paths = [str(f) for f in uploaded or []]
-            return gr.update(choices=residual_files(residual_folders) + paths, value=list(selected or []) + paths)
+        def on_upload(state, uploaded, selected):
+            sent = {Path(str(f)).name: Path(str(f)) for f in uploaded or []}
+            state = {**state, "files": {**state["files"], **sent}, "uploads": state["uploads"] | set(sent)}
+            choices = sorted(set(editor.residuals) | set(state["files"]))
+            return state, gr.update(choices=choices, value=list(dict.fromkeys([*(selected or []), *sent])))
 
-        uploads.upload(on_upload, [uploads, files], files)
+        uploads.upload(on_upload, [state, uploads, files], [state, files])
 
         def on_add(state, phrase_value, box_text, *rest):
             try:
                 if not phrase_value:
                     raise UserError("choose whose region to draw first")
-                values = [float(v) for v in box_text.split(",")]
+                values = [float(v) for v in str(box_text).split(",")]
                 region = read_region({"phrase": phrase_value, "box": values}, fail_box)
                 add_box(state, phrase_value, region["box"])
                 message = ""
@@ -319,9 +489,10 @@ def build_page(editor, residual_folders, config_folder, save_dir):
 
         def on_clear(state, h, w, *rest):
             try:
-                check_multiple_of_8(argparse.Namespace(height=int(h), width=int(w)), "height", "width")
-                state = {**new_state(int(h), int(w)), "names": state["names"], "positions": state["positions"],
-                         "extra": state["extra"]}
+                h, w = (checked_integer(v, n, 8, limits.max_side) for v, n in ((h, "height"), (w, "width")))
+                editor.check_size(h, w, "the canvas")
+                state = {**new_state(h, w), **{k: state[k] for k in ("names", "positions", "extra", "files",
+                                                                      "uploads")}}
                 message = ""
             except UserError as e:
                 message = f"error: {e}"
@@ -329,19 +500,25 @@ def build_page(editor, residual_folders, config_folder, save_dir):
 
         clear_button.click(on_clear, [state, height, width, *controls[1:]], [state, status, canvas, *view])
 
-        def on_load(path, h, w):
+        def on_load(state, name, h, w):
             try:
-                loaded, data = load_state(path, int(h), int(w))
-            except (UserError, TypeError) as e:
-                return (gr.update(), f"error: {e}") + (gr.update(),) * 9
-            loaded_files = list(data["residual_dict"].values())
-            return (loaded, f"loaded {path}", preview(loaded), data["prompt"],
-                    gr.update(choices=sorted(set(residual_files(residual_folders)) | set(loaded_files)),
-                              value=loaded_files),
+                if name not in configs:
+                    raise UserError(f"{str(name)[:80]!r} is not a config this server offers")
+                h, w = (checked_integer(v, n, 8, limits.max_side) for v, n in ((h, "height"), (w, "width")))
+                editor.check_size(h, w, "the canvas")
+                loaded, data = load_state(configs[name], h, w)
+            except UserError as e:
+                names = {str(configs[name]): name} if name in configs else {}
+                return (gr.update(), f"error: {editor.public(e, names)}") + (gr.update(),) * 9
+            loaded["uploads"] = set(state["uploads"])
+            loaded["files"] = {**state["files"], **loaded["files"]}
+            return (loaded, f"loaded {name}", preview(loaded), data["prompt"],
+                    gr.update(choices=sorted(set(editor.residuals) | set(loaded["files"])),
+                              value=list(data["residual_dict"].values())),
                     data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", 7.5),
-                    data.get("num_inference_steps", 50), json.dumps(data, indent=2), "")
+                    min(data.get("num_inference_steps", 50), limits.max_steps), json.dumps(data, indent=2), "")
 
-        load_button.click(on_load, [load_path, height, width],
+        load_button.click(on_load, [state, load_name, height, width],
                           [state, status, canvas, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps,
                            config_view, positions])
 
@@ -349,12 +526,12 @@ def build_page(editor, residual_folders, config_folder, save_dir):
             state, seed_value, count = values[0], values[-2], values[-1]
             try:
                 config = page_config(*values[:-2])
-                with tempfile.NamedTemporaryFile(suffix=".png", dir=editor.out_dir, delete=False) as f:
-                    layout_file = f.name
-                write_png(layout_file, state["layout"])
-                maps = []
-                images = editor.generate(json.dumps(config), layout_file, seed_value, count, maps)
                 height, width = state["layout"].shape[:2]
+                maps = []
+                with tempfile.TemporaryDirectory(dir=editor.out_dir) as folder:
+                    layout_file = Path(folder) / "layout.png"
+                    write_png(layout_file, state["layout"])
+                    images = editor.generate(config, layout_file, seed_value, count, state["files"], maps=maps)
                 return images, maps, f"generated {len(images)} image(s) at {width}x{height}"
             except UserError as e:
                 return None, None, f"error: {e}"
@@ -363,22 +540,36 @@ def build_page(editor, residual_folders, config_folder, save_dir):
 
         def on_save(state, name, *rest):
             try:
-                config_file, _ = save(state, page_config(state, *rest), save_dir, name)
+                config_file, _ = save(state, page_config(state, *rest), save_dir, name, editor)
                 h, w = state["layout"].shape[:2]
-                return (f"saved {config_file}: python inference.py --pretrained_model_name_or_path "
-                        f"{editor.model} --inference_config {config_file} --height {h} --width {w} makes these images")
+                model = editor.model if not Path(editor.model).expanduser().exists() else "MODEL"
+                return (f"saved {config_file.name} in the save folder: python inference.py "
+                        f"--pretrained_model_name_or_path {model} --inference_config {config_file.name} "
+                        f"--height {h} --width {w} makes these images")
             except UserError as e:
-                return f"error: {e}"
+                return f"error: {editor.public(e, {})}"
 
         save_button.click(on_save, [state, save_name, *controls[1:]], status)
 
-        def api_generate(config_text, layout_file, seed_value, count):
+        def api_generate(config_text, layout_file=None, seed_value=0, count=1, residual_files=None, height_value=0,
+                         width_value=0):
+            """Images seed .. seed + count - 1 of a config (JSON text) as PNG files, at the sent layout's size,
+            else at height x width (0: the model's own size). Residuals are named by file name: the server's
+            offered ones, or files sent in residual_files."""
             try:
-                return editor.generate(config_text, layout_file, seed_value, count)
+                sent = {Path(str(f)).name: Path(str(f)) for f in residual_files or []}
+                size = None
+                if height_value or width_value:
+                    size = tuple(checked_integer(v, n, 8, limits.max_side)
+                                 for v, n in ((height_value, "height"), (width_value, "width")))
+                return editor.generate(config_text if isinstance(config_text, str) else "", layout_file,
+                                       0 if seed_value is None else seed_value, 1 if count is None else count,
+                                       sent, size)
             except UserError as e:
-                raise gr.Error(str(e)) from None
+                raise gr.Error(str(e), print_exception=False) from None
 
-        api_button.click(api_generate, [api_config, api_layout, api_seed, api_count], api_files, api_name="generate")
+        api_button.click(api_generate, [api_config, api_layout, api_seed, api_count, api_residuals, api_height,
+                                        api_width], api_files, api_name="generate")
     return page
 
 
@@ -390,22 +581,60 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", metavar="MODEL", required=True,
                    help="hub id or local diffusers folder, loaded once")
-    p.add_argument("--residuals", nargs="*", default=[], metavar="DIR", help="folders whose residual files to offer")
+    p.add_argument("--residuals", nargs="*", default=[], metavar="DIR",
+                   help="folders whose residual files (.safetensors, .pt) callers may name, by file name")
+    p.add_argument("--layouts", nargs="*", default=[], metavar="DIR",
+                   help="folders whose layout images callers may name in a config's layout, by file name (a "
+                        "caller can always send one)")
     p.add_argument("--configs", default="configs", metavar="DIR", help="folder whose configs Load offers")
     p.add_argument("--save_dir", default="editor_configs", help="where Save writes the config and its layout")
+    p.add_argument("--max_images", type=int, default=Limits.max_images, help="images one request may ask for")
+    p.add_argument("--max_side", type=int, default=Limits.max_side, help="largest image side a request may ask for")
+    p.add_argument("--max_steps", type=int, default=Limits.max_steps, help="sampling steps a request may ask for")
+    p.add_argument("--max_queue", type=int, default=16, help="requests that may wait while one samples")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines (needs --auth or --open)")
+    p.add_argument("--auth", nargs="+", metavar="USER:PASSWORD",
+                   help="log-ins the page and the API ask for (gradio's own); needed to serve beyond this machine")
+    p.add_argument("--open", action="store_true", help="serve beyond this machine without a log-in, on purpose")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """The server's own settings, before the model loads: limits, log-ins, the folders it offers."""
+    for name, low, high in (("max_images", 1, 10_000), ("max_side", 8, MAX_IMAGE_SIDE),
+                            ("max_steps", 1, inference.MAX_STEPS), ("max_queue", 1, 10_000), ("port", 1, 65535)):
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise UserError(f"--{name} {value}: expected an integer from {low} to {high}")
+    if args.max_side % 8:
+        raise UserError(f"--max_side {args.max_side}: expected a multiple of 8")
+    auth = []
+    for entry in args.auth or []:
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise UserError(f"--auth {user}:...: expected USER:PASSWORD")
+        auth.append((user, password))
+    if args.host not in LOOPBACK and not auth and not args.open:
+        raise UserError(f"--host {args.host}: serving beyond this machine needs --auth USER:PASSWORD (or --open to "
+                        f"serve without a log-in on purpose)")
+    configs = offered_files([args.configs] if Path(args.configs).is_dir() else [], (".json",), "configs")
+    return auth, configs
+
+
 def main(args):
+    auth, configs = check_args(args)
+    residuals = offered_files(args.residuals, RESIDUAL_SUFFIXES, "residuals")
+    layouts = offered_files(args.layouts, IMAGE_EXTENSIONS, "layouts")
     Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix="cones2-editor-"))
-    editor = Editor(args.pretrained_model_name_or_path, args.device, args.dtype, out_dir)
-    page = build_page(editor, args.residuals, args.configs, args.save_dir)
-    page.launch(server_name=args.host, server_port=args.port, js=DRAG_JS, allowed_paths=[str(out_dir)])
+    limits = Limits(args.max_images, args.max_side, args.max_steps)
+    editor = Editor(args.pretrained_model_name_or_path, args.device, args.dtype, residuals, layouts, limits)
+    page = build_page(editor, configs, args.save_dir)
+    page.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    page.launch(server_name=args.host, server_port=args.port, js=DRAG_JS, auth=auth or None,
+                allowed_paths=[str(editor.out_dir)], max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ def app(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("app")
     write_config(folder / "cfg")
     port = free_port()
+    log = open(folder / "server.log", "w")  # a file, not a pipe: a pipe nobody reads would block the server
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--pretrained_model_name_or_path", str(tiny_model), "--residuals",
          str(folder / "cfg"), "--configs", str(folder / "cfg"), "--save_dir", str(folder / "saved"), "--port",
-         str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -51,10 +52,11 @@ def app(tiny_model, tmp_path_factory):
             time.sleep(0.5)
     else:
         process.kill()
-        pytest.fail(f"app.py did not start: {process.stdout.read()}")
+        pytest.fail(f"app.py did not start: {(folder / 'server.log').read_text()}")
     yield url, folder
     process.terminate()
     process.wait(10)
+    log.close()
 
 
 def inference_image(tiny_model, config, out, seed=0):
@@ -70,10 +72,11 @@ def test_generate_endpoint_equals_inference(app, tiny_model, tmp_path):
     from gradio_client import Client, handle_file
 
     url, folder = app
-    cfg = folder / "cfg"  # the page's relative paths are looked up in app.py's working folder: absolute ones here
-    config = write_config(cfg, num_inference_steps=2,
-                          residual_dict={f"<{n}>": str(cfg / f"{n}.safetensors") for n in ("cat", "dog")})
-    files = Client(url, verbose=False).predict(config.read_text(), handle_file(str(folder / "cfg" / "layout.png")),
+    cfg = folder / "cfg"  # residuals are found by file name among the offered: any folder part is left aside
+    config = write_config(cfg, num_inference_steps=2)
+    sent = json.loads(config.read_text())
+    sent[0]["residual_dict"] = {f"<{n}>": f"elsewhere/{n}.safetensors" for n in ("cat", "dog")}
+    files = Client(url, verbose=False).predict(json.dumps(sent), handle_file(str(folder / "cfg" / "layout.png")),
                                               3, 2, api_name="/generate")
     assert len(files) == 2
     for seed, file in zip((3, 4), files):
@@ -116,8 +119,8 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
             return driver.find_element(By.CSS_SELECTOR, "#status textarea").get_attribute("value")
 
         type_into("#prompt textarea", "A cat on the right and a dog on the left.", enter=False)
-        for name in ("cat", "dog"):
-            type_into("#residuals input", str(folder / "cfg" / f"{name}.safetensors"))
+        for name in ("cat", "dog"):  # offered by --residuals: named by file name
+            type_into("#residuals input", f"{name}.safetensors")
         type_into("#steps input[type=number]", "2")
         where = "#positions textarea"
         wait.until(lambda d: "<dog> -> position 8 'dog'" in d.find_element(By.CSS_SELECTOR, where).get_attribute("value"))
@@ -139,8 +142,9 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
         shown = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"))
         src = driver.find_element(By.CSS_SELECTOR, "#attention img").get_attribute("src")
         maps = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"))
-        assert maps.shape[1] > 2 * shown.shape[1]  # the image, then one map per subject beside it
-        assert np.array_equal(maps[:shown.shape[0], :shown.shape[1]], shown)
+        scale = maps.shape[0] // shown.shape[0]  # small images are enlarged, each pixel a square, for the labels
+        assert maps.shape[1] == 3 * scale * shown.shape[1]  # the image, then one map per subject beside it
+        assert np.array_equal(maps[:scale * shown.shape[0]:scale, :scale * shown.shape[1]:scale], shown)
         driver.find_element(By.CSS_SELECTOR, "#save").click()
         wait.until(lambda d: status().startswith(("saved", "error")))
         assert status().startswith("saved"), status()
@@ -172,3 +176,116 @@ def test_seed_configs_load_as_they_are(index):
                                     seed["guidance_steps"], seed["guidance_weight"], 7.5, 50)
     assert sorted(config["subject_list"]) == sorted(seed["subject_list"])
     assert config["residual_dict"].keys() == seed["residual_dict"].keys()
+
+
+def api_error(client, config, layout=None, seed=0, count=1, **extra):
+    """The one-line message the generate endpoint answers a bad request with (it must fail)."""
+    with pytest.raises(Exception) as info:
+        client.predict(config if isinstance(config, str) else json.dumps(config), layout, seed, count,
+                       api_name="/generate", **extra)
+    message = str(info.value)
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    return message
+
+
+def test_a_caller_reaches_only_what_the_server_offers(app, tmp_path):
+    """Hostile requests through gradio_client: no server file is opened or told about, every request is
+    bounded, the JSON is read strictly; the server's log holds no traceback for any of them."""
+    from gradio_client import Client, handle_file
+
+    url, folder = app
+    client = Client(url, verbose=False)
+    config = json.loads(write_config(folder / "cfg", num_inference_steps=1).read_text())[0]
+    layout = handle_file(str(folder / "cfg" / "layout.png"))
+    secret = folder / "secret"
+    secret.mkdir(exist_ok=True)
+    shutil.copy(folder / "cfg" / "cat.safetensors", secret / "x.safetensors")
+    (secret / "bad.safetensors").write_text("not a residual")
+    unknown = []
+    for value in ("../secret/x.safetensors", str(secret / "x.safetensors"), "/etc/passwd", str(secret / "bad.safetensors"),
+                  "/nonexistent/y.safetensors"):
+        message = api_error(client, {**config, "residual_dict": {"<cat>": value, "<dog>": "dog.safetensors"}}, layout)
+        assert "is not a residual this server offers (cat.safetensors, dog.safetensors)" in message, message
+        unknown.append(message.replace(value[:80], "VALUE"))
+    assert len(set(unknown)) == 1  # absent, unreadable and of the wrong kind read the same
+    message = api_error(client, {**config, "layout": str(folder / "cfg" / "layout.png")})
+    assert "layout: " in message and "is not a layout this server offers (none)" in message
+    for message in unknown + [message]:
+        assert str(ROOT) not in message.replace(str(folder), "") and "cones2-editor" not in message
+    # a residual sent with the request is named by its file name; a broken one is named so, and only so
+    (tmp_path / "mine.safetensors").write_text("not a residual")
+    message = api_error(client, {**config, "residual_dict": {"<cat>": "mine.safetensors", "<dog>": "dog.safetensors"}},
+                        layout, residual_files=[handle_file(str(tmp_path / "mine.safetensors"))])
+    assert message.startswith("config: residual_dict.<cat>: mine.safetensors: not a residual file"), message
+    assert "/" not in message.split(": ", 1)[1]
+    # bounds
+    assert "num_images: expected an integer from 1 to 8, got 1000000" in api_error(client, config, layout, 0, 1000000)
+    assert "seed: expected an integer from 0 to 4294967295" in api_error(client, config, layout, 2 ** 64, 1)
+    assert "--max_steps 100" in api_error(client, {**config, "num_inference_steps": 1000}, layout)
+    for size, expected in (((1, 1), "1x1 pixels"), ((100, 60), "100x60 pixels; images are made at the layout's size, "
+                                                                "whose sides must be multiples of 8 (e.g. 96x56)"),
+                           ((1032, 8), "1032x8, larger than this server's --max_side 1024")):
+        Image.new("RGB", size, (255, 0, 0)).save(tmp_path / "small.png")
+        assert expected in api_error(client, config, handle_file(str(tmp_path / "small.png")))
+    boxes = {k: v for k, v in config.items() if k not in ("layout", "color_context")}
+    boxes["regions"] = [{"phrase": "dog", "box": [0, 0, 0.5, 1]}, {"phrase": "cat", "box": [0.5, 0, 1, 1]}]
+    assert "height 8200" not in api_error(client, boxes, height_value=8200, width_value=64)
+    assert "a boxes config is rendered from its boxes; send no layout image" in api_error(client, boxes, layout)
+    [image] = client.predict(json.dumps(boxes), None, 0, 1, api_name="/generate", height_value=32, width_value=48)
+    assert Image.open(image).size == (48, 32)
+    # strict JSON, as inference.py reads a file
+    assert api_error(client, '"42"', layout) == "config: expected a JSON object (or a list holding one)"
+    assert "nested deeper than 64 levels" in api_error(client, "[" * 100_000 + "]" * 100_000, layout)
+    assert "key 'prompt' appears twice" in api_error(client, json.dumps(config)[:-1] + ', "prompt": "x"}', layout)
+    assert "Traceback" not in (folder / "server.log").read_text()
+
+
+def test_concurrent_requests_get_their_own_images(app, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    url, folder = app
+    config = write_config(folder / "cfg", num_inference_steps=2).read_text()
+    layout = handle_file(str(folder / "cfg" / "layout.png"))
+
+    def images(seed):
+        files = Client(url, verbose=False).predict(config, layout, seed, 1, api_name="/generate")
+        return np.asarray(Image.open(files[0]))
+
+    alone = [images(seed) for seed in (5, 6)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(images, (5, 6, 5, 6)))
+    for i, image in enumerate(together):
+        assert np.array_equal(image, alone[i % 2])
+    assert not np.array_equal(alone[0], alone[1])
+
+
+def test_request_folders_are_cleaned_and_the_server_needs_a_login_beyond_loopback(tiny_model, tmp_path):
+    import app as editor_app
+    from test_inference import write_residual
+
+    write_config(tmp_path / "cfg", num_inference_steps=1)
+    residuals = editor_app.offered_files([tmp_path / "cfg"], editor_app.RESIDUAL_SUFFIXES, "residuals")
+    editor = editor_app.Editor(str(tiny_model), "cpu", "fp32", residuals)
+    config = (tmp_path / "cfg" / "config.json").read_text()
+    for seed in range(editor_app.KEPT_REQUESTS + 3):
+        editor.generate(config, tmp_path / "cfg" / "layout.png", seed, 1)
+    assert len(list(editor.out_dir.iterdir())) == editor_app.KEPT_REQUESTS
+    other = tmp_path / "other"
+    other.mkdir()
+    write_residual(other / "cat.safetensors", 32, "cat")
+    with pytest.raises(editor_app.UserError, match="two files named cat.safetensors"):
+        editor_app.offered_files([tmp_path / "cfg", other], editor_app.RESIDUAL_SUFFIXES, "residuals")
+
+    def settings(*argv):
+        return editor_app.check_args(editor_app.parse_args(["--pretrained_model_name_or_path", "m", *argv]))
+
+    with pytest.raises(editor_app.UserError, match="--host 0.0.0.0: serving beyond this machine needs --auth"):
+        settings("--host", "0.0.0.0")
+    assert settings("--host", "0.0.0.0", "--auth", "ana:secret")[0] == [("ana", "secret")]
+    assert settings("--host", "0.0.0.0", "--open")[0] == []
+    with pytest.raises(editor_app.UserError, match="--auth ana:...: expected USER:PASSWORD"):
+        settings("--auth", "ana:")
+    with pytest.raises(editor_app.UserError, match="--max_side 1001: expected a multiple of 8"):
+        settings("--max_side", "1001")
