@@ -418,10 +418,11 @@ def build_page(editor, configs, save_dir):
                 guidance_weight = gr.Slider(0, 0.3, 0.08, step=0.01, label="Guidance weight")
                 guidance_steps = gr.Slider(0, 100, 50, step=1, label="Guided steps")
                 cfg_scale = gr.Slider(1, 15, 7.5, step=0.5, label="CFG scale")
-                steps = gr.Slider(1, limits.max_steps, min(50, limits.max_steps), step=1, label="Steps",
+                steps = gr.Slider(1, max(2, limits.max_steps), min(50, limits.max_steps), step=1, label="Steps",
                                   elem_id="steps")
                 seed = gr.Number(0, label="Seed", precision=0)
-                num_images = gr.Slider(1, limits.max_images, 1, step=1, label="Images", elem_id="num_images")
+                # a slider needs a maximum above its minimum; the server's check still holds the limit
+                num_images = gr.Slider(1, max(2, limits.max_images), 1, step=1, label="Images", elem_id="num_images")
             with gr.Column():
                 canvas = gr.Image(preview(new_state(size, size)), label="Layout: drag a box", interactive=False,
                                   elem_id="canvas", format="png", buttons=[], height=PREVIEW_SIDE)

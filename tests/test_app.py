@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 
@@ -289,3 +290,41 @@ def test_request_folders_are_cleaned_and_the_server_needs_a_login_beyond_loopbac
         settings("--auth", "ana:")
     with pytest.raises(editor_app.UserError, match="--max_side 1001: expected a multiple of 8"):
         settings("--max_side", "1001")
+
+
+def test_the_readme_api_example_runs_as_written(tiny_model_1024, tmp_path):
+    """README's generate example, as written, against app.py serving the seed's residuals from the repository's
+    folder: the config's residuals and layout are found (only --max_steps 1, to keep the test short, stops it
+    before sampling: 768 px on the CPU takes minutes)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("Scripts use the `generate` endpoint"):]
+    code = textwrap.dedent(block[block.index("```python") + len("```python"):block.index("```", block.index("```python") + 9)])
+    command = readme[readme.index("3. **The editor in the browser**"):]
+    command = command[command.index("python app.py"):command.index("\n", command.index("python app.py"))].split()
+    assert command[:2] == ["python", "app.py"] and "--residuals" in command
+    port = free_port()
+    argv = [sys.executable, *command[1:], "--port", str(port), "--max_steps", "1"]
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(tiny_model_1024)
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            deadline = time.time() + 120
+            while time.time() < deadline and process.poll() is None:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            cwd = os.getcwd()
+            os.chdir(ROOT)  # "from the repository's folder"
+            try:
+                with pytest.raises(Exception, match="num_inference_steps: 50, more than this server's --max_steps 1"):
+                    exec(code.replace("http://127.0.0.1:7860/", url), {})
+            finally:
+                os.chdir(cwd)
+        finally:
+            process.terminate()
+            process.wait(10)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
