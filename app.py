@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 import inference
+from cli_utils import ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError
 from file_utils import IMAGE_EXTENSIONS, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
-from pipeline_utils import (MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, UserError, load_model, load_tokenizer,
-                            model_family, model_sizes, resolve_device, resolve_dtype)
+from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype
 
 PREVIEW_SIDE = 512  # the canvas is drawn at this longest side; boxes are fractions, so any size will do
 CONFIG_NAME = "config"  # how messages name the page's or the request's config
@@ -639,6 +639,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from pipeline_utils import run_cli
+    from cli_utils import run_cli
 
     run_cli(main, parse_args())

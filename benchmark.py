@@ -37,12 +37,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cli_utils import ArgumentParser, check_at_least, check_multiple_of_8, library_versions, require_package, run_cli
 from layout_guidance import SD_BETAS
 from naive_sampler import install_naive, naive_image
-from pipeline_utils import (ArgumentParser, SDXLTextEncoders, StableDiffusion, add_compile_argument, check_at_least,
-                            check_compile, check_multiple_of_8, compile_unet, enable_gradient_checkpointing,
-                            library_versions, mixed_precision_dtype, require_package, resolve_device, resolve_dtype,
-                            run_cli, token_ids)
+from pipeline_utils import (SDXLTextEncoders, StableDiffusion, add_compile_argument, check_compile, compile_unet,
+                            enable_gradient_checkpointing, mixed_precision_dtype, resolve_device, resolve_dtype)
+from text_utils import token_ids
 
 # ------------------------------------------------------------------------------------------------
 # Presets: real architectures, random weights

@@ -34,12 +34,12 @@ import torch
 import numpy as np
 from PIL import Image
 
+from cli_utils import ArgumentParser, UserError, first_line, is_finite32, library_versions, run_cli
 from file_utils import (check_output_file, check_writable_folder, file_sha256, image_files, read_image, read_json,
                         resolve_relative, write_json, write_png, write_text)
 from inference import parse_colour
 from layouts import RENDERED_LAYOUT
-from pipeline_utils import (ArgumentParser, UserError, first_line, is_finite32, library_versions, model_source,
-                            resolve_device, run_cli)
+from pipeline_utils import model_source, resolve_device
 from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside, read_attention, read_layout,
                           region_colours, region_mask, side_by_side)
 

@@ -29,17 +29,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli_utils import (ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError, check_at_least, check_finite,
+                       check_multiple_of_8, is_finite32, library_versions, run_cli)
 from file_utils import (check_writable_folder, file_sha256, read_json, read_rgb, remove_path, resolve_relative,
                         write_json, write_png)
 from layouts import RENDERED_LAYOUT, read_regions, regions_color_context, render_regions
-from pipeline_utils import (COMPILE_MODES, DTYPES, MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, Processes, UserError,
-                            add_compile_argument, check_at_least, check_compile, check_finite, check_multiple_of_8,
-                            compile_unet, conditioning, is_finite32, library_versions, load_model, load_tokenizer,
-                            model_family, model_sizes, resolve_device, resolve_dtype, run_cli, token_count, token_ids,
-                            token_texts, word_ids, words_mask)
+from pipeline_utils import (COMPILE_MODES, DTYPES, Processes, add_compile_argument, check_compile, compile_unet,
+                            load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype)
 from region_utils import (ATTENTION_FOLDER, attention_picture, read_layout, region_colours, region_mask,
                           write_attention)
 from residual_utils import FAMILY_NAMES, apply_residuals, find_sequence, load_residual
+from text_utils import conditioning, token_count, token_ids, token_texts, word_ids, words_mask
 
 # The seed's keys (all required) and the optional ones with their defaults.
 REQUIRED_KEYS = ("prompt", "residual_dict", "color_context", "guidance_steps", "guidance_weight",
@@ -579,7 +579,7 @@ class JobInputs(NamedTuple):
     cond: torch.Tensor  # [L, d], the residuals added (times residual_scale)
     uncond: torch.Tensor  # [L, d]
     weight_map: torch.Tensor  # [L, H, W] (B2)
-    pooled: tuple | None  # SDXL's pooled embeddings (cond [p], uncond [p]), None for SD (pipeline_utils.conditioning)
+    pooled: tuple | None  # SDXL's pooled embeddings (cond [p], uncond [p]), None for SD (text_utils.conditioning)
     plain: torch.Tensor | None  # [L, d] cond without the residuals, for residual_guidance; None without it
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import LMSDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from pipeline_utils import UserError
+from cli_utils import UserError
 
 class NonFiniteError(UserError):
     """Sampling ended in NaN or infinite latents."""

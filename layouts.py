@@ -11,7 +11,7 @@ Used by inference.py (configs with regions), make_layout.py and app.py.
 """
 import numpy as np
 
-from pipeline_utils import is_finite32
+from cli_utils import is_finite32
 
 DEFAULT_WEIGHT = 2.5  # a region's w_active when "weight" is left out (the seed's value in color_context)
 BACKGROUND = (0, 0, 0)  # pixels no box covers; never a region's colour

@@ -12,10 +12,10 @@ phrases over a white canvas or over --preview_on.
 import os
 from pathlib import Path
 
+from cli_utils import ArgumentParser, UserError, check_multiple_of_8, run_cli
 from file_utils import check_output_file, check_writable_folder, read_image, write_json, write_png
 from inference import PAINTED_KEYS, ConfigReader, job_layout
 from layouts import draw_preview
-from pipeline_utils import ArgumentParser, UserError, check_multiple_of_8, run_cli
 
 
 def painted_config(reader, data, layout_file, color_context, out_dir):

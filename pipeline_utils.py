@@ -1,15 +1,11 @@
-"""Loading a Stable Diffusion model, choosing device and dtype, tokenizing and encoding prompts.
+"""Loading a Stable Diffusion model: where it comes from (a folder or the hub), its parts, the device and dtype
+it runs on, the processes that share a run, and torch.compile.
 
-Shared by inference.py, train.py and benchmark.py so that every script reads a model the same way; small facts
-they all use (the dtype names, the "words" attention mask, the library versions of a record) live here once.
-Errors a user can fix are raised as `UserError` and printed as one line by `run_cli`.
+Shared by inference.py, train.py, app.py and benchmark.py so that every script reads a model the same way.
+Tokenizing and encoding prompts is text_utils.py's; errors and the command line are cli_utils.py's.
 """
-import argparse
 import functools
-import importlib
-import math
 import os
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,92 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-
-MAX_IMAGE_SIDE = 8192  # pixels; beyond it a layout or latent would not fit any GPU's memory
-MAX_SEED = 2 ** 32 - 1  # seeds are combined with sample indices into 64-bit generator seeds
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-class UserError(Exception):
-    """Bad input a user can fix: printed as one line, exit status 2, no traceback."""
-
-
-def run_cli(main, args):
-    """Run `main(args)`; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The scripts' parser: --help shows the defaults, and a bad argument is one line `error: ...` with exit
-    status 2, like every other mistake (argparse's own prints its usage first)."""
-
-    def __init__(self, description=None, **kwargs):
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(description=description, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default after its help; None (the help says what happens then) and off flags
-    are left out."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def check_at_least(args, minimum, *names, maximum=None):
-    """Each named command-line integer (None: not given) must be >= minimum (and <= maximum if given)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and (value < minimum or (maximum is not None and value > maximum)):
-            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-            raise UserError(f"--{name} {value}: expected an integer {bound}")
-
-
-def check_multiple_of_8(args, *names, maximum=MAX_IMAGE_SIDE):
-    """Image sizes (None: not given) must be positive multiples of 8: the VAE's latents are 1/8 of the image."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8 or value > maximum):
-            raise UserError(f"--{name} {value}: expected a positive multiple of 8, at most {maximum}")
-
-
-def is_finite32(value):
-    """A number (not a bool) that is finite and stays finite as a float32 (1e39 does not)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and abs(value) <= FLOAT32_MAX)
-
-
-def check_finite(args, *names):
-    """Each named command-line float (None: not given) must be finite in float32: nan or inf would reach the
-    images or the residual as NaN."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not is_finite32(value):
-            raise UserError(f"--{name} {value}: expected a finite number (at most {FLOAT32_MAX:.3g} in size)")
-
-
-def require_package(flag, package):
-    """An optional dependency a flag needs: a missing one is one line naming the flag and the pip command."""
-    try:
-        __import__(package)
-    except ImportError:
-        raise UserError(f"{flag} needs {package}: pip install {package}") from None
-
-
-def library_versions(libraries=("torch", "diffusers", "transformers")):
-    """Python's version and each named library's, for the record saved with an output."""
-    return {"python": platform.python_version(),
-            **{name: importlib.import_module(name).__version__ for name in libraries}}
+from cli_utils import UserError, first_line
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,69 +347,3 @@ def compile_unet(unet, mode="default", backend="inductor"):
     modes = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}  # inductor's modes
     unet.compile(backend=backend, **modes)
     return unet
-
-
-def first_line(e):
-    """The first line of an exception's message (library errors can run to pages)."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-# ------------------------------------------------------------------------------------------------
-# Text
-
-def token_ids(tokenizer, text, length=None):
-    """Ids of `text` with BOS and EOS; padded (with the tokenizer's pad id) or cut to `length` if given."""
-    if length is None:
-        return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    return tokenizer(text, padding="max_length", truncation=True, max_length=length).input_ids
-
-
-def token_count(tokenizer, text):
-    """How many tokens `text` has with BOS and EOS, however many that is (token_ids cuts at the maximum)."""
-    return len(tokenizer(text, verbose=False).input_ids)
-def words_mask(num_visible, length):
-    """The attention mask of text length "words" [length]: 1 for the first num_visible rows (BOS and the words),
-    0 for EOS and padding, which the UNet of a model trained that way never sees."""
-    return [1] * num_visible + [0] * (length - num_visible)
-
-
-def word_ids(tokenizer, text):
-    """Ids of the words of `text`, without BOS and EOS."""
-    return token_ids(tokenizer, text)[1:-1]
-
-
-def token_texts(tokenizer, ids):
-    """Readable tokens ('dog' for 'dog</w>')."""
-    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(list(ids))]
-
-
-@torch.no_grad()
-def encode_ids(text_encoder, ids):
-    """The text conditioning: ids [B, L] -> [B, L, d], float32 (SD: the last hidden states; SDXL: both
-    encoders' penultimate states side by side)."""
-    return encode_text(text_encoder, ids)[0]
-
-
-def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty):
-    """(cond [L, d], uncond [L, d], pooled) float32 for the sampler, as the model's own pipeline builds them.
-
-    pooled: SDXL's pooled embeddings (cond [p], uncond [p]); None for SD. Where SDXL's pipeline asks for it
-    (force_zeros_for_empty_prompt), an empty negative prompt is zeros, states and pooled, not the encoding of "".
-    """
-    states, pooled = encode_text(sd.text_encoder, [prompt_ids, uncond_ids])  # [2, L, d], [2, p]
-    if sd.family != "sdxl":
-        return states[0], states[1], None
-    if sd.zero_empty_negative and negative_is_empty:
-        return states[0], torch.zeros_like(states[1]), (pooled[0], torch.zeros_like(pooled[1]))
-    return states[0], states[1], (pooled[0], pooled[1])
-
-
-@torch.no_grad()
-def encode_text(text_encoder, ids):
-    """(states [B, L, d], pooled [B, p]) float32 of ids [B, L] or [L]."""
-    ids = torch.as_tensor(ids, device=text_encoder.device)
-    if ids.ndim == 1:
-        ids = ids[None]
-    out = text_encoder(ids)
-    return out[0].float(), out[1].float()

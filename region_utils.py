@@ -11,8 +11,8 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cli_utils import MAX_IMAGE_SIDE, UserError
 from file_utils import read_rgb, write_atomic
-from pipeline_utils import MAX_IMAGE_SIDE, UserError
 
 ATTENTION_FOLDER = "attention"
 HEAT = np.array([255, 0, 0], dtype=np.float32)  # the colour an attention map blends the image towards

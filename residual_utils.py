@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cli_utils import UserError
 from file_utils import regular_file, write_atomic
-from pipeline_utils import UserError
 
 REQUIRED_METADATA = ("class_phrase", "token_num", "embedding_dim", "base_model")
 FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}  # the `family` a residual may record

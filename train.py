@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cli_utils import (ArgumentParser, MAX_SEED, UserError, check_at_least, check_finite, check_multiple_of_8,
+                       require_package, run_cli)
 from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_png
-from pipeline_utils import (ArgumentParser, MAX_SEED, UserError, add_compile_argument, check_at_least,
-                            check_compile, check_finite, check_multiple_of_8, compile_unet, conditioning,
-                            enable_gradient_checkpointing, encode_ids, load_model, load_tokenizer,
-                            mixed_precision_dtype, model_sizes, require_package, run_cli, token_count, token_ids,
-                            word_ids, words_mask)
+from pipeline_utils import (add_compile_argument, check_compile, compile_unet, enable_gradient_checkpointing,
+                            load_model, load_tokenizer, mixed_precision_dtype, model_sizes)
 from residual_utils import find_sequence, save_residual
+from text_utils import conditioning, encode_ids, token_count, token_ids, word_ids, words_mask
 LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
 
 # The textual-inversion "small" templates, in order (A.7).

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import benchmark
-from pipeline_utils import run_cli
+from cli_utils import run_cli
 
 
 @pytest.fixture()

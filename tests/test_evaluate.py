@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import evaluate
+from cli_utils import run_cli
 from conftest import clip_tokenizer
-from pipeline_utils import run_cli
 
 
 @pytest.fixture(scope="module")

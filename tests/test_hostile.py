@@ -17,12 +17,12 @@ import file_utils
 import inference
 import pipeline_utils
 import train
+from cli_utils import UserError, run_cli
 from conftest import clip_tokenizer
 from file_utils import read_json, read_rgb, write_atomic
-from pipeline_utils import UserError, run_cli
 from residual_utils import load_residual
-from test_inference import expect_error, run, write_config, write_layout, write_residual
 from test_evaluate import tiny_scorers  # noqa: F401
+from test_inference import expect_error, run, write_config, write_layout, write_residual
 from test_train import make_images, run_train, train_args
 
 

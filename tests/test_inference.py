@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 
 import inference
+from cli_utils import run_cli
 from conftest import ROOT, clip_tokenizer
 from layout_guidance import (AttentionRecorder, cfg_scales, generate, guidance_sigmas, guided_probs,
                              install_guidance, layout_weight_map)
 from naive_sampler import install_naive, naive_sample
-from pipeline_utils import encode_ids, load_model, run_cli, token_ids
+from pipeline_utils import load_model
 from residual_utils import apply_residuals, find_sequence, load_residual, save_residual
+from text_utils import encode_ids, token_ids
 
 PROMPT2 = "A dog, a pet cat and a dog near a forest."
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import inference
+from cli_utils import UserError, run_cli
 from layouts import BACKGROUND, MAX_REGIONS, PALETTE, box_mask, region_colour, render_regions
-from pipeline_utils import UserError, run_cli
 from test_inference import expect_error, run, write_config
 
 DOG_BOX, CAT_BOX = [0.1, 0.2, 0.6, 0.9], [0.4, 0.0, 1.0, 0.5]  # overlapping: the cat's box covers the dog's

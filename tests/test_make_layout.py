@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import make_layout
-from pipeline_utils import run_cli
+from cli_utils import run_cli
 from test_inference import run, write_config
 from test_layouts import boxes_config
 

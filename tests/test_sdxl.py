@@ -11,10 +11,11 @@ import train
 from conftest import clip_tokenizer
 from layout_guidance import generate, install_guidance, layout_weight_map
 from naive_sampler import install_naive, naive_sample
-from pipeline_utils import conditioning, load_model, token_ids
+from pipeline_utils import load_model
 from residual_utils import apply_residuals, load_residual
 from test_inference import expect_error, run, write_config, write_residual
 from test_train import make_images, run_train, train_args
+from text_utils import conditioning, token_ids
 
 
 @pytest.fixture(scope="module")

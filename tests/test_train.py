@@ -12,8 +12,8 @@ from PIL import Image
 
 import inference
 import train
+from cli_utils import run_cli
 from conftest import ROOT, build_tiny_sd, clip_tokenizer
-from pipeline_utils import run_cli
 from residual_utils import load_residual
 
 
@@ -181,7 +181,8 @@ def test_non_image_files_are_ignored(tiny_model, tmp_path):
 
 def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
     from layout_guidance import generate, install_guidance, layout_weight_map
-    from pipeline_utils import encode_ids, load_model, token_ids
+    from pipeline_utils import load_model
+    from text_utils import encode_ids, token_ids
 
     data = make_images(tmp_path / "data")
     residual = run_train(*train_args(tiny_model, data, tmp_path / "dog"))
@@ -220,7 +221,8 @@ def test_v_prediction_target_by_hand(tiny_model_v):
     with abar the cumulative product of 1 - beta over SD's betas, computed here without the scheduler."""
     from diffusers import DDPMScheduler
 
-    from pipeline_utils import load_model, token_ids
+    from pipeline_utils import load_model
+    from text_utils import token_ids
 
     sd = load_model(str(tiny_model_v), torch.device("cpu"), torch.float32)
     scheduler = DDPMScheduler.from_config(sd.scheduler_config)

@@ -10,8 +10,9 @@ from PIL import Image
 import inference
 from layout_guidance import (generate, guidance_sigmas, guidance_strengths, install_guidance, layout_weight_map,
                              make_cfg_denoiser, region_labels_on_grid)
-from pipeline_utils import encode_ids, load_model, token_ids
+from pipeline_utils import load_model
 from test_inference import expect_error, run, write_config
+from text_utils import encode_ids, token_ids
 
 
 def attn1_layers(unet):
@@ -142,7 +143,8 @@ def test_bad_variant_keys(tiny_model, tmp_path, capsys, changes, fragment):
 
 def test_residual_guidance_on_sdxl_keeps_its_added_conditioning(tiny_sdxl, tmp_path):
     """The third branch carries SDXL's pooled embedding and micro-conditioning like the conditional one."""
-    from pipeline_utils import conditioning, load_tokenizer
+    from pipeline_utils import load_tokenizer
+    from text_utils import conditioning
 
     tokenizer = load_tokenizer(str(tiny_sdxl))
     sd = load_model(str(tiny_sdxl), torch.device("cpu"), torch.float32, tokenizer=tokenizer)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
 from layout_guidance import SD_BETAS  # noqa: E402
-from pipeline_utils import words_mask  # noqa: E402
+from text_utils import words_mask  # noqa: E402
 from world import scene  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip_tokenizer"

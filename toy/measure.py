@@ -193,7 +193,8 @@ def unlabelled_residual(path, tensor):
 
 def noun_swap_residual(out, name, model=BASE_MODEL):
     """E0("a {specific noun}") - E0("a {generic noun}") at the noun: the residual of a perfect swap."""
-    from pipeline_utils import encode_ids, load_model, token_ids
+    from pipeline_utils import load_model
+    from text_utils import encode_ids, token_ids
 
     noun, shape, colour = CONCEPTS[name]
     sd = load_model(str(model), torch.device("cpu"), torch.float32)

@@ -1,0 +1,65 @@
+"""Tokenizing prompts and encoding them into the conditioning the UNet sees (docs/METHOD.md B1).
+
+Shared by inference, training and the benchmark, so that every script reads a prompt the same way; the text
+length "words" mask lives here once.
+"""
+import torch
+
+
+def token_ids(tokenizer, text, length=None):
+    """Ids of `text` with BOS and EOS; padded (with the tokenizer's pad id) or cut to `length` if given."""
+    if length is None:
+        return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return tokenizer(text, padding="max_length", truncation=True, max_length=length).input_ids
+
+
+def token_count(tokenizer, text):
+    """How many tokens `text` has with BOS and EOS, however many that is (token_ids cuts at the maximum)."""
+    return len(tokenizer(text, verbose=False).input_ids)
+
+
+def words_mask(num_visible, length):
+    """The attention mask of text length "words" [length]: 1 for the first num_visible rows (BOS and the words),
+    0 for EOS and padding, which the UNet of a model trained that way never sees."""
+    return [1] * num_visible + [0] * (length - num_visible)
+
+
+def word_ids(tokenizer, text):
+    """Ids of the words of `text`, without BOS and EOS."""
+    return token_ids(tokenizer, text)[1:-1]
+
+
+def token_texts(tokenizer, ids):
+    """Readable tokens ('dog' for 'dog</w>')."""
+    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(list(ids))]
+
+
+@torch.no_grad()
+def encode_ids(text_encoder, ids):
+    """The text conditioning: ids [B, L] -> [B, L, d], float32 (SD: the last hidden states; SDXL: both
+    encoders' penultimate states side by side)."""
+    return encode_text(text_encoder, ids)[0]
+
+
+def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty):
+    """(cond [L, d], uncond [L, d], pooled) float32 for the sampler, as the model's own pipeline builds them.
+
+    pooled: SDXL's pooled embeddings (cond [p], uncond [p]); None for SD. Where SDXL's pipeline asks for it
+    (force_zeros_for_empty_prompt), an empty negative prompt is zeros, states and pooled, not the encoding of "".
+    """
+    states, pooled = encode_text(sd.text_encoder, [prompt_ids, uncond_ids])  # [2, L, d], [2, p]
+    if sd.family != "sdxl":
+        return states[0], states[1], None
+    if sd.zero_empty_negative and negative_is_empty:
+        return states[0], torch.zeros_like(states[1]), (pooled[0], torch.zeros_like(pooled[1]))
+    return states[0], states[1], (pooled[0], pooled[1])
+
+
+@torch.no_grad()
+def encode_text(text_encoder, ids):
+    """(states [B, L, d], pooled [B, p]) float32 of ids [B, L] or [L]."""
+    ids = torch.as_tensor(ids, device=text_encoder.device)
+    if ids.ndim == 1:
+        ids = ids[None]
+    out = text_encoder(ids)
+    return out[0].float(), out[1].float()
