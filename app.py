@@ -36,6 +36,8 @@ from PIL import Image
 
 import inference
 from cli_utils import ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError
+from config import ConfigReader, job_layout, job_settings, parse_colour, placed_subjects, prepare_job
+from config_keys import KEY, MAX_STEPS
 from file_utils import IMAGE_EXTENSIONS, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
 from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype
@@ -188,8 +190,8 @@ class Editor:
         return height, width
 
     def prepare(self, data, folder, height, width):
-        return inference.prepare_job(folder / CONFIG_NAME, self.tokenizer, self.embedding_dim, height, width, {},
-                                     data, self.family)
+        return prepare_job(folder / CONFIG_NAME, self.tokenizer, self.embedding_dim, height, width, {}, data,
+                           self.family)
 
     def new_request_folder(self):
         """A folder for one request's files; the oldest beyond KEPT_REQUESTS are removed."""
@@ -238,9 +240,8 @@ class Editor:
         for image_seed in tqdm(seeds, desc=f"generate {width}x{height}", unit="image", disable=num_images == 1):
             recorder = None
             if maps is not None:
-                recorder = inference.attention_recorder(self.sd, job, {"height": height, "width": width})
-            [image] = inference.sample_job(self.sd, self.guidance, job, inputs, [image_seed], height, width,
-                                           recorder)
+                recorder = inference.attention_recorder(self.sd, job, (height, width))
+            [image] = inference.sample_job(self.sd, self.guidance, job, inputs, [image_seed], (height, width), recorder)
             files.append(folder / f"{image_seed}.png")
             write_png(files[-1], image)
             if recorder is not None:
@@ -255,16 +256,11 @@ class Editor:
             folder = Path(folder)
             try:
                 data = self.stage({k: v for k, v in data.items() if k != "layout"}, folder, files)
-                reader = inference.ConfigReader(folder / CONFIG_NAME)
-                settings = {**inference.DEFAULTS, **{k: data[k] for k in inference.DEFAULTS if k in data}}
-                text = inference.tokenize_text(reader, self.tokenizer, data["prompt"], settings)
-                residuals = inference.load_residuals(reader, data["residual_dict"], self.embedding_dim, self.family)
-                lines = []
-                for entry in data["subject_list"]:
-                    name, position = (entry, None) if isinstance(entry, str) else (entry[0], entry[1])
-                    s = inference.place_subject(reader, self.tokenizer, text, name, residuals, position)
-                    lines.append(f"{s.name} -> position {s.position} '{' '.join(text.tokens[r] for r in s.rows)}'")
-                return "; ".join(lines)
+                config = ConfigReader(folder / CONFIG_NAME).read(data, with_layout=False)
+                text, _, subjects = placed_subjects(config, self.tokenizer, self.embedding_dim, self.family,
+                                                    job_settings(config.data))
+                return "; ".join(f"{s.name} -> position {s.position} '{' '.join(text.tokens[r] for r in s.rows)}'"
+                                 for s in subjects)
             except UserError as e:
                 raise self.public(e, folder) from None
 
@@ -323,7 +319,7 @@ def colour_rgb(colour):
     """A color_context key as (r, g, b), read as inference.py reads it."""
     def fail(message):
         raise UserError(f"{CONFIG_NAME}: color_context.{colour}: {message}")
-    return inference.parse_colour(colour, fail)
+    return parse_colour(colour, fail)
 
 
 def preview(state):
@@ -345,16 +341,17 @@ def new_state(height, width):
 def load_state(path, height, width):
     """(state, config) of a config file, its layout at height x width as inference.py would read it; the
     config's residuals are named by file name (the state's files say where they are)."""
-    reader = inference.ConfigReader(Path(path))
-    data = reader.read()
-    layout, color_context, _, _ = inference.job_layout(reader, data, height, width)
-    files = {name: reader.resolve_path(f"residual_dict.{name}", f) for name, f in data["residual_dict"].items()}
+    config = ConfigReader(Path(path)).read()
+    data = config.data
+    layout = job_layout(config, height, width)
+    color_context = layout.color_context
+    files = {name: config.resolve_path(f"residual_dict.{name}", f) for name, f in data["residual_dict"].items()}
     controlled = ("prompt", "residual_dict", "color_context", "layout", "regions", "subject_list", "guidance_steps",
                   "guidance_weight", "cfg_scale", "num_inference_steps")
-    state = {"layout": np.array(layout), "color_context": color_context,
+    state = {"layout": np.array(layout.array), "color_context": color_context,
              "names": {f.name: n for n, f in files.items()}, "files": {f.name: f for f in files.values()},
              "uploads": set(),
-             "positions": {n: p for n, p in reader.subjects if p is not None},
+             "positions": {n: p for n, p in config.subjects if p is not None},
              "extra": {k: v for k, v in data.items() if k not in controlled}}
     return state, {**data, "residual_dict": {n: f.name for n, f in files.items()}}
 
@@ -417,8 +414,9 @@ def build_page(editor, configs, save_dir):
                     width = gr.Number(size, label="Width", precision=0, elem_id="width")
                 guidance_weight = gr.Slider(0, 0.3, 0.08, step=0.01, label="Guidance weight")
                 guidance_steps = gr.Slider(0, 100, 50, step=1, label="Guided steps")
-                cfg_scale = gr.Slider(1, 15, 7.5, step=0.5, label="CFG scale")
-                steps = gr.Slider(1, max(2, limits.max_steps), min(50, limits.max_steps), step=1, label="Steps",
+                cfg_scale = gr.Slider(1, 15, KEY["cfg_scale"].default, step=0.5, label="CFG scale")
+                steps = gr.Slider(1, max(2, limits.max_steps), min(KEY["num_inference_steps"].default, limits.max_steps),
+                                  step=1, label="Steps",
                                   elem_id="steps")
                 seed = gr.Number(0, label="Seed", precision=0)
                 # a slider needs a maximum above its minimum; the server's check still holds the limit
@@ -516,8 +514,8 @@ def build_page(editor, configs, save_dir):
             return (loaded, f"loaded {name}", preview(loaded), data["prompt"],
                     gr.update(choices=sorted(set(editor.residuals) | set(loaded["files"])),
                               value=list(data["residual_dict"].values())),
-                    data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", 7.5),
-                    min(data.get("num_inference_steps", 50), limits.max_steps), json.dumps(data, indent=2), "")
+                    data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", KEY["cfg_scale"].default),
+                    min(data.get("num_inference_steps", KEY["num_inference_steps"].default), limits.max_steps), json.dumps(data, indent=2), "")
 
         load_button.click(on_load, [state, load_name, height, width],
                           [state, status, canvas, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps,
@@ -606,7 +604,7 @@ def parse_args(argv=None):
 def check_args(args):
     """The server's own settings, before the model loads: limits, log-ins, the folders it offers."""
     for name, low, high in (("max_images", 1, 10_000), ("max_side", 8, MAX_IMAGE_SIDE),
-                            ("max_steps", 1, inference.MAX_STEPS), ("max_queue", 1, 10_000), ("port", 1, 65535)):
+                            ("max_steps", 1, MAX_STEPS), ("max_queue", 1, 10_000), ("port", 1, 65535)):
         value = getattr(args, name)
         if not low <= value <= high:
             raise UserError(f"--{name} {value}: expected an integer from {low} to {high}")

@@ -25,6 +25,7 @@ against a naive fp32 step with hand-written attention, and the minutes 4000 step
 
 The naive method is naive_sampler.py.
 """
+import dataclasses
 import json
 import os
 import tempfile
@@ -39,9 +40,10 @@ from tqdm import tqdm
 
 from cli_utils import ArgumentParser, check_at_least, check_multiple_of_8, library_versions, require_package, run_cli
 from layout_guidance import SD_BETAS
-from naive_sampler import install_naive, naive_image
+from naive_sampler import install_naive, naive_sample
 from pipeline_utils import (SDXLTextEncoders, StableDiffusion, add_compile_argument, check_compile, compile_unet,
                             enable_gradient_checkpointing, mixed_precision_dtype, resolve_device, resolve_dtype)
+from residual_utils import load_residual
 from text_utils import token_ids
 
 # ------------------------------------------------------------------------------------------------
@@ -264,11 +266,23 @@ def stock_pipeline(sd, scheduler):
                                    requires_safety_checker=False)
 
 
+def naive_image(sd, state, job, residual_paths, size):
+    """Image 0 of a job the reference's way: the residual files re-read and the prompt encoded again for this
+    image, then naive_sample. residual_paths: one file per subject of the job, in order."""
+    from inference import job_inputs
+
+    subjects = [dataclasses.replace(subject, residual=load_residual(path))
+                for subject, path in zip(job.subjects, residual_paths)]
+    inputs = job_inputs(sd, dataclasses.replace(job, subjects=subjects))
+    return naive_sample(sd, state, inputs, job.sampling, 0, size)
+
+
 def bench_inference(args):
     from diffusers import EulerDiscreteScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from inference import attention_recorder, job_inputs, prepare_job, release_text_encoder, sample_job
+    from config import prepare_job
+    from inference import attention_recorder, job_inputs, release_text_encoder, sample_job
     from layout_guidance import install_guidance
 
     device = torch.device(args.device)
@@ -290,9 +304,9 @@ def bench_inference(args):
         if args.naive_images:
             state = install_naive(sd.unet)
             residual_paths = [Path(tmp) / "cat.safetensors", Path(tmp) / "dog.safetensors"]
-            naive_image(sd, state, warm, residual_paths, 0, resolution, resolution)
-            seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths, 0, resolution,
-                                                                resolution), args.naive_images, "naive")
+            naive_image(sd, state, warm, residual_paths, (resolution, resolution))
+            seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths,
+                                                                (resolution, resolution)), args.naive_images, "naive")
             results["naive"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
         # guided: the project's path, in the chosen dtype
@@ -305,19 +319,18 @@ def bench_inference(args):
             compile_unet(sd.unet, args.compile)
         inputs_warm, inputs = job_inputs(sd, warm), job_inputs(sd, job)
         release_text_encoder(sd)
-        sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution)
+        sample_job(sd, guidance, warm, inputs_warm, [0], (resolution, resolution))
         seeds = iter(range(10_000))
-        seconds, memory = timed(device, lambda: sample_job(sd, guidance, job, inputs, [next(seeds)], resolution,
-                                                           resolution), args.images, "guided")
+        size = (resolution, resolution)
+        seconds, memory = timed(device, lambda: sample_job(sd, guidance, job, inputs, [next(seeds)], size),
+                                args.images, "guided")
         results["guided"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
         if args.profile:
-            profile(device, lambda: sample_job(sd, guidance, warm, inputs_warm, [0], resolution, resolution))
+            profile(device, lambda: sample_job(sd, guidance, warm, inputs_warm, [0], (resolution, resolution)))
         if args.save_attention:
-            size = {"height": resolution, "width": resolution}
-
             def recorded():
                 recorder = attention_recorder(sd, job, size)
-                sample_job(sd, guidance, job, inputs, [next(seeds)], resolution, resolution, recorder)
+                sample_job(sd, guidance, job, inputs, [next(seeds)], size, recorder)
                 return recorder.maps()
             seconds, memory = timed(device, recorded, args.images, "guided, recording attention")
             results["guided_recording"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)

@@ -34,11 +34,12 @@ import torch
 import numpy as np
 from PIL import Image
 
-from cli_utils import ArgumentParser, UserError, first_line, is_finite32, library_versions, run_cli
+from cli_utils import ArgumentParser, UserError, first_line, library_versions, run_cli
 from file_utils import (check_output_file, check_writable_folder, file_sha256, image_files, read_image, read_json,
                         resolve_relative, write_json, write_png, write_text)
-from inference import parse_colour
+from config import parse_colour
 from layouts import RENDERED_LAYOUT
+from record import SCORING_KEYS, read_scoring_record
 from pipeline_utils import model_source, resolve_device
 from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside, read_attention, read_layout,
                           region_colours, region_mask, side_by_side)
@@ -46,7 +47,6 @@ from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside,
 GRID_NAME = "all_images.png"  # inference.py's grid of the folder's images, not an image of its own
 REGIONS_NAME = "regions.png"  # this script's picture of the regions and their scores
 PAD_FILL = (127, 127, 127)  # around a region's crop, to make it square before the scorers' processors
-REGION_KEYS = ("layout", "color_context", "token_rows", "subject_list", "file_sha256")
 
 
 def images_in(folder, what):
@@ -195,41 +195,10 @@ def reference_embeddings(scorer, files, cache):
 # ------------------------------------------------------------------------------------------------
 # Region-aware scores
 
-def check_region_keys(config_path, record):
-    """The record's region keys hold what inference.py writes there; an edited one is a UserError naming it."""
-    def bad(key, expected):
-        raise UserError(f"{config_path}: {key}: expected {expected}, got {str(record[key])[:80]} (was the record "
-                        f"edited?)")
-
-    def integer(value):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    if not isinstance(record["layout"], str):
-        bad("layout", "a file path")
-    if not isinstance(record["file_sha256"], dict) or not all(isinstance(v, str) for v in record["file_sha256"].values()):
-        bad("file_sha256", "an object {key: sha256}")
-    context = record["color_context"]
-    if not isinstance(context, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and is_finite32(v[1])
-            for v in context.values()):
-        bad("color_context", '{"r,g,b": [phrase, weight]}')
-    for colour in context:
-        parse_colour(colour, lambda message: bad("color_context", f"colours as keys ({message})"))
-    rows = record["token_rows"]
-    if not isinstance(rows, dict) or set(rows) - set(context) or not all(
-            isinstance(v, list) and all(integer(row) for row in v) for v in rows.values()):
-        bad("token_rows", "an object {colour of color_context: [token rows]}")
-    if not isinstance(record["subject_list"], list) or not all(
-            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and integer(e[1])
-            for e in record["subject_list"]):
-        bad("subject_list", "[[name, position], ...]")
-
-
 def record_regions(config_path, record, size):
     """{subject: bool [H, W]} from a run record, at the images' size (W, H); or (None, why not)."""
-    if not all(key in record for key in REGION_KEYS):
+    if not all(key in record for key in SCORING_KEYS):  # checked by read_scoring_record where all are there
         return None, "the record has no layout (written before region scores, or not by inference.py)"
-    check_region_keys(config_path, record)
     layout_path = Path(record["layout"])
     if not layout_path.is_file():
         return None, f"its layout {layout_path} is not found"
@@ -348,14 +317,7 @@ def batch_jobs(results_dir, concepts_file):
         raise UserError(f"--concepts {concepts_file}: expected an object {{subject name: reference image folder}}")
     jobs = []
     for config_path in sorted(results_dir.rglob("config.json")):
-        config = read_json(config_path, "run record")
-        try:
-            prompt, subjects = config["prompt"], [name for name, _ in config["subject_list"]]
-            if not isinstance(prompt, str) or not all(isinstance(name, str) for name in subjects):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{config_path}: not a config.json written by inference.py "
-                            f"(needs 'prompt' and 'subject_list')") from None
+        prompt, subjects, config = read_scoring_record(config_path)
         unknown = [s for s in subjects if s not in mapping]
         if unknown:
             raise UserError(f"{config_path}: subject {unknown[0]} has no reference folder in {concepts_file} "

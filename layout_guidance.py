@@ -3,14 +3,19 @@
     weight map W [L, H, W]      built once per config from the colour layout (B2)
     LayoutGuidance              what the guided processors read: W resized per attention grid, the step's
                                 guidance strength, whether this UNet call is guided (B3)
-    GuidedCrossAttnProcessor    installed on cross-attention layers only (`attn2`); self-attention keeps
-                                diffusers' fused AttnProcessor2_0
+    GuidedCrossAttnProcessor    installed on the cross-attention layers (`attn2`); the self-attention layers
+                                get RegionSelfAttnProcessor, diffusers' fused kernel unless the variant
+                                region_self_attention masks it
     AttentionRecorder           optional: where each phrase's tokens are attended, averaged over the sampling
     sample_euler_recurrent      the Euler loop with self-recurrence (B4), over a denoiser function
     make_cfg_denoiser           the UNet with batched classifier-free guidance, as that function
-    generate                    all of the above for a list of seeds
+    generate                    all of the above for a list of seeds: SamplerInputs (the tensors) and
+                                SamplingSettings (config_keys.py) passed whole
 """
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -323,23 +328,53 @@ def cfg_scales(cfg_scale, schedule, sigmas):
     return [cfg_scale * (1 + sigma / sigmas[0]) for sigma in sigmas[:-1]]
 
 
-def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_type,
-                      guidance=None, guided_steps=0, strengths=None, masks=None, added_cond=None,
-                      plain=None, residual_guidance=0.0):
-    """denoise(x, i): one UNet call on [uncond; cond], CFG with scales[i], x0 from eps or v.
+@dataclass(frozen=True)
+class SamplerInputs:
+    """The tensors one sampling is conditioned on (what k-diffusion passes as extra_args); built once per job.
 
-    cond, uncond [B, L, d]; sigmas, scales: lists of floats; strengths: a [G] tensor on the UNet's
-    device. The layout guidance (if any) is switched on for steps i < guided_steps. masks: (cond, uncond)
-    [L] of 1 (attend) and 0, or None. added_cond: SDXL's extra conditioning of the [uncond; cond] batch.
-    Variant residual_guidance (docs/METHOD.md E): plain [B, L, d] is cond without the residuals, run as a third
-    branch (guided as the conditional one) and e = e_u + s_i (e_c - e_u) + residual_guidance (e_c - e_plain).
+    cond, uncond [L, d] float32 (residuals already applied); weight_map W [L, H, W] (B2), None: unguided;
+    masks: (cond, uncond) lists [L] of 1 and 0 for the UNet's encoder_attention_mask (text length "words"), or
+    None; pooled: SDXL's pooled text embeddings (cond [p], uncond [p]), None for SD; plain [L, d]: cond without
+    the residuals, for the variant residual_guidance; region_labels [H, W]: each pixel's subject region (-1 for
+    none), for the variant region_self_attention.
     """
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    weight_map: torch.Tensor = None
+    masks: tuple = None
+    pooled: tuple = None
+    plain: torch.Tensor = None
+    region_labels: np.ndarray = None
+
+
+class StepPlan(NamedTuple):
+    """Per-step values of one sampling: the sampler's sigmas [N + 1] (ends with 0) and the UNet's timesteps [N],
+    the CFG scale of each step, how many steps are guided and their bias strengths ([G] on the UNet's device)."""
+    sigmas: list
+    timesteps: torch.Tensor
+    scales: list
+    guided_steps: int = 0
+    strengths: torch.Tensor = None
+
+
+def make_cfg_denoiser(unet, inputs, plan, settings, prediction_type, guidance=None, added_cond=None):
+    """denoise(x, i): one UNet call on [uncond; cond], CFG with plan.scales[i], x0 from eps or v.
+
+    inputs: SamplerInputs whose cond, uncond (and plain) are batched [B, L, d]; settings: SamplingSettings. The
+    layout guidance (if any) is switched on for steps i < plan.guided_steps. added_cond: SDXL's extra
+    conditioning of the [uncond; cond] batch. Variant residual_guidance (docs/METHOD.md E): inputs.plain is cond
+    without the residuals, run as a third branch (guided as the conditional one) and
+    e = e_u + s_i (e_c - e_u) + residual_guidance (e_c - e_plain).
+    """
+    cond, uncond, plain = inputs.cond, inputs.uncond, inputs.plain
+    sigmas, timesteps, scales, guided_steps, strengths = plan
+    residual_guidance = settings.residual_guidance
     branches = [uncond, cond] if plain is None else [uncond, cond, plain]
     encoder_states = torch.cat(branches).to(unet.dtype)  # [2B or 3B, L, d]
     batch = cond.shape[0]
     extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
-    if masks is not None:
-        cond_mask, uncond_mask = (torch.tensor(m, device=cond.device)[None].expand(batch, -1) for m in masks)
+    if inputs.masks is not None:
+        cond_mask, uncond_mask = (torch.tensor(m, device=cond.device)[None].expand(batch, -1) for m in inputs.masks)
         extra["encoder_attention_mask"] = torch.cat([uncond_mask] + [cond_mask] * (len(branches) - 1))
     if plain is not None and added_cond is not None:
         extra["added_cond_kwargs"] = {k: torch.cat([v, v[batch:]]) for k, v in added_cond.items()}
@@ -364,35 +399,34 @@ def make_cfg_denoiser(unet, cond, uncond, sigmas, timesteps, scales, prediction_
 
 
 @torch.no_grad()
-def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_scale, cfg_schedule="sigma",
-             guidance=None, weight_map=None, guidance_steps=0, guidance_weight=0.0, masks=None, pooled=None,
-             recorder=None, region_labels=None, guidance_schedule="sigma", plain=None, residual_guidance=0.0):
+def generate(sd, inputs, settings, seeds, size, guidance=None, recorder=None):
     """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
 
-    cond, uncond [L, d] float32 (residuals already applied). With `guidance` (from install_guidance) and a
-    weight map W [L, H, W], steps i < guidance_steps are layout-guided and self-recurrent. masks: (cond,
-    uncond) lists [L] of 1 and 0 for the UNet's encoder_attention_mask (text length "words"), or None.
-    pooled: SDXL's pooled text embeddings (cond [p], uncond [p]); None for SD.
+    inputs: SamplerInputs; settings: SamplingSettings (config_keys.py); size: (height, width). With `guidance`
+    (from install_guidance) and a weight map, steps i < guidance_steps are layout-guided and self-recurrent.
     recorder: an AttentionRecorder (needs `guidance`) that this sampling's cross-attention is added to.
-    Variants (docs/METHOD.md E), off by default: region_labels [H, W] (each pixel's subject region, -1 for
-    none) masks self-attention between regions during guided steps; guidance_schedule "constant" keeps the
-    first step's strength gamma * log(1 + sigma_0^2) for every guided step instead of letting it fall with sigma.
+    Variants (docs/METHOD.md E), off by default: inputs.region_labels masks self-attention between regions during
+    guided steps; guidance_schedule "constant" keeps the first step's strength gamma * log(1 + sigma_0^2) for
+    every guided step instead of letting it fall with sigma; inputs.plain with residual_guidance (make_cfg_denoiser).
     """
+    height, width = size
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler.set_timesteps(settings.num_inference_steps)
     sigmas = scheduler.sigmas.tolist()  # [N + 1], ends with 0
-    timesteps = scheduler.timesteps.to(device)
 
     guided_steps, strengths = 0, None
     if guidance is not None:
-        if weight_map is not None and guidance_steps > 0:
-            guidance.set_layout(weight_map, (height // 8, width // 8), device)
-            guided_steps = min(guidance_steps, num_inference_steps)  # the strength's schedule has as many steps
-            # [G] on the device: set_step copies one from there, no wait
-            strengths = guidance_strengths(guidance_weight, guided_steps, guidance_schedule).to(device)
-        guidance.set_self_attention(region_labels if guided_steps else None, (height // 8, width // 8), device)
+        if inputs.weight_map is not None and settings.guidance_steps > 0:
+            guidance.set_layout(inputs.weight_map, (height // 8, width // 8), device)
+            guided_steps = min(settings.guidance_steps, settings.num_inference_steps)  # the strength's schedule
+            # has as many steps; [G] on the device: set_step copies one from there, no wait
+            strengths = guidance_strengths(settings.guidance_weight, guided_steps, settings.guidance_schedule)
+            strengths = strengths.to(device)
+        guidance.set_self_attention(inputs.region_labels if guided_steps else None, (height // 8, width // 8), device)
         guidance.set_step(False)
+    scales = cfg_scales(settings.cfg_scale, settings.cfg_schedule, sigmas)
+    plan = StepPlan(sigmas, scheduler.timesteps.to(device), scales, guided_steps, strengths)
 
     # One CPU generator per image: its initial latents first, then each recurrence noise in order. All are
     # drawn up front and moved to the device at once, so the loop never waits on a host-to-device copy.
@@ -407,13 +441,13 @@ def generate(sd, cond, uncond, seeds, height, width, num_inference_steps, cfg_sc
 
     batch = len(seeds)
     added_cond = None
-    if pooled is not None:  # [uncond; cond] as the UNet's batch is laid out
-        both = torch.stack([pooled[1], pooled[0]]).repeat_interleave(batch, dim=0).to(device, sd.unet.dtype)
-        added_cond = sd.added_cond(both, height, width)
-    denoise = make_cfg_denoiser(
-        sd.unet, cond[None].expand(batch, -1, -1), uncond[None].expand(batch, -1, -1), sigmas, timesteps,
-        cfg_scales(cfg_scale, cfg_schedule, sigmas), sd.prediction_type, guidance, guided_steps, strengths, masks,
-        added_cond, None if plain is None else plain[None].expand(batch, -1, -1), residual_guidance)
+    if inputs.pooled is not None:  # [uncond; cond] as the UNet's batch is laid out
+        both = torch.stack([inputs.pooled[1], inputs.pooled[0]]).repeat_interleave(batch, dim=0)
+        added_cond = sd.added_cond(both.to(device, sd.unet.dtype), height, width)
+    batched = dataclasses.replace(inputs, **{name: None if value is None else value[None].expand(batch, -1, -1)
+                                             for name, value in (("cond", inputs.cond), ("uncond", inputs.uncond),
+                                                                 ("plain", inputs.plain))})
+    denoise = make_cfg_denoiser(sd.unet, batched, plan, settings, sd.prediction_type, guidance, added_cond)
     if recorder is not None:
         guidance.recorder = recorder
     try:

@@ -14,38 +14,37 @@ from pathlib import Path
 
 from cli_utils import ArgumentParser, UserError, check_multiple_of_8, run_cli
 from file_utils import check_output_file, check_writable_folder, read_image, write_json, write_png
-from inference import PAINTED_KEYS, ConfigReader, job_layout
+from config import PAINTED_KEYS, ConfigReader, job_layout
 from layouts import draw_preview
 
 
-def painted_config(reader, data, layout_file, color_context, out_dir):
-    """The boxes config `data` as a painted one written in out_dir: residual paths made relative to it."""
-    config = {key: value for key, value in data.items() if key != "regions"}
-    config["residual_dict"] = {name: os.path.relpath(reader.resolve_path(f"residual_dict.{name}", file), out_dir)
-                               for name, file in data["residual_dict"].items()}
-    config.update(layout=layout_file.name, color_context=color_context)
-    return config
+def painted_config(config, layout_file, color_context, out_dir):
+    """The boxes config as a painted one written in out_dir: residual paths made relative to it."""
+    painted = {key: value for key, value in config.data.items() if key != "regions"}
+    painted["residual_dict"] = {name: os.path.relpath(config.resolve_path(f"residual_dict.{name}", file), out_dir)
+                                for name, file in config.data["residual_dict"].items()}
+    painted.update(layout=layout_file.name, color_context=color_context)
+    return painted
 
 
 def main(args):
     """Returns the files written: all of them, or (on any mistake) none."""
     check_multiple_of_8(args, "resolution", "height", "width")
     height, width = args.height or args.resolution, args.width or args.resolution
-    reader = ConfigReader(args.config)
-    data = reader.read()
-    layout, color_context, _, _ = job_layout(reader, data, height, width)
+    config = ConfigReader(args.config).read()
+    layout = job_layout(config, height, width)
     out_dir = Path(args.out_dir)
     check_writable_folder(out_dir, "--out_dir")
     name = Path(args.config).stem
     outputs = {}  # file -> what to write, all made before the first is written
-    if "regions" in data:
+    if config.regions is not None:
         layout_file = out_dir / f"{name}_layout.png"
-        outputs[layout_file] = layout
-        outputs[out_dir / f"{name}_painted.json"] = painted_config(reader, data, layout_file, color_context,
+        outputs[layout_file] = layout.array
+        outputs[out_dir / f"{name}_painted.json"] = painted_config(config, layout_file, layout.color_context,
                                                                    out_dir.resolve())
     background = read_image(args.preview_on, "--preview_on image") if args.preview_on else None
-    entries = [(phrase, reader.colours[colour]) for colour, (phrase, _) in color_context.items()]
-    outputs[out_dir / f"{name}_preview.png"] = draw_preview(layout, entries, background)
+    entries = [(phrase, layout.colours[colour]) for colour, (phrase, _) in layout.color_context.items()]
+    outputs[out_dir / f"{name}_preview.png"] = draw_preview(layout.array, entries, background)
     for file in outputs:
         check_output_file(file, "cannot write")
     try:

@@ -1,24 +1,24 @@
 """The naive method: layout-guided sampling (docs/METHOD.md B) written the way the reference runs it.
 
     state = install_naive(sd.unet)
-    image = naive_sample(sd.unet, sd.vae, sd.scheduler_config, state, cond, uncond, weight_map, seed, ...)
+    image = naive_sample(sd, state, SamplerInputs(cond, uncond, weight_map), settings, seed, (height, width))
 
 A hand-written attention in float32 replaces the fused kernel in every layer, self-attention included; the
 conditional and unconditional branches are two UNet calls; the Euler update and the self-recurrence are
 written out step by step (B4), one image at a time with one generator. benchmark.py times it as the
 baseline of the project's sampler; the tests use it as an independent implementation to check that sampler.
-Nothing it is given is changed: it returns new tensors.
+Nothing it is given is changed: it returns new tensors. It takes raw tensors, not a config, so that equality
+with it checks the project's sampler and not a shared reading of the config; a setting it does not compute is
+refused.
 """
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from diffusers import LMSDiscreteScheduler
 
-from inference import job_inputs
+from config_keys import KEYS
 from layout_guidance import decode_latents, guidance_sigmas
-from residual_utils import load_residual
 
 
 class NaiveAttnProcessor:
@@ -58,38 +58,58 @@ def install_naive(unet):
     return state
 
 
+# What the naive sampler is given that it does not compute: refused, not silently ignored
+NOT_COMPUTED_INPUTS = {"masks": "text_length", "region_labels": "region_self_attention", "plain": "residual_guidance"}
+
+
+def check_computable(inputs, settings):
+    """A ValueError naming each key the naive sampler does not compute (config_keys: naive=False) that is set."""
+    keys = [key.name for key in KEYS if key.sampling and not key.naive and getattr(settings, key.name) != key.default]
+    keys += [key for field, key in NOT_COMPUTED_INPUTS.items() if getattr(inputs, field) is not None]
+    if keys:
+        raise ValueError(f"the naive sampler does not compute {', '.join(sorted(set(keys)))}")
+
+
 @torch.no_grad()
-def naive_sample(unet, vae, scheduler_config, state, cond, uncond, weight_map, seed, height, width,
-                 num_inference_steps, cfg_scale, cfg_schedule, guidance_steps, guidance_weight, added_cond=(None, None)):
+def naive_sample(sd, state, inputs, settings, seed, size):
     """One image, B4 step by step: two UNet calls per pass, the Euler update written out, one generator.
 
-    cond, uncond [1, L, d]; weight_map [L, H, W]; state from install_naive. Returns uint8 [H, W, 3].
-    added_cond: SDXL's added_cond_kwargs of the conditional and of the unconditional call.
+    sd: the model's parts (pipeline_utils.StableDiffusion); state: from install_naive; inputs: SamplerInputs of
+    raw tensors, cond and uncond [L, d], weight_map [L, H, W], SDXL's pooled (cond [p], uncond [p]) or None;
+    settings: SamplingSettings; size (height, width). Returns uint8 [H, W, 3]. Keys it does not compute are
+    refused (check_computable).
     """
-    cond_extra, uncond_extra = ({} if a is None else {"added_cond_kwargs": a} for a in added_cond)
+    check_computable(inputs, settings)
+    unet, height, width = sd.unet, *size
+    added = (None, None) if inputs.pooled is None else (
+        sd.added_cond(p[None].to(unet.device, unet.dtype), height, width) for p in inputs.pooled)
+    cond_extra, uncond_extra = ({} if a is None else {"added_cond_kwargs": a} for a in added)
+    cond, uncond = inputs.cond[None], inputs.uncond[None]  # [1, L, d]
     generator = torch.Generator("cpu").manual_seed(seed)
-    scheduler = LMSDiscreteScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
+    scheduler.set_timesteps(settings.num_inference_steps)
     sigmas, timesteps = scheduler.sigmas, scheduler.timesteps
     shape = (1, unet.config.in_channels, height // 8, width // 8)
     device = unet.device
     x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    guidance_steps = min(guidance_steps, num_inference_steps)  # as the references clamp it (B3)
+    guidance_steps = min(settings.guidance_steps, settings.num_inference_steps)  # as the references clamp it (B3)
+    guidance_steps = guidance_steps if inputs.weight_map is not None else 0
     guide_sigmas = guidance_sigmas(guidance_steps) if guidance_steps else None
-    state["weight_map"] = weight_map
-    v_prediction = scheduler_config.get("prediction_type") == "v_prediction"
-    for i in range(num_inference_steps):
+    state["weight_map"] = inputs.weight_map
+    v_prediction = sd.scheduler_config.get("prediction_type") == "v_prediction"
+    cfg_scale = settings.cfg_scale
+    for i in range(settings.num_inference_steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         passes = 2 if i < guidance_steps else 1
         for k in range(passes):
             x_in = (x / math.sqrt(sigma ** 2 + 1)).to(unet.dtype)
             state["guided"] = i < guidance_steps
             if state["guided"]:
-                state["strength"] = guidance_weight * math.log(1 + float(guide_sigmas[i]) ** 2)
+                state["strength"] = settings.guidance_weight * math.log(1 + float(guide_sigmas[i]) ** 2)
             e_c = unet(x_in, timesteps[i], encoder_hidden_states=cond.to(unet.dtype), **cond_extra).sample.float()
             state["guided"] = False
             e_u = unet(x_in, timesteps[i], encoder_hidden_states=uncond.to(unet.dtype), **uncond_extra).sample.float()
-            scale = cfg_scale if cfg_schedule == "constant" else cfg_scale * (1 + sigma / float(sigmas[0]))
+            scale = cfg_scale if settings.cfg_schedule == "constant" else cfg_scale * (1 + sigma / float(sigmas[0]))
             e = e_u + scale * (e_c - e_u)
             if v_prediction:
                 x0 = e * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
@@ -98,20 +118,4 @@ def naive_sample(unet, vae, scheduler_config, state, cond, uncond, weight_map, s
             x = x + (sigma_next - sigma) * (x - x0) / sigma
             if k == 0 and passes == 2:
                 x = x + math.sqrt(sigma ** 2 - sigma_next ** 2) * torch.randn(shape, generator=generator).to(device)
-    return decode_latents(vae, x)[0]
-
-
-def naive_image(sd32, state, job, residual_paths, seed, height, width):
-    """One image of an inference.py job the reference's way: the residual files re-read and the prompt encoded
-    again for this image. residual_paths: one file per subject of the job, in order; the job is left as it is."""
-    subjects = [dataclasses.replace(subject, residual=load_residual(path))
-                for subject, path in zip(job.subjects, residual_paths)]
-    cond, uncond, weight_map, pooled, _ = job_inputs(sd32, dataclasses.replace(job, subjects=subjects))
-    added_cond = (None, None)
-    if pooled is not None:
-        added_cond = tuple(sd32.added_cond(p[None].to(sd32.unet.device, sd32.unet.dtype), height, width)
-                           for p in pooled)
-    s = job.settings
-    return naive_sample(sd32.unet, sd32.vae, sd32.scheduler_config, state, cond[None], uncond[None], weight_map,
-                        seed, height, width, s["num_inference_steps"], s["cfg_scale"], s["cfg_schedule"],
-                        s["guidance_steps"], s["guidance_weight"], added_cond)
+    return decode_latents(sd.vae, x)[0]

@@ -42,6 +42,16 @@ class Residual:
         return self.metadata.get("class_phrase")
 
     @property
+    def text_length(self):
+        """The text length it was trained with (train.py records its settings); None where nothing says."""
+        import json
+
+        try:
+            return json.loads(self.metadata.get("training", "{}")).get("text_length")
+        except (ValueError, AttributeError):
+            return None
+
+    @property
     def family(self):
         """The model family it was trained on ('sd' or 'sdxl'): recorded by train.py; files without it (the
         seed's) are told apart by their width, 2048 being SDXL's."""

@@ -621,7 +621,8 @@ def main(args):
 def write_validation(sd, residual, validation, position, args, output_dir, step):
     """Images of the validation prompt with the residual applied, made by the project's own sampler.
     validation: the prompt's conditioning (cond, uncond, pooled), as FrozenTargets holds it."""
-    from layout_guidance import generate
+    from config_keys import SamplingSettings
+    from layout_guidance import SamplerInputs, generate
     from residual_utils import apply_residuals
 
     cond, uncond, pooled = validation
@@ -633,8 +634,9 @@ def write_validation(sd, residual, validation, position, args, output_dir, step)
     masks = None
     if args.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
         masks = (words_mask(length - 1, length), words_mask(1, length))
-    images = generate(sd, cond, uncond, seeds, args.resolution, args.resolution, args.validation_inference_steps,
-                      cfg_scale=args.validation_cfg_scale, masks=masks, pooled=pooled)
+    settings = SamplingSettings(num_inference_steps=args.validation_inference_steps, cfg_scale=args.validation_cfg_scale)
+    images = generate(sd, SamplerInputs(cond, uncond, masks=masks, pooled=pooled), settings, seeds,
+                      (args.resolution, args.resolution))
     sd.unet.train(was_training)
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import pipeline_utils
 import train
 from cli_utils import UserError, run_cli
 from conftest import clip_tokenizer
+from config import Subject, joined_regions, prepare_job
 from file_utils import read_json, read_rgb, write_atomic
 from residual_utils import load_residual
 from test_evaluate import tiny_scorers  # noqa: F401
@@ -152,7 +153,7 @@ def test_prompt_over_77_tokens_names_its_count(tiny_model, tmp_path, capsys):
 
 
 def test_long_prompts_make_short_distinct_folder_names(tiny_model, tmp_path):
-    subjects = [inference.Subject("<" + "x" * 300 + ">", None, 1)]
+    subjects = [Subject("<" + "x" * 300 + ">", None, 1)]
     base = "A cat on the right and a dog on the left " * 6
     first = inference.output_folder(tmp_path, subjects, base + "at noon.")
     second = inference.output_folder(tmp_path, subjects, base + "at dusk.")
@@ -271,7 +272,7 @@ def test_exif_orientation_applies_to_layouts_too(tiny_model, tmp_path):
     assert upright.shape == (32, 64, 3)  # 64 wide once upright
     assert tuple(upright[0, 0]) == (0, 255, 0) and tuple(upright[0, -1]) == (255, 0, 0)
     config = write_config(tmp_path / "cfg", layout=str(tmp_path / "rotated.png"))
-    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    job = prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
     assert tuple(job.layout[10, 5]) == (0, 255, 0) and tuple(job.layout[10, 60]) == (255, 0, 0)
 
 
@@ -451,7 +452,7 @@ def test_residuals_are_told_apart_by_content(tiny_model, tmp_path, capsys):
     folder = tmp_path / "cfg"
     config = write_config(folder, residual_dict={"<cat>": "cat.safetensors", "<dog>": "dog.PT"})
     (folder / "dog.PT").write_bytes((folder / "dog.safetensors").read_bytes())  # safetensors under another name
-    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    job = prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
     assert torch.equal(job.subjects[1].residual.tensor, load_residual(folder / "dog.safetensors").tensor)
     (folder / "dog.PT").write_text("just text")
     expect_error(capsys, tiny_model, config, tmp_path / "out", "residual_dict.<dog>", "not a residual file")
@@ -524,8 +525,8 @@ def test_colours_of_one_phrase_join_and_weights_must_agree(tiny_model, tmp_path,
     joined[:, 48:] = (255, 0, 0)
     Image.fromarray(joined).save(one / "layout.png")
     assert np.array_equal(read_rgb(two / "0.png"), read_rgb(run(tiny_model, one / "config.json", tmp_path / "o1") / "0.png"))
-    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
-    weights = layout_weight_map(*inference.joined_regions(job.layout, job.regions), len(job.prompt_ids), -1e8)
+    job = prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    weights = layout_weight_map(*joined_regions(job.layout, job.regions), len(job.prompt_ids), -1e8)
     assert (weights[8][:, :16] == 2.5).all() and (weights[8][:, 48:] == 2.5).all()  # by hand: inside both
     assert (weights[8][:, 16:48] == -1e8).all() and (weights[2][:, 16:48] == 2.5).all()
     write_config(folder, color_context={"255,0,0": ["dog", 2.5], "0,255,0": ["cat", 2.5], "0,0,255": ["<dog>", 3.0]})

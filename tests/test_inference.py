@@ -12,8 +12,10 @@ from PIL import Image
 
 import inference
 from cli_utils import run_cli
+from config_keys import SamplingSettings
 from conftest import ROOT, clip_tokenizer
-from layout_guidance import (AttentionRecorder, cfg_scales, generate, guidance_sigmas, guided_probs,
+from config import prepare_job
+from layout_guidance import (AttentionRecorder, SamplerInputs, cfg_scales, generate, guidance_sigmas, guided_probs,
                              install_guidance, layout_weight_map)
 from naive_sampler import install_naive, naive_sample
 from pipeline_utils import load_model
@@ -103,7 +105,7 @@ def test_token_positions_of_the_seed_prompt():
 def test_subject_positions_found_from_class_phrase(tmp_path, capsys):
     tokenizer = clip_tokenizer()
     config = write_config(tmp_path, subject_list=["<cat>", ["<dog>"]])
-    job = inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+    job = prepare_job(config, tokenizer, 32, 64, 64, {})
     assert [(s.name, s.position) for s in job.subjects] == [("<cat>", 2), ("<dog>", 8)]
     assert job.settings["subject_tokens"] == {"<cat>": "cat", "<dog>": "dog"}
 
@@ -113,14 +115,14 @@ def test_ambiguous_position_names_candidates(tmp_path):
     config = write_config(tmp_path, prompt=PROMPT2, color_context={"255,0,0": ["pet cat", 2.5]},
                           subject_list=["<dog>"])
     with pytest.raises(inference.UserError, match=r"positions found: 2 'dog', 9 'dog'"):
-        inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+        prepare_job(config, tokenizer, 32, 64, 64, {})
 
 
 def test_class_phrase_must_match_given_position(tmp_path):
     config = write_config(tmp_path, subject_list=[["<cat>", 2], ["<dog>", 4]])
     with pytest.raises(inference.UserError, match=r"'<dog>' at position 4 is 'the', but its residual was "
                                                    r"learned for 'dog' \(found at positions \[8\]\)"):
-        inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+        prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
 
 
 def test_legacy_residual_on_foreign_token_warns(tmp_path, capsys):
@@ -129,7 +131,7 @@ def test_legacy_residual_on_foreign_token_warns(tmp_path, capsys):
     data = json.loads(config.read_text())
     data[0]["residual_dict"]["<dog>"] = "dog.pt"
     config.write_text(json.dumps(data))
-    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    job = prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
     assert job.subjects[1].position == 4
     assert "'<dog>' sits on 'the'" in capsys.readouterr().err
 
@@ -142,10 +144,10 @@ def test_subject_name_in_color_context_selects_its_rows(tmp_path):
                                          "<cat>": "cat.safetensors"},
                           color_context={"255,0,0": ["<dog>", 2.5], "0,255,0": ["<dog6>", 1.5]},
                           subject_list=[["<dog>", 2], ["<cat>", 6], ["<dog6>", 9]])
-    job = inference.prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
+    job = prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
     assert [rows for _, rows, _ in job.regions] == [[2], [9]]
     # the phrase "dog" would have matched both
-    job_phrase = inference.prepare_job(write_config(folder / "b", prompt=PROMPT2,
+    job_phrase = prepare_job(write_config(folder / "b", prompt=PROMPT2,
                                                     color_context={"255,0,0": ["dog", 2.5]},
                                                     subject_list=[["<dog>", 2], ["<cat>", 6]]),
                                        clip_tokenizer(), 32, 64, 64, {})
@@ -220,8 +222,9 @@ def test_guidance_strength_follows_a_schedule_of_min_guided_and_sampling_steps(t
     set_step = guidance.set_step
     guidance.set_step = lambda active, strength=None, **kw: (seen.append(float(strength)) if active else None,
                                                              set_step(active, strength, **kw))
-    images = {g: generate(sd, embeddings[0], embeddings[1], [3], 64, 64, 3, 7.5, guidance=guidance,
-                          weight_map=weight_map, guidance_steps=g, guidance_weight=0.08) for g in (50, 3)}
+    inputs = SamplerInputs(embeddings[0], embeddings[1], weight_map)
+    images = {g: generate(sd, inputs, SamplingSettings(num_inference_steps=3, guidance_steps=g, guidance_weight=0.08),
+                          [3], (64, 64), guidance) for g in (50, 3)}
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)
     scheduler.set_timesteps(3)
     by_hand = [0.08 * math.log(1 + float(sigma) ** 2) for sigma in scheduler.sigmas[:3] for _ in range(2)]  # 2 passes
@@ -272,18 +275,15 @@ def test_batched_sampler_equals_plain_implementation(request, fixture, settings)
     layout = np.zeros((64, 64, 3), dtype=np.uint8)
     layout[:, :32] = (255, 0, 0)
     weight_map = layout_weight_map(layout, [((255, 0, 0), [8], 2.5), ((0, 0, 0), [2], 2.5)], len(ids), -1e8)
-    common = dict(height=64, width=64, num_inference_steps=3, cfg_scale=7.5,
-                  cfg_schedule=settings["cfg_schedule"], guidance_weight=0.08)
+    sampling = SamplingSettings(num_inference_steps=3, cfg_scale=7.5, cfg_schedule=settings["cfg_schedule"],
+                                guidance_steps=settings["guidance_steps"], guidance_weight=0.08)
+    inputs = SamplerInputs(cond, uncond, weight_map)
 
     guidance = install_guidance(sd.unet)
-    fast = generate(sd, cond, uncond, [11, 12], guidance=guidance, weight_map=weight_map,
-                    guidance_steps=settings["guidance_steps"], **common)
+    fast = generate(sd, inputs, sampling, [11, 12], (64, 64), guidance)
 
     state = install_naive(sd.unet)
-    plain = [naive_sample(sd.unet, sd.vae, sd.scheduler_config, state, cond[None], uncond[None], weight_map, seed,
-                          common["height"], common["width"], common["num_inference_steps"], common["cfg_scale"],
-                          common["cfg_schedule"], settings["guidance_steps"], common["guidance_weight"])
-             for seed in (11, 12)]
+    plain = [naive_sample(sd, state, inputs, sampling, seed, (64, 64)) for seed in (11, 12)]
     diff = np.abs(fast.astype(int) - np.stack(plain).astype(int))
     assert diff.max() <= 1, diff.max()
     assert diff.mean() < 0.01
@@ -304,12 +304,11 @@ def left_half_setup(model, prompt):
 
 def test_guidance_changes_the_image(tiny_model):
     sd, embeddings, weight_map, guidance = left_half_setup(tiny_model, "a dog")
-    kwargs = dict(height=64, width=64, num_inference_steps=2, cfg_scale=7.5, guidance=guidance)
-    plain = generate(sd, embeddings[0], embeddings[1], [0], **kwargs)
-    guided = generate(sd, embeddings[0], embeddings[1], [0], weight_map=weight_map, guidance_steps=2,
-                      guidance_weight=0.08, **kwargs)
-    again = generate(sd, embeddings[0], embeddings[1], [0], weight_map=weight_map, guidance_steps=2,
-                     guidance_weight=0.08, **kwargs)
+    inputs = SamplerInputs(embeddings[0], embeddings[1], weight_map)
+    plain = generate(sd, inputs, SamplingSettings(num_inference_steps=2), [0], (64, 64), guidance)
+    sampling = SamplingSettings(num_inference_steps=2, guidance_steps=2, guidance_weight=0.08)
+    guided = generate(sd, inputs, sampling, [0], (64, 64), guidance)
+    again = generate(sd, inputs, sampling, [0], (64, 64), guidance)
     assert np.abs(plain.astype(int) - guided.astype(int)).mean() > 1
     assert np.array_equal(guided, again)
 
@@ -350,7 +349,8 @@ def test_attention_maps_equal_a_by_hand_computation(tiny_model):
         (m, args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])), with_kwargs=True)
         for m in layers]
     recorder = AttentionRecorder({"cat": [2], "a dog": [4, 5]}, len(ids), (64, 64), "cpu")
-    generate(sd, embeddings[0], embeddings[1], [3, 4], 64, 64, 1, 7.5, guidance=guidance, recorder=recorder)
+    generate(sd, SamplerInputs(embeddings[0], embeddings[1]), SamplingSettings(num_inference_steps=1), [3, 4],
+             (64, 64), guidance, recorder)
     for hook in hooks:
         hook.remove()
     assert len(inputs) == len(layers) == 4 and recorder.calls == 4  # one UNet evaluation: each layer once
@@ -364,8 +364,9 @@ def test_attention_maps_equal_a_by_hand_computation(tiny_model):
 def test_guided_steps_record_the_biased_probabilities(tiny_model):
     sd, embeddings, weight_map, guidance = left_half_setup(tiny_model, "a cat")
     recorder = AttentionRecorder({"cat": [2]}, embeddings.shape[1], (64, 64), "cpu")
-    generate(sd, embeddings[0], embeddings[1], [0], 64, 64, 1, 7.5, guidance=guidance, weight_map=weight_map,
-             guidance_steps=1, guidance_weight=0.08, recorder=recorder)
+    generate(sd, SamplerInputs(embeddings[0], embeddings[1], weight_map),
+             SamplingSettings(num_inference_steps=1, guidance_steps=1, guidance_weight=0.08), [0], (64, 64), guidance,
+             recorder)
     assert recorder.calls == 4 * 2  # one guided step, run twice (self-recurrence)
     fine = recorder.sums[64][0, 0]  # [8, 8]: the sum over the calls of the three 8x8 layers
     # the -1e8 bias leaves no probability right of the region (cells 4.. of 8 lie right of pixel 32)
@@ -737,7 +738,7 @@ def test_inference_all_with_a_launcher_and_an_output_dir(tiny_model_1024, tmp_pa
 def test_words_text_length_drops_eos_and_masks_the_unconditional(tmp_path):
     tokenizer = clip_tokenizer()
     config = write_config(tmp_path, text_length="words")
-    job = inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+    job = prepare_job(config, tokenizer, 32, 64, 64, {})
     full = token_ids(tokenizer, "A cat on the right and a dog on the left.")
     assert job.prompt_ids == full[:-1] and len(job.prompt_ids) == 13  # the last token '.' is kept, EOS is not
     assert job.masks[0] == [1] * 13

@@ -1,5 +1,6 @@
 """SDXL on a tiny random model: its conditioning by hand, the guided sampler against the plain one, training then
 composing with the same scripts and configs, and residuals of the other family refused."""
+import dataclasses
 import json
 
 import numpy as np
@@ -8,8 +9,9 @@ import torch
 
 import inference
 import train
+from config_keys import SamplingSettings
 from conftest import clip_tokenizer
-from layout_guidance import generate, install_guidance, layout_weight_map
+from layout_guidance import SamplerInputs, generate, install_guidance, layout_weight_map
 from naive_sampler import install_naive, naive_sample
 from pipeline_utils import load_model
 from residual_utils import apply_residuals, load_residual
@@ -66,22 +68,22 @@ def test_guided_sdxl_sampler_equals_plain_implementation(sdxl, guidance_steps, c
     layout = np.zeros((64, 64, 3), dtype=np.uint8)
     layout[:, :32] = (255, 0, 0)
     weight_map = layout_weight_map(layout, [((255, 0, 0), [8], 2.5), ((0, 0, 0), [2], 2.5)], len(ids), -1e8)
-    common = dict(height=64, width=64, num_inference_steps=3, cfg_scale=7.5, cfg_schedule=cfg_schedule)
+    sampling = SamplingSettings(num_inference_steps=3, cfg_scale=7.5, cfg_schedule=cfg_schedule,
+                                guidance_steps=guidance_steps, guidance_weight=0.08)
+    inputs = SamplerInputs(cond, uncond, weight_map, pooled=pooled)
 
     guidance = install_guidance(sdxl.unet)
     guided = [name for name, p in sdxl.unet.attn_processors.items() if type(p).__name__ == "GuidedCrossAttnProcessor"]
     assert guided and all(".attn2." in name for name in guided)
     assert len(guided) == sum(".attn2." in name for name in sdxl.unet.attn_processors)
-    fast = generate(sdxl, cond, uncond, [11, 12], guidance=guidance, weight_map=weight_map,
-                    guidance_steps=guidance_steps, guidance_weight=0.08, pooled=pooled, **common)
+    fast = generate(sdxl, inputs, sampling, [11, 12], (64, 64), guidance)
 
     state = install_naive(sdxl.unet)
-    added = tuple(sdxl.added_cond(p[None], 64, 64) for p in pooled)
-    plain = [naive_sample(sdxl.unet, sdxl.vae, sdxl.scheduler_config, state, cond[None], uncond[None], weight_map,
-                          seed, 64, 64, 3, 7.5, cfg_schedule, guidance_steps, 0.08, added) for seed in (11, 12)]
+    plain = [naive_sample(sdxl, state, inputs, sampling, seed, (64, 64)) for seed in (11, 12)]
     diff = np.abs(fast.astype(int) - np.stack(plain).astype(int))
     assert diff.max() <= 1, diff.max()
-    unguided = generate(sdxl, cond, uncond, [11], pooled=pooled, **common)
+    unguided = generate(sdxl, SamplerInputs(cond, uncond, pooled=pooled),
+                        dataclasses.replace(sampling, guidance_steps=0), [11], (64, 64), guidance)
     assert np.abs(unguided[0].astype(int) - fast[0].astype(int)).max() > 1  # the guidance does something
     install_guidance(sdxl.unet)
 

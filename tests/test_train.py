@@ -180,7 +180,8 @@ def test_non_image_files_are_ignored(tiny_model, tmp_path):
 
 
 def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
-    from layout_guidance import generate, install_guidance, layout_weight_map
+    from config_keys import SamplingSettings
+    from layout_guidance import SamplerInputs, generate, install_guidance, layout_weight_map
     from pipeline_utils import load_model
     from text_utils import encode_ids, token_ids
 
@@ -209,9 +210,9 @@ def test_trained_residual_drives_inference(tiny_model, tmp_path, capsys):
     with_residual[5] += load_residual(residual).tensor[0]
     weight_map = layout_weight_map(array, [((255, 255, 255), [5], 2.5)], len(ids), -1e8)
     guidance = install_guidance(sd.unet)
-    by_hand = {name: generate(sd, cond, embeddings[1], [0], 64, 64, 2, 7.5, guidance=guidance,
-                              weight_map=weight_map, guidance_steps=2, guidance_weight=0.08)[0]
-               for name, cond in (("with", with_residual), ("without", embeddings[0]))}
+    sampling = SamplingSettings(num_inference_steps=2, guidance_steps=2, guidance_weight=0.08)
+    by_hand = {name: generate(sd, SamplerInputs(cond, embeddings[1], weight_map), sampling, [0], (64, 64),
+                              guidance)[0] for name, cond in (("with", with_residual), ("without", embeddings[0]))}
     assert np.array_equal(image, by_hand["with"])
     assert np.abs(image.astype(int) - by_hand["without"].astype(int)).max() > 0
 

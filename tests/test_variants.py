@@ -1,4 +1,5 @@
 """The variants of the method (docs/METHOD.md E) against computations by hand, and the faithful default untouched."""
+import dataclasses
 import json
 import math
 
@@ -8,8 +9,10 @@ import torch
 from PIL import Image
 
 import inference
-from layout_guidance import (generate, guidance_sigmas, guidance_strengths, install_guidance, layout_weight_map,
-                             make_cfg_denoiser, region_labels_on_grid)
+from config import prepare_job
+from config_keys import SamplingSettings
+from layout_guidance import (SamplerInputs, StepPlan, generate, guidance_sigmas, guidance_strengths, install_guidance,
+                             layout_weight_map, make_cfg_denoiser, region_labels_on_grid)
 from pipeline_utils import load_model
 from test_inference import expect_error, run, write_config
 from text_utils import encode_ids, token_ids
@@ -81,8 +84,8 @@ def test_residual_guidance_is_a_third_branch_by_hand(tiny_model):
     plain[2] -= torch.randn(cond.shape[-1], generator=torch.Generator().manual_seed(1))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 3
     sigma, t, s, r = 3.0, torch.tensor(700), 5.0, 2.0
-    denoise = make_cfg_denoiser(sd.unet, cond[None], uncond[None], [sigma, 0.0], [t], [s], "epsilon",
-                                plain=plain[None], residual_guidance=r)
+    denoise = make_cfg_denoiser(sd.unet, SamplerInputs(cond[None], uncond[None], plain=plain[None]),
+                                StepPlan([sigma, 0.0], [t], [s]), SamplingSettings(residual_guidance=r), "epsilon")
     x_in = x / math.sqrt(sigma ** 2 + 1)
     e = {name: sd.unet(x_in, t, encoder_hidden_states=states[None]).sample
          for name, states in (("u", uncond), ("c", cond), ("p", plain))}
@@ -103,7 +106,7 @@ def test_residual_scale_and_subject_regions(tiny_model, tmp_path):
     config = write_config(tmp_path / "cfg", residual_scale=2.5, region_self_attention=True,
                           color_context={"255,0,0": ["dog", 2.5], "0,255,0": ["cat", 2.5], "0,0,255": ["right", 1]})
     Image.fromarray(layout).save(tmp_path / "cfg" / "layout.png")
-    job = inference.prepare_job(config, tokenizer, 32, 64, 64, {})
+    job = prepare_job(config, tokenizer, 32, 64, 64, {})
     inputs = inference.job_inputs(sd, job)
     assert inputs.plain is None  # no residual guidance asked for: no third branch
     states = encode_ids(sd.text_encoder, [job.prompt_ids])[0]
@@ -154,7 +157,8 @@ def test_residual_guidance_on_sdxl_keeps_its_added_conditioning(tiny_sdxl, tmp_p
     layout[:, :32] = (255, 0, 0)
     weight_map = layout_weight_map(layout, [((255, 0, 0), [2], 2.5)], len(ids), -1e8)
     guidance = install_guidance(sd.unet)
-    common = dict(guidance=guidance, weight_map=weight_map, guidance_steps=2, guidance_weight=0.08, pooled=pooled)
-    zero = generate(sd, cond, uncond, [4], 64, 64, 2, 5.0, **common)
-    same = generate(sd, cond, uncond, [4], 64, 64, 2, 5.0, plain=cond, residual_guidance=3.0, **common)
+    sampling = SamplingSettings(num_inference_steps=2, cfg_scale=5.0, guidance_steps=2, guidance_weight=0.08)
+    zero = generate(sd, SamplerInputs(cond, uncond, weight_map, pooled=pooled), sampling, [4], (64, 64), guidance)
+    same = generate(sd, SamplerInputs(cond, uncond, weight_map, pooled=pooled, plain=cond),
+                    dataclasses.replace(sampling, residual_guidance=3.0), [4], (64, 64), guidance)
     assert np.abs(zero.astype(int) - same.astype(int)).max() <= 1  # e_c - e_plain = 0 when nothing differs

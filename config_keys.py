@@ -1,0 +1,119 @@
+"""Every key of the JSON config in one table: its kind, default, allowed values and one line of meaning.
+
+    python config_keys.py        # prints the README's table of keys
+
+From this table come the config's checks (config.py), the defaults every run record holds, the README's table
+(tests/test_config.py checks that it is this script's output), the editor's controls for the optional keys
+(app.py) and the sampler's settings: `SamplingSettings` has one field per key marked `sampling`, so a new key
+of the sampler is added here and where the sampler uses it, nowhere else. `naive` says whether the naive
+reference sampler (naive_sampler.py) computes the key; it refuses any other key at a value other than its
+default. No torch here: the table is read by the numpy-only modules too.
+"""
+import dataclasses
+
+REQUIRED = object()  # the default of a key every config must give
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str
+    kind: str  # text, integer, number, bool, choice, or structure (checked by config.py's own functions)
+    meaning: str
+    default: object = REQUIRED
+    choices: tuple = ()
+    minimum: float = None  # integers: the smallest and largest allowed
+    maximum: float = None
+    sampling: bool = False  # a field of SamplingSettings
+    naive: bool = True  # the naive reference sampler computes it
+    off: object = None  # a required sampling key's value that does nothing (the sampler's default)
+    painted: bool = False  # part of a painted layout (layout + color_context), which regions (boxes) replace
+    editor: bool = False  # the editor shows a control for it among its further settings
+
+    @property
+    def required(self):
+        return self.default is REQUIRED
+
+
+MAX_STEPS = 1000  # sampling steps: Stable Diffusion's schedule has 1000 timesteps
+
+KEYS = (
+    # The seed's keys: all required (layout and color_context unless regions give the layout as boxes)
+    Key("prompt", "text", "the text; name each subject by its class word (`dog`, `cat`, `pet cat`)"),
+    Key("residual_dict", "structure", "subject name -> residual file (`.safetensors` from `train.py`, or the "
+        "seed's `.pt`)"),
+    Key("color_context", "structure", "layout colour (`\"r,g,b\"` or `\"#rrggbb\"`) -> `[phrase, weight]`: the "
+        "tokens of `phrase` are strengthened by `weight` (2.5) inside that colour and suppressed (`weight_negative`) "
+        "outside it. The phrase may also be a subject name from `subject_list` (`[\"<dog6>\", 2.5]`): the guidance "
+        "then goes to exactly that subject's tokens, which separates two subjects of one class. Several colours of "
+        "one phrase are one region", painted=True),
+    Key("guidance_steps", "integer", "how many of the first sampling steps are layout-guided (and self-recurrent)",
+        minimum=0, sampling=True, off=0),
+    Key("guidance_weight", "number", "strength of the layout guidance (0.08; 0.05-0.10 works)", sampling=True,
+        off=0.0),
+    Key("weight_negative", "number", "the weight outside a subject's region (-1e8)"),
+    Key("layout", "text", "the colour layout image (any size and mode; resized to the output with "
+        "nearest-neighbour)", painted=True),
+    Key("subject_list", "structure", "`[name, position]`: the residual is added at that token position of the "
+        "prompt (BOS is 0). Write just `\"name\"` or `[name]` to place it where its residual's class phrase occurs "
+        "in the prompt"),
+    Key("regions", "structure", "instead of `layout` and `color_context`: boxes `[{\"phrase\", \"box\": [left, top, "
+        "right, bottom], \"weight\"}]` as fractions of the image (see Three ways to give a layout)", default=None),
+    # Optional keys; the command line wins over them
+    Key("cfg_scale", "number", "classifier-free guidance scale s", 7.5, sampling=True, editor=True),
+    Key("cfg_schedule", "choice", "`sigma`: the scale grows with the noise level, `s * (1 + sigma/sigma_max)` (the "
+        "seed); `constant`: Cones 2", "sigma", ("sigma", "constant"), sampling=True, editor=True),
+    Key("text_length", "choice", "`adaptive`: the prompt's own tokens (the seed); `max`: padded to 77 (Cones 2); "
+        "`words`: BOS and the words, EOS and padding hidden from the UNet (models trained that way: the toy world's)",
+        "adaptive", ("adaptive", "max", "words"), naive=False, editor=True),
+    Key("num_inference_steps", "integer", "sampling steps", 50, minimum=1, maximum=MAX_STEPS, sampling=True),
+    Key("negative_prompt", "text", "replaces `\"\"` in the unconditional branch", "", editor=True),
+    Key("save_attention", "bool", "also write `attention/{seed}.npz` and `.png`: where each subject's tokens "
+        "were attended (as `--save_attention`)", False),
+    # Variants of the method (docs/METHOD.md E), off by default: at their defaults the images are the faithful
+    # method's, bit for bit; the toy world measures them (toy/RESULTS.md)
+    Key("region_self_attention", "bool", "variant: during guided steps no subject's region attends another's in "
+        "self-attention", False, naive=False, editor=True),
+    Key("residual_scale", "number", "variant: each residual is added times this", 1.0, editor=True),
+    Key("guidance_schedule", "choice", "variant: `sigma` (B3); `constant` keeps the first step's bias strength",
+        "sigma", ("sigma", "constant"), sampling=True, naive=False, editor=True),
+    Key("residual_guidance", "number", "variant: a third branch without the residuals, and each step pushed this "
+        "much further along what the residuals change (1.5 times the sampling work)", 0.0, sampling=True,
+        naive=False, editor=True),
+)
+KEY = {key.name: key for key in KEYS}
+DEFAULTS = {key.name: key.default for key in KEYS if not key.required and key.default is not None}
+
+SamplingSettings = dataclasses.make_dataclass(
+    "SamplingSettings",
+    [(key.name, type(key.off if key.required else key.default), key.off if key.required else key.default)
+     for key in KEYS if key.sampling],
+    frozen=True, namespace={"__doc__": "The sampler's settings, one field per `sampling` key of KEYS; built once "
+                                       "per job (SamplingSettings.of) and passed whole, as k-diffusion passes "
+                                       "extra_args. The defaults sample without layout guidance."})
+
+
+def sampling_settings(settings):
+    """The SamplingSettings of a job's settings {key: value}."""
+    return SamplingSettings(**{field.name: settings[field.name] for field in dataclasses.fields(SamplingSettings)})
+
+
+def markdown_table():
+    """The README's table of keys."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key in KEYS:
+        default = "required" if key.required else "-" if key.default is None else f"`{_json(key.default)}`"
+        if key.painted:
+            default = "required (or `regions`)"
+        choices = f" (one of {', '.join(f'`{c}`' for c in key.choices)})" if key.choices else ""
+        lines.append(f"| `{key.name}` | {default} | {key.meaning}{choices} |")
+    return "\n".join(lines)
+
+
+def _json(value):
+    import json
+
+    return json.dumps(value)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
