@@ -403,6 +403,8 @@ class Measurement:
         (a residual reused from an earlier run counts as done at once)."""
         todo = {training_label(c): c for c in trainings if training_label(c) not in self.trained}
         jobs = [(changes, name) for changes in todo.values() for name in CONCEPTS]
+        if not jobs:
+            return
         with tqdm(jobs, desc="training concepts", unit="concept", file=sys.stdout, dynamic_ncols=True) as bar:
             for changes, name in bar:
                 flags = training_flags(changes)
