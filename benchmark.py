@@ -384,7 +384,8 @@ def bench_training(args):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from train import MicroBatchLoss, StepSettings, optimisation_step  # the project's own step, data to update
+    from train import (MicroBatchLoss, StepSettings, Targets, Trained,  # the project's own step, data to update
+                       optimisation_step)
 
     device = torch.device(args.device)
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
@@ -423,9 +424,11 @@ def bench_training(args):
             lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
         # the reference encodes every step's photo with the VAE; the project caches the latents
-        sdxl = ([(resolution, resolution)] * len(photos), sd.text_encoder.widths) if sd.family == "sdxl" else None
-        loss_of = MicroBatchLoss(photos, settings, text_encoder, sd.unet, sd.vae, scheduler, ids, e0,
-                                 latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30, sdxl=sdxl)
+        sdxl = sd.family == "sdxl"
+        targets = Targets(ids, e0, widths=sd.text_encoder.widths if sdxl else None)
+        loss_of = MicroBatchLoss(photos, settings, Trained(text_encoder, sd.unet, scheduler), sd.vae, targets,
+                                 latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30,
+                                 original_sizes=[(resolution, resolution)] * len(photos) if sdxl else None)
         counter = iter(range(100_000))
 
         def step():

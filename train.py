@@ -18,6 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -195,30 +196,55 @@ class LatentCache:
         return (mean.float() + std.float() * vae_noise) * self.vae.config.scaling_factor
 
 
-def training_loss(text_encoder, unet, noise_scheduler, instance_ids, e0, latents, noise, timesteps, settings,
-                  encoder_attention_mask=None, time_ids=None, widths=None):
+class Trained(NamedTuple):
+    """What a training step runs: the text encoder being tuned, the frozen UNet, the noise schedule."""
+    text_encoder: object
+    unet: object
+    noise_scheduler: object
+
+
+class Targets(NamedTuple):
+    """What the photos are learned against: the instance prompt's ids [B, 77], the frozen encoder's states e0
+    [B, 77, d] for the preservation loss, the UNet's attention mask [B, 77] (text length "words": EOS and padding
+    hidden) or None, and SDXL's encoder widths (preservation_loss) or None."""
+    instance_ids: torch.Tensor
+    e0: torch.Tensor
+    unet_mask: torch.Tensor = None
+    widths: tuple = None
+
+
+class NoisyBatch(NamedTuple):
+    """One micro-batch: latents and noise [B, 4, R/8, R/8] float32, timesteps [B]; SDXL's micro-conditioning
+    time_ids [B, 6] or None."""
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    time_ids: torch.Tensor = None
+
+
+def training_loss(trained, targets, batch, settings):
     """Diffusion loss of the photos plus the preservation loss (A.5); returns (total, diffusion, preservation).
 
-    latents, noise [B, 4, R/8, R/8] float32 and timesteps [B]. The gradient reaches the text encoder through
-    the frozen UNet. encoder_attention_mask [B, 77] hides EOS and padding from the UNet (text length "words").
-    time_ids [B, 6]: SDXL's micro-conditioning; the UNet then also gets the trained encoder's pooled embedding,
-    as SDXL's fine-tuning does. widths: see preservation_loss.
+    The gradient reaches the text encoder through the frozen UNet. With time_ids (SDXL) the UNet also gets the
+    trained encoder's pooled embedding, as SDXL's fine-tuning does.
     """
+    text_encoder, unet, noise_scheduler = trained
+    latents, noise, timesteps, time_ids = batch
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    out = text_encoder(instance_ids)
+    out = text_encoder(targets.instance_ids)
     e = out[0].float()  # [B, 77, d]
     extra = {}
     if time_ids is not None:
         extra["added_cond_kwargs"] = {"text_embeds": out[1].to(unet.dtype), "time_ids": time_ids.to(unet.dtype)}
     pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=e.to(unet.dtype),
-                encoder_attention_mask=encoder_attention_mask, **extra).sample
+                encoder_attention_mask=targets.unet_mask, **extra).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
     diffusion = F.mse_loss(pred.float(), target.float())
-    preserve = preservation_loss(e, e0, settings.token_num, settings.loss_rate_first, settings.loss_rate_second,
-                                 widths)
+    preserve = preservation_loss(e, targets.e0, settings.token_num, settings.loss_rate_first,
+                                 settings.loss_rate_second, targets.widths)
     return diffusion + preserve, diffusion, preserve
 
 
@@ -227,34 +253,29 @@ class MicroBatchLoss:
     (data order, crop, VAE noise, noise and timestep all from the seed) to training_loss. train.py and the
     benchmark both run this.
 
-    sdxl: (the photos' sizes before resizing, the encoders' widths) for SDXL's micro-conditioning and per-encoder
-    preservation loss; None for SD.
+    original_sizes: the photos' sizes before resizing, for SDXL's micro-conditioning; None for SD.
     """
 
-    def __init__(self, images, settings, text_encoder, unet, vae, noise_scheduler, instance_ids, e0, unet_mask=None,
-                 latent_cache_bytes=2 ** 30, sdxl=None):
-        self.images, self.settings = images, settings
-        self.text_encoder, self.unet, self.noise_scheduler = text_encoder, unet, noise_scheduler
-        self.instance_ids, self.e0, self.unet_mask = instance_ids, e0, unet_mask
-        self.original_sizes, self.widths = sdxl or (None, None)
+    def __init__(self, images, settings, trained, vae, targets, latent_cache_bytes=2 ** 30, original_sizes=None):
+        self.images, self.settings, self.trained, self.targets = images, settings, trained, targets
+        self.original_sizes = original_sizes
         self.cache = LatentCache(vae, latent_cache_bytes)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for Stable Diffusion
         size = settings.resolution // factor
         self.latent_shape = (vae.config.latent_channels, size, size)
 
     def __call__(self, micro_step, rank=0, world_size=1):
-        settings, device = self.settings, self.unet.device
+        settings, device = self.settings, self.trained.unet.device
         indices, keys = micro_batch(self.images, settings, micro_step, rank, world_size)
         vae_noise, noise, timesteps = (to_device(t, device) for t in sample_noise(
-            settings.seed, indices, self.latent_shape, self.noise_scheduler.config.num_train_timesteps))
+            settings.seed, indices, self.latent_shape, self.trained.noise_scheduler.config.num_train_timesteps))
         latents = self.cache.latents(keys, lambda key: crop_pixels(self.images, key, settings.resolution), vae_noise)
         time_ids = None
         if self.original_sizes is not None:  # (original h, w, crop top, left, target h, w) as SDXL trains
             r = settings.resolution
             time_ids = torch.tensor([[*self.original_sizes[index], top, left, r, r] for index, top, left in keys],
                                     dtype=torch.float32, device=device)
-        return training_loss(self.text_encoder, self.unet, self.noise_scheduler, self.instance_ids, self.e0,
-                             latents, noise, timesteps, settings, self.unet_mask, time_ids, self.widths)
+        return training_loss(self.trained, self.targets, NoisyBatch(latents, noise, timesteps, time_ids), settings)
 
 
 def optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_batch_loss, step, accumulation):
@@ -559,9 +580,11 @@ def main(args):
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("cones2", config={k: v for k, v in vars(args).items() if v is not None})
-    sdxl = (original_sizes, sd.text_encoder.widths) if sd.family == "sdxl" else None
-    loss_of = MicroBatchLoss(images, settings, text_encoder, sd.unet, sd.vae, DDPMScheduler.from_config(
-        sd.scheduler_config), frozen.instance_ids, frozen.e0, frozen.unet_mask, args.latent_cache_mb * 2 ** 20, sdxl)
+    sdxl = sd.family == "sdxl"
+    trained = Trained(text_encoder, sd.unet, DDPMScheduler.from_config(sd.scheduler_config))
+    targets = Targets(frozen.instance_ids, frozen.e0, frozen.unet_mask, sd.text_encoder.widths if sdxl else None)
+    loss_of = MicroBatchLoss(images, settings, trained, sd.vae, targets, args.latent_cache_mb * 2 ** 20,
+                             original_sizes if sdxl else None)
 
     def residual_now():
         encoder = accelerator.unwrap_model(text_encoder).eval()

@@ -235,8 +235,9 @@ def test_v_prediction_target_by_hand(tiny_model_v):
     settings = train.StepSettings(resolution=64)
     with torch.no_grad():
         e0 = sd.text_encoder(ids)[0]
-        total, diffusion, preserve = train.training_loss(sd.text_encoder, sd.unet, scheduler, ids, e0, latents,
-                                                         noise, timesteps, settings)
+        total, diffusion, preserve = train.training_loss(train.Trained(sd.text_encoder, sd.unet, scheduler),
+                                                         train.Targets(ids, e0),
+                                                         train.NoisyBatch(latents, noise, timesteps), settings)
 
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
         abar = torch.cumprod(1 - betas, dim=0)[timesteps].float()[:, None, None, None]
