@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 import inference
-from cli_utils import ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError
+from cli_utils import ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError, one_line
 from config import ConfigReader, job_layout, job_settings, parse_colour, placed_subjects, prepare_job
 from config_keys import KEY, MAX_STEPS
-from file_utils import IMAGE_EXTENSIONS, parse_json, read_rgb, write_json, write_png
+from file_utils import IMAGE_EXTENSIONS, file_sha256, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
 from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype
 
@@ -163,8 +163,7 @@ class Editor:
 
     def public(self, error, folder):
         """The error with the request folder's path cut from its message: files are named as the caller named them."""
-        message = str(error).replace(f"{folder}{os.sep}", "").replace(str(folder), ".")
-        return UserError(message)
+        return UserError(public_message(error, {f"{folder}{os.sep}": "", str(folder): "."}))
 
     def check_size(self, height, width, what):
         side = self.limits.max_side
@@ -183,7 +182,10 @@ class Editor:
         if max(width, height) > self.limits.max_side:
             raise UserError(f"the layout sent: {width}x{height}, larger than this server's --max_side "
                             f"{self.limits.max_side}")
-        height, width = read_rgb(layout_file, "layout").shape[:2]  # upright, as inference reads it
+        try:
+            height, width = read_rgb(layout_file, "layout").shape[:2]  # upright, as inference reads it
+        except UserError as e:  # named by gradio's copy: named as what it is to the caller
+            raise UserError(public_message(e, {str(layout_file): "the layout sent"})) from None
         if height % 8 or width % 8 or min(height, width) < 8:
             raise UserError(f"the layout sent: {width}x{height} pixels; images are made at the layout's size, whose "
                             f"sides must be multiples of 8 (e.g. {max(8, width // 8 * 8)}x{max(8, height // 8 * 8)})")
@@ -211,6 +213,8 @@ class Editor:
             data = parse_json(data, CONFIG_NAME, "config")
         if isinstance(data, list) and len(data) == 1:
             data = data[0]
+        if not isinstance(data, dict):
+            raise UserError(f"{CONFIG_NAME}: expected a JSON object (or a list holding one)")
         seed = checked_integer(seed, "seed", 0, MAX_SEED)
         num_images = checked_integer(num_images, "num_images", 1, self.limits.max_images)
         if seed + num_images - 1 > MAX_SEED:
@@ -263,6 +267,24 @@ class Editor:
                                  for s in subjects)
             except UserError as e:
                 raise self.public(e, folder) from None
+
+
+def public_message(error, replacements):
+    """The error's message as one line with each server path in `replacements` replaced (longest first)."""
+    message = one_line(error)
+    for path in sorted(replacements, key=len, reverse=True):
+        message = message.replace(path, replacements[path])
+    return message
+
+
+def sent_files(files):
+    """{file name: path} of residuals sent with a request or the page; a name that is not a residual's (an image
+    named as a layout, say) is refused."""
+    sent = {Path(str(f)).name: Path(str(f)) for f in files or []}
+    for name in sent:
+        if Path(name).suffix.lower() not in RESIDUAL_SUFFIXES:
+            raise UserError(f"residual_files: {name[:80]!r}: a residual file is named *{', *'.join(RESIDUAL_SUFFIXES)}")
+    return sent
 
 
 def copy_into(source, target):
@@ -372,10 +394,12 @@ def save(state, config, save_dir, name, editor):
         if name_of_file not in files:
             raise UserError(f"{CONFIG_NAME}: residual_dict.{subject}: {name_of_file!r} is not a residual this server "
                             f"offers nor one sent with the page")
-        path = files[name_of_file]
-        if name_of_file in state["uploads"]:  # in gradio's cache, which is cleaned: kept beside the config
-            copy_into(path, save_dir / name_of_file)
-            path = save_dir / name_of_file
+        path = Path(files[name_of_file])
+        if name_of_file in state["uploads"]:  # in gradio's cache, which is cleaned: kept beside the config, named
+            # by its content too, so two sessions' files of one name stay two files
+            kept = save_dir / f"{path.stem}-{file_sha256(path)[:12]}{path.suffix}"
+            copy_into(path, kept)
+            path = kept
         residual_dict[subject] = os.path.relpath(Path(path).resolve(), save_dir.resolve())
     layout_file = save_dir / f"{name}_layout.png"
     config_file = save_dir / f"{name}.json"
@@ -438,7 +462,7 @@ def build_page(editor, configs, save_dir):
                 config_view = gr.Code(language="json", label="Config", elem_id="config")
         with gr.Row(visible=False):  # the API's inputs: scripts send a config, a layout and residual files
             api_config, api_layout = gr.Textbox(), gr.File()
-            api_seed, api_count = gr.Number(precision=0), gr.Number(precision=0)
+            api_seed, api_count = gr.Number(), gr.Number()  # not rounded: a fractional one is refused
             api_residuals = gr.File(file_count="multiple")
             api_height, api_width = gr.Number(0, precision=0), gr.Number(0, precision=0)
             api_files = gr.File(file_count="multiple")
@@ -465,12 +489,15 @@ def build_page(editor, configs, save_dir):
             control.change(shown, controls, view)
 
         def on_upload(state, uploaded, selected):
-            sent = {Path(str(f)).name: Path(str(f)) for f in uploaded or []}
+            try:
+                sent = sent_files(uploaded)
+            except UserError as e:
+                return state, gr.update(), f"error: {e}"
             state = {**state, "files": {**state["files"], **sent}, "uploads": state["uploads"] | set(sent)}
             choices = sorted(set(editor.residuals) | set(state["files"]))
-            return state, gr.update(choices=choices, value=list(dict.fromkeys([*(selected or []), *sent])))
+            return state, gr.update(choices=choices, value=list(dict.fromkeys([*(selected or []), *sent]))), ""
 
-        uploads.upload(on_upload, [state, uploads, files], [state, files])
+        uploads.upload(on_upload, [state, uploads, files], [state, files, status])
 
         def on_add(state, phrase_value, box_text, *rest):
             try:
@@ -506,9 +533,10 @@ def build_page(editor, configs, save_dir):
                 h, w = (checked_integer(v, n, 8, limits.max_side) for v, n in ((h, "height"), (w, "width")))
                 editor.check_size(h, w, "the canvas")
                 loaded, data = load_state(configs[name], h, w)
-            except UserError as e:
-                names = {str(configs[name]): name} if name in configs else {}
-                return (gr.update(), f"error: {editor.public(e, names)}") + (gr.update(),) * 9
+            except UserError as e:  # the server's own config: named by its name, its folders not at all
+                names = {str(configs[name]): name, str(configs[name].parent): "the configs folder",
+                         str(Path.cwd()): "the server's folder"} if name in configs else {}
+                return (gr.update(), f"error: {public_message(e, names)}") + (gr.update(),) * 9
             loaded["uploads"] = set(state["uploads"])
             loaded["files"] = {**state["files"], **loaded["files"]}
             return (loaded, f"loaded {name}", preview(loaded), data["prompt"],
@@ -546,7 +574,7 @@ def build_page(editor, configs, save_dir):
                         f"--pretrained_model_name_or_path {model} --inference_config {config_file.name} "
                         f"--height {h} --width {w} makes these images")
             except UserError as e:
-                return f"error: {editor.public(e, {})}"
+                return f"error: {public_message(e, {str(Path(save_dir).resolve()): 'the save folder'})}"
 
         save_button.click(on_save, [state, save_name, *controls[1:]], status)
 
@@ -556,7 +584,7 @@ def build_page(editor, configs, save_dir):
             else at height x width (0: the model's own size). Residuals are named by file name: the server's
             offered ones, or files sent in residual_files."""
             try:
-                sent = {Path(str(f)).name: Path(str(f)) for f in residual_files or []}
+                sent = sent_files(residual_files)
                 size = None
                 if height_value or width_value:
                     size = tuple(checked_integer(v, n, 8, limits.max_side)
@@ -565,7 +593,7 @@ def build_page(editor, configs, save_dir):
                                        0 if seed_value is None else seed_value, 1 if count is None else count,
                                        sent, size)
             except UserError as e:
-                raise gr.Error(str(e), print_exception=False) from None
+                raise gr.Error(one_line(e), print_exception=False) from None
 
         api_button.click(api_generate, [api_config, api_layout, api_seed, api_count, api_residuals, api_height,
                                         api_width], api_files, api_name="generate")
@@ -632,8 +660,9 @@ def main(args):
     editor = Editor(args.pretrained_model_name_or_path, args.device, args.dtype, residuals, layouts, limits)
     page = build_page(editor, configs, args.save_dir)
     page.queue(default_concurrency_limit=1, max_size=args.max_queue)
-    page.launch(server_name=args.host, server_port=args.port, js=DRAG_JS, auth=auth or None,
-                allowed_paths=[str(editor.out_dir)], max_file_size=MAX_UPLOAD)
+    # no allowed_paths: the images returned are copied into gradio's cache, and the request folders (copies of
+    # the residuals each request named) are served to nobody
+    page.launch(server_name=args.host, server_port=args.port, js=DRAG_JS, auth=auth or None, max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import math
 import platform
+import re
 import sys
 
 import numpy as np
@@ -30,8 +31,14 @@ def run_cli(main, args):
     try:
         return main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(message):
+    """A message as one printable line: control characters (a newline or a terminal escape read from a file)
+    shown as escapes, so a message is one line whatever text it quotes."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(message))
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -35,12 +35,12 @@ import numpy as np
 from PIL import Image
 
 from cli_utils import ArgumentParser, UserError, first_line, library_versions, run_cli
-from file_utils import (check_output_file, check_writable_folder, file_sha256, image_files, read_image, read_json,
-                        resolve_relative, write_json, write_png, write_text)
 from config import parse_colour
+from file_utils import (check_output_file, check_writable_folder, file_sha256, image_files, read_image, read_json,
+                        regular_file, resolve_relative, write_json, write_png, write_text)
 from layouts import RENDERED_LAYOUT
-from record import SCORING_KEYS, read_scoring_record
 from pipeline_utils import model_source, resolve_device
+from record import SCORING_KEYS, read_scoring_record
 from region_utils import (ATTENTION_FOLDER, bounding_box, labelled, mass_inside, read_attention, read_layout,
                           region_colours, region_mask, side_by_side)
 
@@ -222,7 +222,8 @@ def region_crop(image, box):
 def run_attention(folder, image_paths, size):
     """Per image its attention maps {name: [H, W]} (attention/{stem}.npz), None where it has none."""
     files = [folder / ATTENTION_FOLDER / f"{p.stem}.npz" for p in image_paths]
-    return [read_attention(file, size) if file.is_file() else None for file in files]
+    return [read_attention(regular_file(file, "attention file"), size) if file.exists() or file.is_symlink()
+            else None for file in files]
 
 
 def score_regions(scorer, images, masks, attention, references):
@@ -340,7 +341,14 @@ def run_regions(folder, image_paths, record):
         raise UserError(f"{folder}: images of {len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:3])}); a "
                         f"run's images share one size, as its layout does")
     masks, why_not = record_regions(folder / "config.json", record, sizes[0])
-    return masks, (run_attention(folder, image_paths, sizes[0]) if masks is not None else None), why_not
+    if masks is None:
+        return None, None, why_not
+    attention = run_attention(folder, image_paths, sizes[0])
+    for path, maps in zip(image_paths, attention):
+        missing = [name for name in masks if maps is not None and name not in maps]
+        if missing:  # inference.py writes a map for every subject
+            raise UserError(f"{folder / ATTENTION_FOLDER / (path.stem + '.npz')}: no map of {missing[0]}")
+    return masks, attention, why_not
 
 
 def score_run_regions(scorer, image_paths, concepts, regions, cache):

@@ -33,6 +33,8 @@ def main(args):
     height, width = args.height or args.resolution, args.width or args.resolution
     config = ConfigReader(args.config).read()
     layout = job_layout(config, height, width)
+    if not args.out_dir.strip():
+        raise UserError("--out_dir: expected a folder, got an empty name")
     out_dir = Path(args.out_dir)
     check_writable_folder(out_dir, "--out_dir")
     name = Path(args.config).stem

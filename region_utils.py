@@ -96,9 +96,12 @@ def read_attention(path, size=None):
         if attention_map.shape != (height, width) or attention_map.dtype.kind != "f":
             raise UserError(f"{path}: map '{name}': expected a float map [{height}, {width}] (the image's size), "
                             f"got {attention_map.dtype} {list(attention_map.shape)}")
+        with np.errstate(over="ignore"):
+            maps[name] = attention_map = attention_map.astype(np.float32)  # checked as it is used: float32
         if not np.isfinite(attention_map).all() or (attention_map < 0).any() or not attention_map.sum() > 0:
-            raise UserError(f"{path}: map '{name}': expected finite, non-negative values that do not all vanish")
-    return {name: attention_map.astype(np.float32) for name, attention_map in maps.items()}
+            raise UserError(f"{path}: map '{name}': expected finite (as float32), non-negative values that do not "
+                            f"all vanish")
+    return maps
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def load_residual(path):
     family = metadata.get("family")
     if family is not None and family not in FAMILY_NAMES:
         hint = f" (names are lower case: '{family.lower()}')" if family.lower() in FAMILY_NAMES else ""
-        raise UserError(f"{path}: metadata family: unknown model family '{family[:40]}'{hint}; expected one of "
+        raise UserError(f"{path}: metadata family: unknown model family {family[:40]!r}{hint}; expected one of "
                         f"{', '.join(FAMILY_NAMES)}")
     return Residual(tensor, str(path), metadata)
 

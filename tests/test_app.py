@@ -7,15 +7,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT
+from residual_utils import save_residual
 from test_inference import run, write_config
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -328,3 +333,52 @@ def test_the_readme_api_example_runs_as_written(tiny_model_1024, tmp_path):
             process.terminate()
             process.wait(10)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_what_the_probe_found_stays_fixed(app, tmp_path):
+    """Messages of the page's Load and of a broken layout name no server folder; a residual sent must be named as
+    one; a fractional seed and a null config are refused; the request folders are served to nobody; two sessions'
+    uploads of one name are saved as two files."""
+    from gradio_client import Client, handle_file
+
+    url, folder = app
+    client = Client(url, verbose=False)
+    config = json.loads(write_config(folder / "cfg", num_inference_steps=1).read_text())[0]
+    layout = handle_file(str(folder / "cfg" / "layout.png"))
+    (tmp_path / "cut.png").write_bytes((folder / "cfg" / "layout.png").read_bytes()[:60])
+    message = api_error(client, config, handle_file(str(tmp_path / "cut.png")))
+    assert message.startswith("the layout sent: not a readable image"), message
+    (tmp_path / "layout.png").write_bytes((folder / "cfg" / "cat.safetensors").read_bytes())
+    assert "residual_files: 'layout.png': a residual file is named" in api_error(
+        client, config, layout, residual_files=[handle_file(str(tmp_path / "layout.png"))])
+    assert "seed: expected an integer" in api_error(client, config, layout, 1.5, 1)
+    assert api_error(client, "null", layout) == "config: expected a JSON object (or a list holding one)"
+    [image] = client.predict(json.dumps(config), layout, 0, 1, api_name="/generate")
+    copies = sorted(Path(tempfile.gettempdir()).glob("cones2-editor-*/request-*/cat.safetensors"))
+    assert copies  # the request folder's copy of a residual is served to nobody; the image, from gradio's cache
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(f"{url}gradio_api/file={copies[-1]}")
+    assert urllib.request.urlopen(f"{url}gradio_api/file={image}").status == 200
+    # Load of a broken config the server offers: named by its name, no folder of the server's
+    bad = folder / "cfg" / "config.json"
+    bad.write_text(json.dumps({**config, "guidance_wieght": 1}))
+    try:
+        result = client.predict("config.json", 64, 64, api_name="/on_load")
+        status = next(v for v in result if isinstance(v, str) and v.startswith("error"))
+        assert status.startswith("error: config.json: guidance_wieght: unknown key"), status
+        assert str(folder) not in status and str(ROOT) not in status
+    finally:
+        write_config(folder / "cfg", num_inference_steps=1)
+    # two sessions upload different residuals of one name and save: two files, each config names its own
+    saved = []
+    for session, value in enumerate((1.0, -1.0)):
+        own = tmp_path / f"s{session}" / "z.safetensors"
+        save_residual(own, torch.full((1, 32), value), {"class_phrase": "dog", "base_model": "tiny"})
+        session_client = Client(url, verbose=False)
+        session_client.predict([handle_file(str(own))], [], api_name="/on_upload")
+        session_client.predict(f"saved{session}", config["prompt"], ["z.safetensors", "cat.safetensors"], 50, 0.08,
+                               7.5, 2, api_name="/on_save")
+        record = json.loads((folder / "saved" / f"saved{session}.json").read_text())
+        saved.append(folder / "saved" / record["residual_dict"]["<z>"])
+        assert saved[-1].read_bytes() == own.read_bytes()
+    assert saved[0] != saved[1]

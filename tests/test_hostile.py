@@ -568,7 +568,8 @@ def test_no_size_makes_an_empty_latent_grid(tiny_model, tmp_path, capsys):
 # Residual families, attention files, run records, evaluate and make_layout: one line, nothing written
 
 @pytest.mark.parametrize("family,fragment", [("sd3", "unknown model family 'sd3'; expected one of sd, sdxl"),
-                                             ("SDXL", "(names are lower case: 'sdxl')"), ("", "unknown model family")])
+                                             ("SDXL", "(names are lower case: 'sdxl')"), ("", "unknown model family"),
+                                             ("sd\n\x1b[31mred", r"unknown model family 'sd\n\x1b[31mred'")])
 def test_unknown_residual_families_are_one_line(tiny_model, tmp_path, capsys, family, fragment):
     from safetensors.torch import save_file
 
@@ -599,12 +600,15 @@ def test_attention_files_are_checked(tmp_path):
         read_attention(tmp_path / "pickled.npz", (16, 8))
     for name, array, fragment in (("size", np.ones((8, 8), np.float32), r"expected a float map \[8, 16\]"),
                                   ("ints", np.ones((8, 16), np.int64), "expected a float map"),
-                                  ("nan", np.full((8, 16), np.nan, np.float32), "finite, non-negative"),
+                                  ("nan", np.full((8, 16), np.nan, np.float32), r"finite \(as float32\), non-negative"),
                                   ("zero", np.zeros((8, 16), np.float32), "do not all vanish"),
-                                  ("negative", -np.ones((8, 16), np.float32), "finite, non-negative")):
+                                  ("negative", -np.ones((8, 16), np.float32), r"finite \(as float32\), non-negative")):
         write_attention(tmp_path / f"{name}.npz", {"<a>": array})
         with pytest.raises(UserError, match=fragment):
             read_attention(tmp_path / f"{name}.npz", (16, 8))
+    write_attention(tmp_path / "huge.npz", {"<a>": np.full((8, 16), 1e300)})  # finite in float64, not as float32
+    with pytest.raises(UserError, match="huge.npz: map '<a>': expected finite"):
+        read_attention(tmp_path / "huge.npz", (16, 8))
     write_attention(tmp_path / "big.npz", {"<a>": np.ones((800, 1600), np.float32)})  # more than the image holds
     with pytest.raises(UserError, match="holds more than attention maps of a 16x8 image"):
         read_attention(tmp_path / "big.npz", (16, 8))
@@ -689,7 +693,7 @@ def test_make_layout_writes_nothing_when_it_fails(tmp_path, capsys):
     out = tmp_path / "made"
     cases = [(["--out_dir", str(out), "--preview_on", str(tmp_path / "missing.png")], "not found"),
              (["--out_dir", str(out), "--resolution", "4"], "--resolution 4: expected a positive multiple of 8"),
-             (["--out_dir", str(config)], "is a file, not a folder")]
+             (["--out_dir", str(config)], "is a file, not a folder"), (["--out_dir", ""], "--out_dir: expected a folder")]
     for extra, fragment in cases:
         line = one_error_line(capsys, lambda: make(*extra))
         assert fragment in line and not out.exists(), line
