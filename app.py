@@ -37,7 +37,7 @@ from PIL import Image
 import inference
 from cli_utils import ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError, one_line
 from config import ConfigReader, job_layout, job_settings, parse_colour, placed_subjects, prepare_job
-from config_keys import KEY, MAX_STEPS
+from config_keys import KEY, KEYS, MAX_STEPS
 from file_utils import IMAGE_EXTENSIONS, file_sha256, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
 from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype
@@ -311,9 +311,14 @@ def subject_name(file_name):
     return f"<{Path(file_name).stem}>"
 
 
-def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, cfg_scale, steps):
+# The optional keys the page has a control for among its further settings: config_keys.py's table says which
+FURTHER_KEYS = [key for key in KEYS if key.editor and key.name != "cfg_scale"]  # cfg_scale has its slider
+
+
+def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, cfg_scale, steps, *further):
     """The config the page shows: the state's keys (from a loaded config) with what the controls say; residuals
-    are named by file name."""
+    are named by file name. further: the values of the FURTHER_KEYS controls (those left at their default are
+    left out of the config)."""
     names = state["names"]
     residual_dict = {names.get(f, subject_name(f)): f for f in residual_names or []}
     positions = dict(state["positions"])
@@ -321,7 +326,17 @@ def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, 
     return {**state["extra"], "prompt": prompt or "", "residual_dict": residual_dict,
             "color_context": dict(state["color_context"]), "guidance_steps": int(guidance_steps),
             "guidance_weight": float(guidance_weight), "layout": "layout.png", "subject_list": subjects,
-            "cfg_scale": float(cfg_scale), "num_inference_steps": int(steps)}
+            "cfg_scale": float(cfg_scale), "num_inference_steps": int(steps),
+            **{key.name: value for key, value in zip(FURTHER_KEYS, further) if value != key.default}}
+
+
+def key_control(gr, key):
+    """The page's control of a key of the table, at the key's default."""
+    kinds = {"choice": lambda: gr.Dropdown(list(key.choices), value=key.default, label=key.name, info=key.meaning),
+             "bool": lambda: gr.Checkbox(key.default, label=key.name, info=key.meaning),
+             "number": lambda: gr.Number(key.default, label=key.name, info=key.meaning),
+             "text": lambda: gr.Textbox(key.default, label=key.name, info=key.meaning)}
+    return kinds[key.kind]()
 
 
 def add_box(state, phrase, box):
@@ -369,7 +384,7 @@ def load_state(path, height, width):
     color_context = layout.color_context
     files = {name: config.resolve_path(f"residual_dict.{name}", f) for name, f in data["residual_dict"].items()}
     controlled = ("prompt", "residual_dict", "color_context", "layout", "regions", "subject_list", "guidance_steps",
-                  "guidance_weight", "cfg_scale", "num_inference_steps")
+                  "guidance_weight", "cfg_scale", "num_inference_steps", *(key.name for key in FURTHER_KEYS))
     state = {"layout": np.array(layout.array), "color_context": color_context,
              "names": {f.name: n for n, f in files.items()}, "files": {f.name: f for f in files.values()},
              "uploads": set(),
@@ -445,6 +460,8 @@ def build_page(editor, configs, save_dir):
                 seed = gr.Number(0, label="Seed", precision=0)
                 # a slider needs a maximum above its minimum; the server's check still holds the limit
                 num_images = gr.Slider(1, max(2, limits.max_images), 1, step=1, label="Images", elem_id="num_images")
+                with gr.Accordion("Further settings (config keys; the variants are off by default)", open=False):
+                    further = [key_control(gr, key) for key in FURTHER_KEYS]
             with gr.Column():
                 canvas = gr.Image(preview(new_state(size, size)), label="Layout: drag a box", interactive=False,
                                   elem_id="canvas", format="png", buttons=[], height=PREVIEW_SIDE)
@@ -468,7 +485,7 @@ def build_page(editor, configs, save_dir):
             api_files = gr.File(file_count="multiple")
             api_button = gr.Button()
 
-        controls = [state, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps]
+        controls = [state, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps, *further]
 
         def shown(*values):
             """Config, positions and phrases of the page as it is now."""
@@ -485,7 +502,7 @@ def build_page(editor, configs, save_dir):
             return (preview(values[0]), *shown(*values))
 
         view = [config_view, positions, phrase]
-        for control in (prompt, files, guidance_steps, guidance_weight, cfg_scale, steps):
+        for control in (prompt, files, guidance_steps, guidance_weight, cfg_scale, steps, *further):
             control.change(shown, controls, view)
 
         def on_upload(state, uploaded, selected):
@@ -536,18 +553,19 @@ def build_page(editor, configs, save_dir):
             except UserError as e:  # the server's own config: named by its name, its folders not at all
                 names = {str(configs[name]): name, str(configs[name].parent): "the configs folder",
                          str(Path.cwd()): "the server's folder"} if name in configs else {}
-                return (gr.update(), f"error: {public_message(e, names)}") + (gr.update(),) * 9
+                return (gr.update(), f"error: {public_message(e, names)}") + (gr.update(),) * (9 + len(further))
             loaded["uploads"] = set(state["uploads"])
             loaded["files"] = {**state["files"], **loaded["files"]}
             return (loaded, f"loaded {name}", preview(loaded), data["prompt"],
                     gr.update(choices=sorted(set(editor.residuals) | set(loaded["files"])),
                               value=list(data["residual_dict"].values())),
                     data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", KEY["cfg_scale"].default),
-                    min(data.get("num_inference_steps", KEY["num_inference_steps"].default), limits.max_steps), json.dumps(data, indent=2), "")
+                    min(data.get("num_inference_steps", KEY["num_inference_steps"].default), limits.max_steps),
+                    json.dumps(data, indent=2), "", *(data.get(key.name, key.default) for key in FURTHER_KEYS))
 
         load_button.click(on_load, [state, load_name, height, width],
                           [state, status, canvas, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps,
-                           config_view, positions])
+                           config_view, positions, *further])
 
         def on_generate(*values):
             state, seed_value, count = values[0], values[-2], values[-1]

@@ -20,7 +20,7 @@ import numpy as np
 from cli_utils import UserError, is_finite32
 from config_keys import DEFAULTS, KEY, KEYS, SamplingSettings, sampling_settings
 from file_utils import file_sha256, read_json, resolve_relative
-from layouts import read_regions, regions_color_context, render_regions
+from layouts import colour_mask, read_regions, regions_color_context, render_regions
 from region_utils import read_layout
 from residual_utils import FAMILY_NAMES, find_sequence, load_residual
 from text_utils import token_count, token_ids, token_texts, word_ids, words_mask
@@ -412,7 +412,7 @@ def layout_regions(config, tokenizer, text, subjects, layout):
                 config.fail(key, f"phrase '{phrase}' does not occur in the prompt '{text.prompt}' (nor is it a "
                             f"subject name)")
             rows = [m + j for m in matches for j in range(len(seq))]
-        if not (layout.array == np.array(rgb, dtype=np.uint8)).all(-1).any():
+        if not colour_mask(layout.array, rgb).any():
             jpeg = Path(layout.path or "").suffix.lower() in (".jpg", ".jpeg")
             hint = "; JPEG changes colours, save the layout as PNG" if jpeg else ""
             config.fail(key, f"colour {rgb} does not occur in the layout {layout.path} at "
@@ -441,7 +441,7 @@ def joined_regions(layout, regions):
         return layout, regions
     layout = layout.copy()
     for rgb, into in repaint:
-        layout[(layout == np.array(rgb, dtype=np.uint8)).all(-1)] = into
+        layout[colour_mask(layout, rgb)] = into
     return layout, joined
 
 
@@ -460,7 +460,7 @@ def check_regions(config, regions, layout, weight_negative):
     if not weight_negative < 0:  # nothing is suppressed
         return
     array, joined = joined_regions(layout.array, regions)
-    masks = [(array == np.array(rgb, dtype=np.uint8)).all(-1) for rgb, _, _ in joined]
+    masks = [colour_mask(array, rgb) for rgb, _, _ in joined]
     for row in sorted({row for _, rows, _ in joined for row in rows}):
         listing = [i for i, (_, rows, _) in enumerate(joined) if row in rows]
         allowed = np.logical_and.reduce([masks[i] for i in listing])

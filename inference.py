@@ -32,7 +32,7 @@ from cli_utils import (ArgumentParser, MAX_SEED, UserError, check_at_least, chec
 from config import joined_regions, prepare_job
 from config_keys import DEFAULTS, MAX_STEPS
 from file_utils import check_writable_folder, file_sha256, remove_path, write_png
-from layouts import RENDERED_LAYOUT
+from layouts import RENDERED_LAYOUT, colour_mask
 from pipeline_utils import (Processes, add_compile_argument, check_compile, compile_unet, load_model, load_tokenizer,
                             model_family, model_sizes, resolve_device, resolve_dtype)
 from record import MAX_IMAGES, Run, read_record, write_record
@@ -118,7 +118,7 @@ def subject_regions(job):
     labels = np.full(layout.shape[:2], -1, dtype=np.int64)
     for index, (rgb, rows, _) in enumerate(regions):
         if subject_rows & set(rows):
-            labels[(layout == np.array(rgb, dtype=np.uint8)).all(-1)] = index
+            labels[colour_mask(layout, rgb)] = index
     return labels
 
 

@@ -109,7 +109,7 @@ def render_regions(regions, height, width, fail):
     for region, mask in zip(regions, masks):
         layout[mask] = colours[region["phrase"]]
     for i, (region, mask) in enumerate(zip(regions, masks)):
-        if not (layout[mask] == np.array(colours[region["phrase"]], dtype=np.uint8)).all(-1).any():
+        if not colour_mask(layout[mask], colours[region["phrase"]]).any():
             fail(f"regions[{i}]", f"box {region['box']} covers no pixel of the {width}x{height} image (thinner "
                                   f"than a pixel, or covered by later boxes)")
     return layout
@@ -121,9 +121,21 @@ def regions_color_context(regions):
             for phrase, rgb in phrase_colours(regions).items()}
 
 
+def colour_mask(layout, rgb):
+    """bool [...]: the pixels of layout [..., 3] (uint8) whose colour is exactly rgb."""
+    return (layout == np.array(rgb, dtype=np.uint8)).all(-1)
+
+
+def outline(mask):
+    """bool [H, W]: the pixels of the mask with a 4-neighbour outside it (or on the image's border)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
 def region_masks(layout, entries):
     """[(phrase, rgb, bool [H, W])] of each (phrase, rgb) entry on a layout uint8 [H, W, 3]."""
-    return [(phrase, rgb, (layout == np.array(rgb, dtype=np.uint8)).all(-1)) for phrase, rgb in entries]
+    return [(phrase, rgb, colour_mask(layout, rgb)) for phrase, rgb in entries]
 
 
 def draw_preview(layout, entries, background=None):
@@ -138,10 +150,8 @@ def draw_preview(layout, entries, background=None):
     masks = region_masks(layout, entries)
     for _, rgb, mask in masks:  # a light tint of the region's colour, so the picture stays visible
         canvas[mask] = 0.6 * canvas[mask] + 0.4 * np.array(rgb, dtype=np.float32)
-    for _, rgb, mask in masks:  # outline: region pixels with a 4-neighbour outside the region (or the image edge)
-        padded = np.pad(mask, 1)
-        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        canvas[mask & ~inner] = rgb
+    for _, rgb, mask in masks:
+        canvas[outline(mask)] = rgb
     image = Image.fromarray(canvas.round().astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for phrase, rgb, mask in masks:

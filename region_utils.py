@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from cli_utils import MAX_IMAGE_SIDE, UserError
 from file_utils import read_rgb, write_atomic
+from layouts import colour_mask, outline
 
 ATTENTION_FOLDER = "attention"
 HEAT = np.array([255, 0, 0], dtype=np.float32)  # the colour an attention map blends the image towards
@@ -34,7 +35,7 @@ def region_mask(layout, rgbs):
     """bool [H, W]: the pixels of `layout` [H, W, 3] whose colour is one of `rgbs`."""
     mask = np.zeros(layout.shape[:2], dtype=bool)
     for rgb in rgbs:
-        mask |= (layout == np.array(rgb, dtype=layout.dtype)).all(axis=-1)
+        mask |= colour_mask(layout, rgb)
     return mask
 
 
@@ -44,13 +45,6 @@ def bounding_box(mask):
     if not len(rows):
         return None
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def outline(mask):
-    """bool [H, W]: the pixels of the mask with a 4-neighbour outside it (or on the image's border)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
 
 
 def mass_inside(attention_map, mask):

@@ -382,3 +382,16 @@ def test_what_the_probe_found_stays_fixed(app, tmp_path):
         saved.append(folder / "saved" / record["residual_dict"]["<z>"])
         assert saved[-1].read_bytes() == own.read_bytes()
     assert saved[0] != saved[1]
+
+
+def test_the_further_settings_are_the_tables_optional_keys():
+    import app as editor_app
+    from config_keys import KEYS
+
+    assert [key.name for key in editor_app.FURTHER_KEYS] == [key.name for key in KEYS
+                                                            if key.editor and key.name != "cfg_scale"]
+    values = [{"region_self_attention": True, "residual_guidance": 3.0}.get(key.name, key.default)
+              for key in editor_app.FURTHER_KEYS]
+    config = editor_app.page_config(editor_app.new_state(64, 64), "a dog", [], 50, 0.08, 7.5, 50, *values)
+    assert config["region_self_attention"] is True and config["residual_guidance"] == 3.0
+    assert not {"text_length", "guidance_schedule", "negative_prompt"} & set(config)  # defaults are left out
