@@ -303,7 +303,8 @@ def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
         pipeline_config = DiffusionPipeline.load_config(model, **source) if family == "sdxl" else {}
     except Exception as e:
         raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
-    unet.set_attn_processor(AttnProcessor2_0())  # fused attention everywhere; guidance replaces attn2 only
+    unet.set_attn_processor(AttnProcessor2_0())  # fused attention everywhere (install_guidance then
+    # puts its processors on every attention layer: the guided one on attn2, fused unless guided, on attn1)
     vae.set_attn_processor(AttnProcessor2_0())
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)

@@ -10,6 +10,15 @@ import torch
 from tiny_model import build_tiny_sd, build_tiny_sdxl, clip_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests that build or load a model (the tiny random ones, the scorers, the editor's server) run end to end and
+# take seconds each; the rest are pure functions. `python -m pytest -m "not model"` is the inner loop.
+MODEL_FIXTURES = {"tiny_model", "tiny_sdxl", "tiny_model_v", "tiny_model_1024", "tiny_scorers", "app", "sdxl"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("readme"):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")

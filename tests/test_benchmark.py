@@ -9,6 +9,8 @@ import torch
 import benchmark
 from cli_utils import run_cli
 
+pytestmark = pytest.mark.model  # every test here builds or loads a model
+
 
 @pytest.fixture()
 def unet_calls(monkeypatch):

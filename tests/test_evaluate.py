@@ -205,6 +205,7 @@ def evaluate_process(tmp_path, env, *models):
     return done.returncode, done.stderr.strip().splitlines(), time.perf_counter() - start
 
 
+@pytest.mark.model  # two processes that import transformers
 def test_unreachable_default_models_fail_at_once_in_one_line(tmp_path):
     """The default hub ids with a hub that refuses connections and an empty cache: one request, one line, exit 2,
     no metrics; with HF_HUB_OFFLINE=1, no request at all."""

@@ -263,6 +263,7 @@ def test_guided_processor_off_or_zero_map_equals_default(tiny_model):
     ("tiny_model", dict(cfg_schedule="constant", guidance_steps=5)),  # Cones 2: constant CFG, longer schedule
     ("tiny_model_v", dict(cfg_schedule="sigma", guidance_steps=2)),  # v-prediction, last step unguided
 ])
+@pytest.mark.model  # its models come through request.getfixturevalue
 def test_batched_sampler_equals_plain_implementation(request, fixture, settings):
     model = request.getfixturevalue(fixture)
     sd = load_model(str(model), torch.device("cpu"), torch.float32)

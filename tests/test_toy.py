@@ -11,6 +11,8 @@ import analyze
 import measure
 import world
 
+pytestmark = pytest.mark.model  # every test here builds or loads a model
+
 
 def test_scenes_are_deterministic_and_read_back():
     image, caption, truth = world.scene(7)
