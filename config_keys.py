@@ -79,6 +79,9 @@ KEYS = (
     Key("residual_guidance", "number", "variant: a third branch without the residuals, and each step pushed this "
         "much further along what the residuals change (1.5 times the sampling work)", 0.0, sampling=True,
         naive=False, editor=True),
+    Key("residual_guidance_in_region", "bool", "variant: `residual_guidance` only inside the subjects' regions (a "
+        "latent cell by its share of them), so the background and a lone subject without a layout are left alone",
+        False, sampling=True, naive=False, editor=True),
 )
 KEY = {key.name: key for key in KEYS}
 DEFAULTS = {key.name: key.default for key in KEYS if not key.required and key.default is not None}

@@ -379,8 +379,13 @@ def make_cfg_denoiser(unet, inputs, plan, settings, prediction_type, guidance=No
     if plain is not None and added_cond is not None:
         extra["added_cond_kwargs"] = {k: torch.cat([v, v[batch:]]) for k, v in added_cond.items()}
 
+    region = None  # residual_guidance_in_region: [1, 1, h, w], made at the first call (it needs the latent's size)
+
     def denoise(x, i):
+        nonlocal region
         sigma = sigmas[i]
+        if region is None and plain is not None and settings.residual_guidance_in_region:
+            region = subject_region(inputs.weight_map, cond[0], plain[0], x.shape[-2:]).to(x.device)
         if guidance is not None:
             active = i < guided_steps
             guidance.set_step(active, strengths[i] if active else None, num_uncond=batch)
@@ -390,12 +395,26 @@ def make_cfg_denoiser(unet, inputs, plan, settings, prediction_type, guidance=No
         out_uncond, out_cond = raw[:batch], raw[batch:2 * batch]
         out = out_uncond + scales[i] * (out_cond - out_uncond)
         if plain is not None:
-            out = out + residual_guidance * (out_cond - raw[2 * batch:])
+            push = residual_guidance * (out_cond - raw[2 * batch:])
+            out = out + (push if region is None else region * push)
         if prediction_type == "v_prediction":
             return out * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
         return x - sigma * out
 
     return denoise
+
+
+def subject_region(weight_map, cond, plain, latent_size):
+    """[1, 1, h, w] float32: each latent cell's share of the subjects' regions, for residual_guidance_in_region.
+
+    The subjects' rows are those where cond and plain [L, d] differ (the residuals' rows); their region is where
+    the weight map W [L, H, W] (B2) gives any of them a positive weight; no weight map: no region.
+    """
+    if weight_map is None:
+        return torch.zeros(1, 1, *latent_size)
+    rows = (cond != plain).any(dim=-1).cpu()  # [L]
+    inside = (weight_map[rows] > 0).any(dim=0).float()  # [H, W]
+    return F.interpolate(inside[None, None], size=tuple(latent_size), mode="area")
 
 
 @torch.no_grad()

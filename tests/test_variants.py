@@ -93,6 +93,35 @@ def test_residual_guidance_is_a_third_branch_by_hand(tiny_model):
     torch.testing.assert_close(denoise(x, 0), by_hand, rtol=1e-4, atol=1e-4)
 
 
+def test_residual_guidance_in_region_pushes_only_inside_the_subjects_regions(tiny_model):
+    """The variant residual_guidance_in_region: r (e_c - e_plain) times each latent cell's share of the subjects'
+    regions (the rows where cond and plain differ, positive in W), by hand on an 8 x 8 latent."""
+    sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    ids = token_ids(sd.tokenizer, "a cat and a dog")
+    cond, uncond = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
+    plain = cond.clone()
+    plain[2] -= torch.randn(cond.shape[-1], generator=torch.Generator().manual_seed(1))  # the residual's row: 2
+    layout = np.zeros((64, 64, 3), dtype=np.uint8)
+    layout[:, :20] = (255, 0, 0)  # the subject's region: columns 0-19, so latent column 2 is half inside
+    layout[:, 40:] = (0, 255, 0)  # another phrase's (row 5), no residual: not the subject's region
+    weight_map = layout_weight_map(layout, [((255, 0, 0), [2], 2.5), ((0, 255, 0), [5], 2.5)], len(ids), -1e8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 3
+    sigma, t, s, r = 3.0, torch.tensor(700), 5.0, 2.0
+    inputs = SamplerInputs(cond[None], uncond[None], weight_map, plain=plain[None])
+    settings = SamplingSettings(residual_guidance=r, residual_guidance_in_region=True)
+    denoise = make_cfg_denoiser(sd.unet, inputs, StepPlan([sigma, 0.0], [t], [s]), settings, "epsilon")
+    x_in = x / math.sqrt(sigma ** 2 + 1)
+    e = {name: sd.unet(x_in, t, encoder_hidden_states=states[None]).sample
+         for name, states in (("u", uncond), ("c", cond), ("p", plain))}
+    share = torch.zeros(8, 8)
+    share[:, :2], share[:, 2] = 1.0, 0.5  # 20 of 64 pixel columns: cells 0, 1 whole, cell 2 half
+    by_hand = x - sigma * (e["u"] + s * (e["c"] - e["u"]) + r * share * (e["c"] - e["p"]))
+    torch.testing.assert_close(denoise(x, 0), by_hand, rtol=1e-4, atol=1e-4)
+    everywhere = make_cfg_denoiser(sd.unet, inputs, StepPlan([sigma, 0.0], [t], [s]),
+                                   SamplingSettings(residual_guidance=r), "epsilon")
+    assert (everywhere(x, 0) - denoise(x, 0))[..., 4:].abs().max() > 1e-3  # outside, only the variant differs
+
+
 def test_residual_scale_and_subject_regions(tiny_model, tmp_path):
     """E2: the residual is added times residual_scale; E4's regions are the colours that guide a subject."""
     from pipeline_utils import load_tokenizer
