@@ -435,23 +435,24 @@ class Prompts:
     validation_position: int
 
 
-def read_prompts(tokenizer, args):
-    """Prompts of the command line, each checked: a prompt the text encoder would cut is an error."""
-    if not word_ids(tokenizer, args.instance_prompt):
-        raise UserError(f"--instance_prompt '{args.instance_prompt}': has no tokens")
-    validation_prompt = args.validation_prompt or f"a photo of a {args.instance_prompt}"
-    for flag, text in (("--instance_prompt", args.instance_prompt), ("--validation_prompt", validation_prompt)):
+def read_prompts(tokenizer, instance_prompt, validation_prompt, token_num):
+    """Prompts of the command line, each checked: a prompt the text encoder would cut is an error.
+    validation_prompt: None is "a photo of a {instance_prompt}"."""
+    if not word_ids(tokenizer, instance_prompt):
+        raise UserError(f"--instance_prompt '{instance_prompt}': has no tokens")
+    validation_prompt = validation_prompt or f"a photo of a {instance_prompt}"
+    for flag, text in (("--instance_prompt", instance_prompt), ("--validation_prompt", validation_prompt)):
         if token_count(tokenizer, text) > tokenizer.model_max_length:
             raise UserError(f"{flag}: {token_count(tokenizer, text)} tokens (BOS and EOS included), more than the "
                             f"text encoder's {tokenizer.model_max_length}; shorten it")
-    template_ids, template_positions = template_rows(tokenizer, args.instance_prompt, args.token_num)
+    template_ids, template_positions = template_rows(tokenizer, instance_prompt, token_num)
     validation_ids = token_ids(tokenizer, validation_prompt)
-    found = find_sequence(validation_ids, word_ids(tokenizer, args.instance_prompt))
+    found = find_sequence(validation_ids, word_ids(tokenizer, instance_prompt))
     if not found:
         raise UserError(f"--validation_prompt '{validation_prompt}': must contain the instance prompt "
-                        f"'{args.instance_prompt}', where the residual is applied")
-    return Prompts(token_ids(tokenizer, args.instance_prompt, tokenizer.model_max_length),
-                   len(token_ids(tokenizer, args.instance_prompt)) - 1, template_ids, template_positions,
+                        f"'{instance_prompt}', where the residual is applied")
+    return Prompts(token_ids(tokenizer, instance_prompt, tokenizer.model_max_length),
+                   len(token_ids(tokenizer, instance_prompt)) - 1, template_ids, template_positions,
                    validation_prompt, validation_ids, found[0])
 
 
@@ -489,21 +490,30 @@ def training_resolution(model, resolution):
     return resolution or native
 
 
-def make_optimizer(args, text_encoder, accelerator):
+class Schedule(NamedTuple):
+    """The optimiser's settings: the learning rate and its schedule (diffusers' get_scheduler names)."""
+    learning_rate: float
+    lr_scheduler: str
+    warmup_steps: int
+    max_train_steps: int
+    use_8bit_adam: bool = False
+
+
+def make_optimizer(text_encoder, accelerator, schedule):
     """AdamW (A.6; fused on CUDA, or 8-bit) and the learning-rate schedule."""
     from diffusers.optimization import get_scheduler
 
-    if args.use_8bit_adam:
+    if schedule.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    extra = {"fused": True} if accelerator.device.type == "cuda" and not args.use_8bit_adam else {}
-    optimizer = optimizer_class(text_encoder.parameters(), lr=args.learning_rate, betas=(0.9, 0.999),
+    extra = {"fused": True} if accelerator.device.type == "cuda" and not schedule.use_8bit_adam else {}
+    optimizer = optimizer_class(text_encoder.parameters(), lr=schedule.learning_rate, betas=(0.9, 0.999),
                                 weight_decay=1e-2, eps=1e-8, **extra)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(schedule.lr_scheduler, optimizer,
+                                 num_warmup_steps=schedule.warmup_steps * accelerator.num_processes,
+                                 num_training_steps=schedule.max_train_steps * accelerator.num_processes)
     return optimizer, lr_scheduler
 
 
@@ -558,7 +568,7 @@ def main(args):
     args.resolution = training_resolution(model, args.resolution)
     settings = StepSettings.from_args(args)
     files, images, original_sizes = load_instance_images(args.instance_data_dir, settings.resolution)
-    prompts = read_prompts(tokenizer, args)
+    prompts = read_prompts(tokenizer, args.instance_prompt, args.validation_prompt, args.token_num)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
@@ -574,7 +584,8 @@ def main(args):
         enable_gradient_checkpointing(sd.unet, sd.text_encoder)
     if args.compile:
         compile_unet(sd.unet, args.compile)
-    optimizer, lr_scheduler = make_optimizer(args, sd.text_encoder, accelerator)
+    optimizer, lr_scheduler = make_optimizer(sd.text_encoder, accelerator, Schedule(
+        args.learning_rate, args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps, args.use_8bit_adam))
     text_encoder, optimizer, lr_scheduler = accelerator.prepare(sd.text_encoder, optimizer, lr_scheduler)
     output_dir.mkdir(parents=True, exist_ok=True)
     global_step = resume(accelerator, args.resume_from_checkpoint, output_dir)
@@ -593,10 +604,13 @@ def main(args):
         encoder.train()
         return residual
 
+    validation = Validation(args.seed, args.num_validation_images, args.resolution, args.validation_inference_steps,
+                            args.validation_cfg_scale, args.text_length)
+
     def validate(step, residual=None):
         if accelerator.is_main_process and args.num_validation_images > 0:
             write_validation(sd, residual if residual is not None else residual_now(), frozen.validation,
-                             prompts.validation_position, args, output_dir, step)
+                             prompts.validation_position, validation, output_dir / "validation" / f"step-{step}")
         text_encoder.train()
 
     # The loop.
@@ -641,27 +655,37 @@ def main(args):
 
 
 @torch.no_grad()
-def write_validation(sd, residual, validation, position, args, output_dir, step):
-    """Images of the validation prompt with the residual applied, made by the project's own sampler.
-    validation: the prompt's conditioning (cond, uncond, pooled), as FrozenTargets holds it."""
+class Validation(NamedTuple):
+    """How validation images are made: seeds seed .., their number, the size, the sampler's steps and CFG
+    scale, and the text length the model was trained with."""
+    seed: int
+    num_images: int
+    resolution: int
+    steps: int
+    cfg_scale: float
+    text_length: str
+
+
+def write_validation(sd, residual, conditioning, position, validation, folder):
+    """Images of the validation prompt with the residual applied, made by the project's own sampler, in folder.
+    conditioning: the prompt's (cond, uncond, pooled), as FrozenTargets holds it; validation: a Validation."""
     from config_keys import SamplingSettings
     from layout_guidance import SamplerInputs, generate
     from residual_utils import apply_residuals
 
-    cond, uncond, pooled = validation
+    cond, uncond, pooled = conditioning
     cond = apply_residuals(cond, [(residual, position)])
-    seeds = [args.seed + j for j in range(args.num_validation_images)]
+    seeds = [validation.seed + j for j in range(validation.num_images)]
     was_training = sd.unet.training
     sd.unet.eval()
     length = cond.shape[0]
     masks = None
-    if args.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
+    if validation.text_length == "words":  # the prompt without its EOS; the empty prompt: BOS only
         masks = (words_mask(length - 1, length), words_mask(1, length))
-    settings = SamplingSettings(num_inference_steps=args.validation_inference_steps, cfg_scale=args.validation_cfg_scale)
+    settings = SamplingSettings(num_inference_steps=validation.steps, cfg_scale=validation.cfg_scale)
     images = generate(sd, SamplerInputs(cond, uncond, masks=masks, pooled=pooled), settings, seeds,
-                      (args.resolution, args.resolution))
+                      (validation.resolution, validation.resolution))
     sd.unet.train(was_training)
-    folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     for seed, image in zip(seeds, images):
         write_png(folder / f"{seed}.png", image)
