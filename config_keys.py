@@ -80,7 +80,7 @@ KEYS = (
         "much further along what the residuals change (1.5 times the sampling work)", 0.0, sampling=True,
         naive=False, editor=True),
     Key("residual_guidance_in_region", "bool", "variant: `residual_guidance` only inside the subjects' regions (a "
-        "latent cell by its share of them), so the background and a lone subject without a layout are left alone",
+        "latent cell by its share of them): the background and other phrases' regions get no push",
         False, sampling=True, naive=False, editor=True),
 )
 KEY = {key.name: key for key in KEYS}
