@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.readme
+pytestmark = [pytest.mark.readme, pytest.mark.model]  # builds models; a minute and a half
 PHOTOS_LINE = "# put a few photos in each"
 
 
