@@ -1,6 +1,6 @@
 """CLIP-T, CLIP-I and DINO scores of generated images, per image, per concept and per config.
 
-    python evaluate.py --images inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left. \
+    python evaluate.py --images inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left \
         --prompt "A cat on the right and a dog on the left." \
         --concept_images "<cat2>=Data/concept_image/cat2" "<dog6>=Data/concept_image/dog6"
     python evaluate.py --results inference_results --concepts concepts.json     # every config of a run

@@ -9,7 +9,7 @@ all_images.png (a grid) and config.json (every setting used, the model, library 
 The config format is the seed's (docs/METHOD.md B5); see README.md. Several configs after --inference_config
 are all read and checked first, then sampled in turn by one model.
 
-    python inference.py --rerun inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left./config.json \
+    python inference.py --rerun inference_results/cat2_dog6/A_cat_on_the_right_and_a_dog_on_the_left/config.json \
         --output_dir rerun_results
 
 makes the same images again from that record alone (its residual and layout files must be unchanged).
@@ -48,9 +48,11 @@ NAME_BYTES = 120  # a folder name made from subjects or a prompt; filesystems al
 
 
 def output_folder(output_dir, subjects, prompt):
-    """{output_dir}/{sorted subject names joined by _}/{prompt words joined by _}, each part a safe folder name."""
+    """{output_dir}/{sorted subject names joined by _}/{prompt words joined by _, without its final full stops},
+    each part a safe folder name (a name ending in "." is awkward in shells and invalid on Windows)."""
     names = "_".join(sorted(re.sub(r"[<>]", "", s.name) for s in subjects))
-    return Path(output_dir) / folder_name(names) / folder_name("_".join(prompt.split()))  # no '..' or '/' in them
+    words = "_".join(prompt.split()).rstrip(".")
+    return Path(output_dir) / folder_name(names) / folder_name(words)  # no '..' or '/' in them
 
 
 def folder_name(text):

@@ -441,7 +441,7 @@ def test_links_and_leftovers_in_the_output_folder(tiny_model, tmp_path):
     elsewhere.mkdir()
     out.mkdir()
     (out / "cat_dog").symlink_to(elsewhere)  # the user's own link: followed
-    staging = elsewhere / ".A_cat_on_the_right_and_a_dog_on_the_left..partial"
+    staging = elsewhere / ".A_cat_on_the_right_and_a_dog_on_the_left.partial"
     staging.write_text("left by a crash")  # a leftover of the wrong kind
     folder = run(tiny_model, config, out)
     assert sorted(p.name for p in (elsewhere / folder.name).iterdir()) == ["0.png", "all_images.png", "config.json"]
@@ -705,3 +705,10 @@ def test_make_layout_writes_nothing_when_it_fails(tmp_path, capsys):
     (tmp_path / "cfg" / "cat.safetensors").unlink()
     line = one_error_line(capsys, lambda: make("--out_dir", str(tmp_path / "other")))
     assert "residual_dict.<cat>: file not found" in line and not (tmp_path / "other").exists()
+
+
+def test_folder_names_drop_the_prompts_final_full_stops():
+    assert inference.output_folder("out", [], "A dog.").name == "A_dog"
+    assert inference.output_folder("out", [], "A dog on a mat...").name == "A_dog_on_a_mat"
+    assert inference.output_folder("out", [], "...").name == "_"  # nothing left: still a folder of its own
+    assert inference.output_folder("out", [], "Mr. Dog sits").name == "Mr._Dog_sits"  # only the end's
