@@ -241,17 +241,22 @@ class Editor:
         inputs = inference.job_inputs(self.sd, job)
         files = []
         seeds = range(seed, seed + num_images)
-        for image_seed in tqdm(seeds, desc=f"generate {width}x{height}", unit="image", disable=num_images == 1):
+        steps = job.sampling.num_inference_steps
+        bar = tqdm(total=num_images * steps, unit="step",  # in the server's log: what each request is doing
+                   desc=f"request: {num_images} image(s) at {width}x{height}, {steps} steps each")
+        for image_seed in seeds:
             recorder = None
             if maps is not None:
                 recorder = inference.attention_recorder(self.sd, job, (height, width))
-            [image] = inference.sample_job(self.sd, self.guidance, job, inputs, [image_seed], (height, width), recorder)
+            [image] = inference.sample_job(self.sd, self.guidance, job, inputs, [image_seed], (height, width), recorder,
+                                           lambda i: bar.update(1))
             files.append(folder / f"{image_seed}.png")
             write_png(files[-1], image)
             if recorder is not None:
                 (folder / "attention").mkdir(exist_ok=True)
                 inference.write_attention_files(folder / "attention", [image_seed], [image], recorder.maps(), job)
                 maps.append(str(folder / "attention" / f"{image_seed}.png"))
+        bar.close()
         return [str(f) for f in files]
 
     def positions(self, data, files=None):

@@ -103,12 +103,12 @@ def release_text_encoder(sd):
         torch.cuda.empty_cache()
 
 
-def sample_job(sd, guidance, job, inputs, seeds, size, recorder=None):
+def sample_job(sd, guidance, job, inputs, seeds, size, recorder=None, callback=None):
     """Images uint8 [B, H, W, 3] of a job, one per seed, in one batch, at size (height, width); inputs: its
-    job_inputs; recorder: an AttentionRecorder or None."""
+    job_inputs; recorder: an AttentionRecorder or None; callback(i) after each step (a progress bar)."""
     from layout_guidance import generate
 
-    return generate(sd, inputs, job.sampling, seeds, size, guidance, recorder)
+    return generate(sd, inputs, job.sampling, seeds, size, guidance, recorder, callback)
 
 
 def subject_regions(job):
@@ -291,15 +291,17 @@ def sample_to_folder(sd, guidance, job, inputs, folder, run, processes):
         seeds = [run.seed + j for j in range(run.num_images)]
         mine = processes.share(seeds)
         starts = range(0, len(mine), run.batch_size)
-        with tqdm(starts, desc="batches", disable=len(starts) <= 1 or not processes.is_main) as batches:
-            for start in batches:
+        steps = job.sampling.num_inference_steps
+        with tqdm(total=len(starts) * steps, desc=f"sampling {len(mine)} image(s) at {run.width}x{run.height}",
+                  unit="step", disable=not processes.is_main) as bar:
+            for start in starts:
                 batch_seeds = mine[start:start + run.batch_size]
                 run_seeds = batch_seeds
                 if run.compile and len(batch_seeds) < run.batch_size:  # a smaller batch would compile anew: pad
                     run_seeds = batch_seeds + [seeds[-1] + 1 + j for j in range(run.batch_size - len(batch_seeds))]
                 size = (run.height, run.width)
                 recorder = attention_recorder(sd, job, size) if job.settings["save_attention"] else None
-                batch = sample_job(sd, guidance, job, inputs, run_seeds, size, recorder)
+                batch = sample_job(sd, guidance, job, inputs, run_seeds, size, recorder, lambda i: bar.update(1))
                 for seed, image in zip(batch_seeds, batch):
                     write_png(staging / f"{seed}.png", image)
                 if recorder is not None:

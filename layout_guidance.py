@@ -306,10 +306,11 @@ def install_guidance(unet):
 # ------------------------------------------------------------------------------------------------
 # B4. The sampler
 
-def sample_euler_recurrent(denoise, x, sigmas, recurrent_steps, noise):
+def sample_euler_recurrent(denoise, x, sigmas, recurrent_steps, noise, callback=None):
     """Euler sampler with self-recurrence (Cones 2): step i < recurrent_steps runs twice, re-noised between.
 
-    denoise(x, i) -> x0 estimate at sigmas[i] (a list of floats); noise() -> the next standard normal draw.
+    denoise(x, i) -> x0 estimate at sigmas[i] (a list of floats); noise() -> the next standard normal draw;
+    callback(i), if given, after each step (a progress bar).
     """
     for i in range(len(sigmas) - 1):
         passes = 2 if i < recurrent_steps else 1
@@ -318,6 +319,8 @@ def sample_euler_recurrent(denoise, x, sigmas, recurrent_steps, noise):
             x = x + (sigmas[i + 1] - sigmas[i]) / sigmas[i] * (x - x0)
             if k == 0 and passes == 2:  # back from sigma_{i+1} to sigma_i
                 x = x + math.sqrt(sigmas[i] ** 2 - sigmas[i + 1] ** 2) * noise()
+        if callback is not None:
+            callback(i)
     return x
 
 
@@ -418,12 +421,13 @@ def subject_region(weight_map, cond, plain, latent_size):
 
 
 @torch.no_grad()
-def generate(sd, inputs, settings, seeds, size, guidance=None, recorder=None):
+def generate(sd, inputs, settings, seeds, size, guidance=None, recorder=None, callback=None):
     """Sample one image per seed in one batch; returns images as uint8 [B, H, W, 3].
 
     inputs: SamplerInputs; settings: SamplingSettings (config_keys.py); size: (height, width). With `guidance`
     (from install_guidance) and a weight map, steps i < guidance_steps are layout-guided and self-recurrent.
     recorder: an AttentionRecorder (needs `guidance`) that this sampling's cross-attention is added to.
+    callback(i): called after each step i (a progress bar).
     Variants (docs/METHOD.md E), off by default: inputs.region_labels masks self-attention between regions during
     guided steps; guidance_schedule "constant" keeps the first step's strength gamma * log(1 + sigma_0^2) for
     every guided step instead of letting it fall with sigma; inputs.plain with residual_guidance (make_cfg_denoiser).
@@ -470,7 +474,7 @@ def generate(sd, inputs, settings, seeds, size, guidance=None, recorder=None):
     if recorder is not None:
         guidance.recorder = recorder
     try:
-        x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise))
+        x = sample_euler_recurrent(denoise, x, sigmas, guided_steps, lambda: next(recurrence_noise), callback)
     finally:
         if guidance is not None:
             guidance.recorder = None

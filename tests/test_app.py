@@ -12,6 +12,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,33 +37,40 @@ def free_port():
         return s.getsockname()[1]
 
 
+@contextmanager
+def serving(argv, log_file):
+    """The url of app.py started with `argv` (its output in log_file), stopped after the block."""
+    port = free_port()
+    with open(log_file, "w") as log:  # a file, not a pipe: a pipe nobody reads would block the server
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *argv, "--port", str(port)], cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            deadline = time.time() + 120
+            while time.time() < deadline and process.poll() is None:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                pytest.fail(f"app.py did not start: {Path(log_file).read_text()}")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
 @pytest.fixture(scope="module")
 def app(tiny_model, tmp_path_factory):
     """(url, folder): app.py serving the tiny model, with the two residuals of write_config in folder/cfg."""
     folder = tmp_path_factory.mktemp("app")
     write_config(folder / "cfg")
-    port = free_port()
-    log = open(folder / "server.log", "w")  # a file, not a pipe: a pipe nobody reads would block the server
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--pretrained_model_name_or_path", str(tiny_model), "--residuals",
-         str(folder / "cfg"), "--configs", str(folder / "cfg"), "--save_dir", str(folder / "saved"), "--port",
-         str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"app.py did not start: {(folder / 'server.log').read_text()}")
-    yield url, folder
-    process.terminate()
-    process.wait(10)
-    log.close()
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--residuals", str(folder / "cfg"), "--configs",
+            str(folder / "cfg"), "--save_dir", str(folder / "saved")]
+    with serving(argv, folder / "server.log") as url:
+        yield url, folder
 
 
 def inference_image(tiny_model, config, out, seed=0):
@@ -307,31 +315,16 @@ def test_the_readme_api_example_runs_as_written(tiny_model_1024, tmp_path):
     command = readme[readme.index("3. **The editor in the browser**"):]
     command = command[command.index("python app.py"):command.index("\n", command.index("python app.py"))].split()
     assert command[:2] == ["python", "app.py"] and "--residuals" in command
-    port = free_port()
-    argv = [sys.executable, *command[1:], "--port", str(port), "--max_steps", "1"]
+    argv = [*command[2:], "--max_steps", "1"]
     argv[argv.index("--pretrained_model_name_or_path") + 1] = str(tiny_model_1024)
-    with open(tmp_path / "server.log", "w") as log:
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    with serving(argv, tmp_path / "server.log") as url:
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # "from the repository's folder"
         try:
-            url = f"http://127.0.0.1:{port}/"
-            deadline = time.time() + 120
-            while time.time() < deadline and process.poll() is None:
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            cwd = os.getcwd()
-            os.chdir(ROOT)  # "from the repository's folder"
-            try:
-                with pytest.raises(Exception, match="num_inference_steps: 50, more than this server's --max_steps 1"):
-                    exec(code.replace("http://127.0.0.1:7860/", url), {})
-            finally:
-                os.chdir(cwd)
+            with pytest.raises(Exception, match="num_inference_steps: 50, more than this server's --max_steps 1"):
+                exec(code.replace("http://127.0.0.1:7860/", url), {})
         finally:
-            process.terminate()
-            process.wait(10)
+            os.chdir(cwd)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
