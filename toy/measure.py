@@ -498,7 +498,8 @@ def sweep_row(label, keys, training, cells):
 
 
 def setting_tag(setting):
-    return "best" if setting is BEST else "faithful"
+    """The name of a setting's cells in --out: its own "tag", else best or faithful."""
+    return setting.get("tag") or ("best" if setting is BEST else "faithful")
 
 
 START = time.time()
