@@ -25,6 +25,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 from collections import deque
@@ -41,13 +43,15 @@ from config_keys import KEY, KEYS, MAX_STEPS
 from file_utils import IMAGE_EXTENSIONS, file_sha256, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
 from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype
+from residual_utils import load_residual
 
 PREVIEW_SIDE = 512  # the canvas is drawn at this longest side; boxes are fractions, so any size will do
 CONFIG_NAME = "config"  # how messages name the page's or the request's config
 RESIDUAL_SUFFIXES = (".safetensors", ".pt", ".bin")
 KEPT_REQUESTS = 8  # the folders of this many latest requests are kept (the page shows their images); older go
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MAX_UPLOAD = "50mb"  # a residual is a few KB, a layout a few MB
+MAX_UPLOAD = "10mb"  # a residual is a few KB, a layout a few MB
+MAX_TEXT = 1000  # characters of a phrase or a box typed into the page (a prompt has at most 77 tokens)
 
 # Dragging on the canvas writes the box (fractions of the image shown) into #box and presses #add_box. The
 # image is letterboxed inside its element (object-fit), so fractions are taken of the drawn picture.
@@ -329,10 +333,15 @@ def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, 
     positions = dict(state["positions"])
     subjects = [[name, positions[name]] if name in positions else name for name in residual_dict]
     return {**state["extra"], "prompt": prompt or "", "residual_dict": residual_dict,
-            "color_context": dict(state["color_context"]), "guidance_steps": int(guidance_steps),
+            "color_context": dict(state["color_context"]), "guidance_steps": whole(guidance_steps),
             "guidance_weight": float(guidance_weight), "layout": "layout.png", "subject_list": subjects,
-            "cfg_scale": float(cfg_scale), "num_inference_steps": int(steps),
+            "cfg_scale": float(cfg_scale), "num_inference_steps": whole(steps),
             **{key.name: value for key, value in zip(FURTHER_KEYS, further) if value != key.default}}
+
+
+def whole(value):
+    """A control's number as an int where it is one; a fraction is kept, for the config's check to refuse."""
+    return int(value) if isinstance(value, (int, float)) and float(value).is_integer() else value
 
 
 def key_control(gr, key):
@@ -388,6 +397,11 @@ def load_state(path, height, width):
     layout = job_layout(config, height, width)
     color_context = layout.color_context
     files = {name: config.resolve_path(f"residual_dict.{name}", f) for name, f in data["residual_dict"].items()}
+    for name, file in files.items():  # read now, so a Load that succeeds has residuals a Generate can use
+        try:
+            load_residual(file)
+        except UserError as e:
+            config.fail(f"residual_dict.{name}", str(e))
     controlled = ("prompt", "residual_dict", "color_context", "layout", "regions", "subject_list", "guidance_steps",
                   "guidance_weight", "cfg_scale", "num_inference_steps", *(key.name for key in FURTHER_KEYS))
     state = {"layout": np.array(layout.array), "color_context": color_context,
@@ -406,6 +420,7 @@ def save(state, config, save_dir, name, editor):
     residuals are the server's files (a relative path from save_dir); one sent with the page is copied there."""
     if not isinstance(name, str) or not SAVE_NAME.fullmatch(name):
         raise UserError(f"save as {str(name)[:40]!r}: expected a name of letters, digits, _ and - (at most 64)")
+    ConfigReader(Path(CONFIG_NAME)).read(config)  # what inference.py would refuse is not saved
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     files = {**editor.residuals, **state["files"]}
@@ -513,6 +528,11 @@ def build_page(editor, configs, save_dir):
         def on_upload(state, uploaded, selected):
             try:
                 sent = sent_files(uploaded)
+                for name, path in sent.items():  # only residuals are taken (and so saved later)
+                    try:
+                        load_residual(path)
+                    except UserError as e:
+                        raise UserError(public_message(e, {str(path): name})) from None
             except UserError as e:
                 return state, gr.update(), f"error: {e}"
             state = {**state, "files": {**state["files"], **sent}, "uploads": state["uploads"] | set(sent)}
@@ -525,7 +545,13 @@ def build_page(editor, configs, save_dir):
             try:
                 if not phrase_value:
                     raise UserError("choose whose region to draw first")
-                values = [float(v) for v in str(box_text).split(",")]
+                if len(str(phrase_value)) > MAX_TEXT or len(str(box_text)) > MAX_TEXT:
+                    raise UserError(f"the phrase and the box: at most {MAX_TEXT} characters each")
+                try:
+                    values = [float(v) for v in str(box_text).split(",")]
+                except ValueError:
+                    raise UserError("the box: expected four numbers, left, top, right, bottom (fractions of the "
+                                    "image)") from None
                 region = read_region({"phrase": phrase_value, "box": values}, fail_box)
                 add_box(state, phrase_value, region["box"])
                 message = ""
@@ -555,10 +581,12 @@ def build_page(editor, configs, save_dir):
                 h, w = (checked_integer(v, n, 8, limits.max_side) for v, n in ((h, "height"), (w, "width")))
                 editor.check_size(h, w, "the canvas")
                 loaded, data = load_state(configs[name], h, w)
-            except UserError as e:  # the server's own config: named by its name, its folders not at all
-                names = {str(configs[name]): name, str(configs[name].parent): "the configs folder",
-                         str(Path.cwd()): "the server's folder"} if name in configs else {}
-                return (gr.update(), f"error: {public_message(e, names)}") + (gr.update(),) * (9 + len(further))
+            except UserError as e:  # the server's own config: its owner reads why in the server's log; the caller
+                # learns which config failed, not what it names on the server's disk
+                print(f"error: {one_line(e)}", file=sys.stderr)
+                message = (f"{name} cannot be loaded (the server's log says why)" if name in configs
+                           else public_message(e, {}))
+                return (gr.update(), f"error: {message}") + (gr.update(),) * (9 + len(further))
             loaded["uploads"] = set(state["uploads"])
             loaded["files"] = {**state["files"], **loaded["files"]}
             return (loaded, f"loaded {name}", preview(loaded), data["prompt"],
@@ -676,6 +704,8 @@ def check_args(args):
 
 def main(args):
     auth, configs = check_args(args)
+    # stopped by a signal (kill, a service manager), the server still removes its request folders (atexit)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     residuals = offered_files(args.residuals, RESIDUAL_SUFFIXES, "residuals")
     layouts = offered_files(args.layouts, IMAGE_EXTENSIONS, "layouts")
     Path(args.save_dir).mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ import argparse
 import importlib
 import math
 import platform
-import re
 import sys
 
 import numpy as np
@@ -36,9 +35,10 @@ def run_cli(main, args):
 
 
 def one_line(message):
-    """A message as one printable line: control characters (a newline or a terminal escape read from a file)
-    shown as escapes, so a message is one line whatever text it quotes."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(message))
+    """A message as one printable line: every character Python does not print as it is (a newline, a terminal
+    escape, C1 controls, Unicode line separators, read from a file) shown as its escape, so a message is one
+    line whatever text it quotes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -347,7 +347,7 @@ def run_regions(folder, image_paths, record):
     for path, maps in zip(image_paths, attention):
         missing = [name for name in masks if maps is not None and name not in maps]
         if missing:  # inference.py writes a map for every subject
-            raise UserError(f"{folder / ATTENTION_FOLDER / (path.stem + '.npz')}: no map of {missing[0]}")
+            raise UserError(f"{folder / ATTENTION_FOLDER / (path.stem + '.npz')}: no map of {missing[0]!r}")
     return masks, attention, why_not
 
 

@@ -18,6 +18,7 @@ from layouts import colour_mask, outline
 ATTENTION_FOLDER = "attention"
 HEAT = np.array([255, 0, 0], dtype=np.float32)  # the colour an attention map blends the image towards
 OUTLINE = (255, 255, 255)
+MAX_MAPS = 80  # maps in one attention file: one per subject or phrase of a prompt of at most 77 tokens
 LABELLED_SIDE = 256  # a smaller panel is enlarged (nearest, by a whole factor) so its 11 px text lines cover little
 
 
@@ -75,8 +76,10 @@ def read_attention(path, size=None):
     width, height = size or (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
     try:
         with zipfile.ZipFile(path) as archive:  # sizes before anything is decompressed: a small file can hold a lot
-            if any(info.file_size > 8 * height * width + 4096 for info in archive.infolist()):
-                raise UserError(f"{path}: holds more than attention maps of a {width}x{height} image")
+            entries = archive.infolist()
+            if len(entries) > MAX_MAPS or any(info.file_size > 8 * height * width + 4096 for info in entries):
+                raise UserError(f"{path}: holds more than attention maps of a {width}x{height} image "
+                                f"(at most {MAX_MAPS}, one per phrase)")
         with np.load(path, allow_pickle=False) as data:
             maps = {name: data[name] for name in data.files}
     except UserError:
@@ -88,12 +91,14 @@ def read_attention(path, size=None):
         height, width = next(iter(shapes))
     for name, attention_map in maps.items():
         if attention_map.shape != (height, width) or attention_map.dtype.kind != "f":
-            raise UserError(f"{path}: map '{name}': expected a float map [{height}, {width}] (the image's size), "
+            raise UserError(f"{path}: map {name!r}: expected a float map [{height}, {width}] (the image's size), "
                             f"got {attention_map.dtype} {list(attention_map.shape)}")
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             maps[name] = attention_map = attention_map.astype(np.float32)  # checked as it is used: float32
-        if not np.isfinite(attention_map).all() or (attention_map < 0).any() or not attention_map.sum() > 0:
-            raise UserError(f"{path}: map '{name}': expected finite (as float32), non-negative values that do not "
+            total = attention_map.sum(dtype=np.float32)
+        if not np.isfinite(attention_map).all() or (attention_map < 0).any() or not np.isfinite(total) \
+                or not total > 0:
+            raise UserError(f"{path}: map {name!r}: expected finite (as float32), non-negative values that do not "
                             f"all vanish")
     return maps
 

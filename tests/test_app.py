@@ -62,6 +62,21 @@ def serving(argv, log_file):
             process.wait(10)
 
 
+def test_a_stopped_server_leaves_no_request_folder(tiny_model, tmp_path):
+    """SIGTERM (a kill, a service manager, the tests) still removes the server's folder of request files."""
+    from gradio_client import Client, handle_file
+
+    config = write_config(tmp_path / "cfg", num_inference_steps=1)
+    before = set(Path(tempfile.gettempdir()).glob("cones2-editor-*"))
+    argv = ["--pretrained_model_name_or_path", str(tiny_model), "--residuals", str(tmp_path / "cfg")]
+    with serving(argv, tmp_path / "server.log") as url:
+        Client(url, verbose=False).predict(config.read_text(), handle_file(str(tmp_path / "cfg" / "layout.png")), 0,
+                                           1, api_name="/generate")
+        made = set(Path(tempfile.gettempdir()).glob("cones2-editor-*")) - before
+        assert len(made) == 1 and list(next(iter(made)).glob("request-*/0.png"))
+    assert not next(iter(made)).exists()
+
+
 @pytest.fixture(scope="module")
 def app(tiny_model, tmp_path_factory):
     """(url, folder): app.py serving the tiny model, with the two residuals of write_config in folder/cfg."""
@@ -354,14 +369,33 @@ def test_what_the_probe_found_stays_fixed(app, tmp_path):
     assert urllib.request.urlopen(f"{url}gradio_api/file={image}").status == 200
     # Load of a broken config the server offers: named by its name, no folder of the server's
     bad = folder / "cfg" / "config.json"
-    bad.write_text(json.dumps({**config, "guidance_wieght": 1}))
     try:
-        result = client.predict("config.json", 64, 64, api_name="/on_load")
-        status = next(v for v in result if isinstance(v, str) and v.startswith("error"))
-        assert status.startswith("error: config.json: guidance_wieght: unknown key"), status
-        assert str(folder) not in status and str(ROOT) not in status
+        for broken in ({**config, "guidance_wieght": 1}, {**config, "residual_dict": {"<cat>": "/etc/hostname"}},
+                       {**config, "residual_dict": {"<cat>": "/nowhere/absent.safetensors"}}):
+            bad.write_text(json.dumps(broken))  # absent, not a residual, or a bad key: one answer, no path
+            result = client.predict("config.json", 64, 64, api_name="/on_load")
+            status = next(v for v in result if isinstance(v, str) and v.startswith("error"))
+            assert status == "error: config.json cannot be loaded (the server's log says why)", status
+        assert "/nowhere/absent.safetensors: file not found" in (folder / "server.log").read_text() or \
+            "absent.safetensors" in (folder / "server.log").read_text()  # the owner reads why
     finally:
         write_config(folder / "cfg", num_inference_steps=1)
+    # the page's own endpoints: a config inference.py would refuse is not saved, a non-residual not taken,
+    # the typed box and phrase are bounded
+    import app as editor_app
+
+    further = [1e39 if key.name == "residual_scale" else key.default for key in editor_app.FURTHER_KEYS]
+    status = client.predict("huge", config["prompt"], ["cat.safetensors", "dog.safetensors"], 50, 0.08, 7.5, 2,
+                            *further, api_name="/on_save")
+    assert "residual_scale: expected a finite number" in status, status
+    assert not (folder / "saved" / "huge.json").exists()
+    (tmp_path / "junk.safetensors").write_bytes(os.urandom(1000))
+    result = client.predict([handle_file(str(tmp_path / "junk.safetensors"))], [], api_name="/on_upload")
+    assert any(isinstance(v, str) and v.startswith("error: junk.safetensors: not a") for v in result), result
+    defaults = [key.default for key in editor_app.FURTHER_KEYS]
+    result = client.predict("x" * 5000, "0, 0, 1, 1", "a cat", [], 50, 0.08, 7.5, 2, *defaults, api_name="/on_add")
+    assert any(isinstance(v, str) and v == "error: the phrase and the box: at most 1000 characters each"
+               for v in result), result
     # two sessions upload different residuals of one name and save: two files, each config names its own
     saved = []
     for session, value in enumerate((1.0, -1.0)):
@@ -369,8 +403,10 @@ def test_what_the_probe_found_stays_fixed(app, tmp_path):
         save_residual(own, torch.full((1, 32), value), {"class_phrase": "dog", "base_model": "tiny"})
         session_client = Client(url, verbose=False)
         session_client.predict([handle_file(str(own))], [], api_name="/on_upload")
-        session_client.predict(f"saved{session}", config["prompt"], ["z.safetensors", "cat.safetensors"], 50, 0.08,
-                               7.5, 2, api_name="/on_save")
+        controls = (config["prompt"], ["z.safetensors", "cat.safetensors"], 50, 0.08, 7.5, 2, *defaults)
+        session_client.predict("<z>", "0, 0, 0.5, 1", *controls, api_name="/on_add")
+        status = session_client.predict(f"saved{session}", *controls, api_name="/on_save")
+        assert status.startswith(f"saved saved{session}.json"), status
         record = json.loads((folder / "saved" / f"saved{session}.json").read_text())
         saved.append(folder / "saved" / record["residual_dict"]["<z>"])
         assert saved[-1].read_bytes() == own.read_bytes()

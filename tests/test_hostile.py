@@ -712,3 +712,17 @@ def test_folder_names_drop_the_prompts_final_full_stops():
     assert inference.output_folder("out", [], "A dog on a mat...").name == "A_dog_on_a_mat"
     assert inference.output_folder("out", [], "...").name == "_"  # nothing left: still a folder of its own
     assert inference.output_folder("out", [], "Mr. Dog sits").name == "Mr._Dog_sits"  # only the end's
+
+
+def test_every_error_is_one_printable_line(tmp_path):
+    from cli_utils import one_line
+    from region_utils import read_attention, write_attention
+
+    quoted = one_line("a\nb\x1b[31mc\x9b2J\u2028d\x85e\tf g")
+    assert quoted == "a\\nb\\x1b[31mc\\x9b2J\\u2028d\\x85e\\tf g" and len(quoted.splitlines()) == 1
+    write_attention(tmp_path / "sum.npz", {"<a>": np.full((8, 16), 3e38, np.float32)})  # each value finite, the sum not
+    with pytest.raises(UserError, match=r"sum.npz: map '<a>': expected finite"):
+        read_attention(tmp_path / "sum.npz", (16, 8))
+    write_attention(tmp_path / "many.npz", {f"m{i}": np.ones((8, 16), np.float32) for i in range(81)})
+    with pytest.raises(UserError, match="at most 80, one per phrase"):
+        read_attention(tmp_path / "many.npz", (16, 8))
