@@ -161,7 +161,7 @@ def test_long_prompts_make_short_distinct_folder_names(tiny_model, tmp_path):
     for part in (first.name, first.parent.name):
         assert len(part.encode()) <= inference.NAME_BYTES
     # an ordinary prompt keeps its plain name
-    assert inference.output_folder(tmp_path, subjects[:0], "A cat, here.").name == "A_cat,_here."
+    assert inference.output_folder(tmp_path, subjects[:0], "A cat, here.").name == "A_cat,_here"
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../../escape", "a/../../b", ".hidden"])
