@@ -199,6 +199,18 @@ class Editor:
         return prepare_job(folder / CONFIG_NAME, self.tokenizer, self.embedding_dim, height, width, {}, data,
                            self.family)
 
+    def check(self, data, files, layout):
+        """The checks a generate of the config `data` with the layout uint8 [H, W, 3] would make (prepare_job's:
+        keys, residuals, subjects, text lengths, regions), without sampling; a UserError as generate's."""
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as sent, \
+                tempfile.TemporaryDirectory(dir=self.out_dir) as work:
+            layout_file, folder = Path(sent) / "layout.png", Path(work)
+            write_png(layout_file, layout)
+            try:
+                self.prepare(self.stage(data, folder, files, layout_file), folder, *layout.shape[:2])
+            except UserError as e:
+                raise self.public(e, folder) from None
+
     def new_request_folder(self):
         """A folder for one request's files; the oldest beyond KEPT_REQUESTS are removed."""
         folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.out_dir))
@@ -420,7 +432,7 @@ def save(state, config, save_dir, name, editor):
     residuals are the server's files (a relative path from save_dir); one sent with the page is copied there."""
     if not isinstance(name, str) or not SAVE_NAME.fullmatch(name):
         raise UserError(f"save as {str(name)[:40]!r}: expected a name of letters, digits, _ and - (at most 64)")
-    ConfigReader(Path(CONFIG_NAME)).read(config)  # what inference.py would refuse is not saved
+    editor.check(config, state["files"], state["layout"])  # what inference.py would refuse is not saved
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     files = {**editor.residuals, **state["files"]}
@@ -469,15 +481,16 @@ def build_page(editor, configs, save_dir):
                 phrase = gr.Dropdown([], label="Draw the region of (a subject, or type a phrase of the prompt)",
                                      allow_custom_value=True, elem_id="phrase")
                 with gr.Row():
-                    height = gr.Number(size, label="Height", precision=0, elem_id="height")
-                    width = gr.Number(size, label="Width", precision=0, elem_id="width")
+                    # no precision: gradio would round a fraction, which the checks refuse instead
+                    height = gr.Number(size, label="Height", elem_id="height")
+                    width = gr.Number(size, label="Width", elem_id="width")
                 guidance_weight = gr.Slider(0, 0.3, 0.08, step=0.01, label="Guidance weight")
                 guidance_steps = gr.Slider(0, 100, 50, step=1, label="Guided steps")
                 cfg_scale = gr.Slider(1, 15, KEY["cfg_scale"].default, step=0.5, label="CFG scale")
                 steps = gr.Slider(1, max(2, limits.max_steps), min(KEY["num_inference_steps"].default, limits.max_steps),
                                   step=1, label="Steps",
                                   elem_id="steps")
-                seed = gr.Number(0, label="Seed", precision=0)
+                seed = gr.Number(0, label="Seed")
                 # a slider needs a maximum above its minimum; the server's check still holds the limit
                 num_images = gr.Slider(1, max(2, limits.max_images), 1, step=1, label="Images", elem_id="num_images")
                 with gr.Accordion("Further settings (config keys; the variants are off by default)", open=False):
@@ -501,7 +514,7 @@ def build_page(editor, configs, save_dir):
             api_config, api_layout = gr.Textbox(), gr.File()
             api_seed, api_count = gr.Number(), gr.Number()  # not rounded: a fractional one is refused
             api_residuals = gr.File(file_count="multiple")
-            api_height, api_width = gr.Number(0, precision=0), gr.Number(0, precision=0)
+            api_height, api_width = gr.Number(0), gr.Number(0)
             api_files = gr.File(file_count="multiple")
             api_button = gr.Button()
 
@@ -575,21 +588,23 @@ def build_page(editor, configs, save_dir):
         clear_button.click(on_clear, [state, height, width, *controls[1:]], [state, status, canvas, *view])
 
         def on_load(state, name, h, w):
-            try:
+            unchanged = (gr.update(),) * (9 + len(further))
+            try:  # the caller's own mistakes first, told as they are
                 if name not in configs:
                     raise UserError(f"{str(name)[:80]!r} is not a config this server offers")
                 h, w = (checked_integer(v, n, 8, limits.max_side) for v, n in ((h, "height"), (w, "width")))
                 editor.check_size(h, w, "the canvas")
+            except UserError as e:
+                return (gr.update(), f"error: {public_message(e, {})}") + unchanged
+            try:
                 loaded, data = load_state(configs[name], h, w)
             except UserError as e:  # the server's own config: its owner reads why in the server's log; the caller
                 # learns which config failed, not what it names on the server's disk
                 print(f"error: {one_line(e)}", file=sys.stderr)
-                message = (f"{name} cannot be loaded (the server's log says why)" if name in configs
-                           else public_message(e, {}))
-                return (gr.update(), f"error: {message}") + (gr.update(),) * (9 + len(further))
+                return (gr.update(), f"error: {one_line(name)} cannot be loaded (the server's log says why)") + unchanged
             loaded["uploads"] = set(state["uploads"])
             loaded["files"] = {**state["files"], **loaded["files"]}
-            return (loaded, f"loaded {name}", preview(loaded), data["prompt"],
+            return (loaded, f"loaded {one_line(name)}", preview(loaded), data["prompt"],
                     gr.update(choices=sorted(set(editor.residuals) | set(loaded["files"])),
                               value=list(data["residual_dict"].values())),
                     data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", KEY["cfg_scale"].default),

@@ -385,14 +385,20 @@ def test_what_the_probe_found_stays_fixed(app, tmp_path):
     import app as editor_app
 
     further = [1e39 if key.name == "residual_scale" else key.default for key in editor_app.FURTHER_KEYS]
+    defaults = [key.default for key in editor_app.FURTHER_KEYS]
     status = client.predict("huge", config["prompt"], ["cat.safetensors", "dog.safetensors"], 50, 0.08, 7.5, 2,
                             *further, api_name="/on_save")
     assert "residual_scale: expected a finite number" in status, status
     assert not (folder / "saved" / "huge.json").exists()
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(1000))
+    client.predict("config.json", 64, 64, api_name="/on_load")  # its subjects' positions: 2 and 8
+    status = client.predict("misplaced", "A <cat> on the right and a <dog> on the left",
+                            ["cat.safetensors", "dog.safetensors"], 50, 0.08, 7.5, 2, *defaults, api_name="/on_save")
+    assert status.startswith("error: config: subject_list:") and not (folder / "saved" / "misplaced.json").exists()
+    result = client.predict("config.json", 64.5, 64, api_name="/on_load")  # the caller's size, told as such
+    assert any(isinstance(v, str) and v.startswith("error: height: expected an integer") for v in result), result
     result = client.predict([handle_file(str(tmp_path / "junk.safetensors"))], [], api_name="/on_upload")
     assert any(isinstance(v, str) and v.startswith("error: junk.safetensors: not a") for v in result), result
-    defaults = [key.default for key in editor_app.FURTHER_KEYS]
     result = client.predict("x" * 5000, "0, 0, 1, 1", "a cat", [], 50, 0.08, 7.5, 2, *defaults, api_name="/on_add")
     assert any(isinstance(v, str) and v == "error: the phrase and the box: at most 1000 characters each"
                for v in result), result
