@@ -52,6 +52,7 @@ KEPT_REQUESTS = 8  # the folders of this many latest requests are kept (the page
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "10mb"  # a residual is a few KB, a layout a few MB
 MAX_TEXT = 1000  # characters of a phrase or a box typed into the page (a prompt has at most 77 tokens)
+MAX_CONFIG_TEXT = 200_000  # characters of a config sent to the API (the seed's are under 1000)
 
 # Dragging on the canvas writes the box (fractions of the image shown) into #box and presses #add_box. The
 # image is letterboxed inside its element (object-fit), so fractions are taken of the drawn picture.
@@ -226,6 +227,9 @@ class Editor:
         that gets, per image, the picture of where each subject's tokens were attended (inference.py
         --save_attention's attention/{seed}.png); recording them leaves the images as they are."""
         if isinstance(data, str):
+            if len(data) > MAX_CONFIG_TEXT:
+                raise UserError(f"{CONFIG_NAME}: {len(data)} characters, more than a config has "
+                                f"(at most {MAX_CONFIG_TEXT})")
             data = parse_json(data, CONFIG_NAME, "config")
         if isinstance(data, list) and len(data) == 1:
             data = data[0]
@@ -318,8 +322,8 @@ def copy_into(source, target):
 
 
 def checked_integer(value, name, minimum, maximum):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value \
-            or not minimum <= value <= maximum:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum \
+            or int(value) != value:  # the range first: NaN fails it, and int() of an infinity would raise
         raise UserError(f"{name}: expected an integer from {minimum} to {maximum}, got {str(value)[:40]}")
     return int(value)
 

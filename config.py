@@ -25,7 +25,8 @@ from region_utils import read_layout
 from residual_utils import FAMILY_NAMES, find_sequence, load_residual
 from text_utils import token_count, token_ids, token_texts, word_ids, words_mask
 
-PAINTED_KEYS = tuple(key.name for key in KEYS if key.painted)  # a painted layout; `regions` (boxes) replace them
+PAINTED_KEYS = tuple(key.name for key in KEYS if key.painted)
+MAX_TEXT_CHARACTERS = 10_000  # a prompt's characters: 77 tokens never take more  # a painted layout; `regions` (boxes) replace them
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,7 +473,11 @@ def check_regions(config, regions, layout, weight_negative):
 
 def checked_length(config, tokenizer, data, key):
     """The token count of text data[key], BOS and EOS included; more than the text encoder takes is an error
-    (the tokenizer would cut the end of the prompt silently)."""
+    (the tokenizer would cut the end of the prompt silently). A text too long to be that short in tokens is
+    refused before it is tokenized (tokenizing megabytes takes seconds)."""
+    if len(data[key]) > MAX_TEXT_CHARACTERS:
+        config.fail(key, f"{len(data[key])} characters, far more than the text encoder's {tokenizer.model_max_length} "
+                         f"tokens; shorten it")
     count = token_count(tokenizer, data[key])
     if count > tokenizer.model_max_length:
         config.fail(key, f"{count} tokens (BOS and EOS included), more than the text encoder's "

@@ -430,3 +430,12 @@ def test_the_further_settings_are_the_tables_optional_keys():
     config = editor_app.page_config(editor_app.new_state(64, 64), "a dog", [], 50, 0.08, 7.5, 50, *values)
     assert config["region_self_attention"] is True and config["residual_guidance"] == 3.0
     assert not {"text_length", "guidance_schedule", "negative_prompt"} & set(config)  # defaults are left out
+
+
+def test_integers_and_texts_from_callers_are_bounded():
+    import app as editor_app
+
+    for value in (float("inf"), float("-inf"), float("nan"), 1.5, "3", None, True, 2 ** 70):
+        with pytest.raises(editor_app.UserError, match="seed: expected an integer from 0 to 9"):
+            editor_app.checked_integer(value, "seed", 0, 9)
+    assert editor_app.checked_integer(4.0, "seed", 0, 9) == 4

@@ -726,3 +726,9 @@ def test_every_error_is_one_printable_line(tmp_path):
     write_attention(tmp_path / "many.npz", {f"m{i}": np.ones((8, 16), np.float32) for i in range(81)})
     with pytest.raises(UserError, match="at most 80, one per phrase"):
         read_attention(tmp_path / "many.npz", (16, 8))
+
+
+def test_a_prompt_of_megabytes_is_refused_before_it_is_tokenized(tmp_path):
+    config = write_config(tmp_path / "cfg", prompt="cat " * 2_000_000)
+    with deadline(5), pytest.raises(UserError, match="prompt: 8000000 characters, far more than the text encoder's 77"):
+        prepare_job(config, clip_tokenizer(), 32, 64, 64, {})
