@@ -25,8 +25,8 @@ from region_utils import read_layout
 from residual_utils import FAMILY_NAMES, find_sequence, load_residual
 from text_utils import token_count, token_ids, token_texts, word_ids, words_mask
 
-PAINTED_KEYS = tuple(key.name for key in KEYS if key.painted)
-MAX_TEXT_CHARACTERS = 10_000  # a prompt's characters: 77 tokens never take more  # a painted layout; `regions` (boxes) replace them
+PAINTED_KEYS = tuple(key.name for key in KEYS if key.painted)  # a painted layout; `regions` (boxes) replace them
+MAX_TEXT_CHARACTERS = 10_000  # a prompt's characters: 77 tokens never take more
 
 
 # ------------------------------------------------------------------------------------------------
