@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_model import build_tiny_sd, build_tiny_sdxl, clip_tokenizer  # noqa: F401
+from tiny_model import build_tiny_flux, build_tiny_sd, build_tiny_sdxl, clip_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests that build or load a model (the tiny random ones, the scorers, the editor's server) run end to end and
 # take seconds each; the rest are pure functions. `python -m pytest -m "not model"` is the inner loop.
-MODEL_FIXTURES = {"tiny_model", "tiny_sdxl", "tiny_model_v", "tiny_model_1024", "tiny_scorers", "app", "sdxl"}
+MODEL_FIXTURES = {"tiny_model", "tiny_sdxl", "tiny_model_v", "tiny_model_1024", "tiny_flux", "tiny_scorers", "app",
+                  "sdxl"}
 
 
 def pytest_collection_modifyitems(items):
@@ -31,6 +32,13 @@ def tiny_model(tmp_path_factory):
 def tiny_sdxl(tmp_path_factory):
     """A tiny SDXL: two text encoders (conditioning 32 + 32 = 64-d), pooled embedding and micro-conditioning."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny FLUX.1-dev: CLIP (pooled, 32-d) and T5 (a small Unigram tokenizer, 32-d) text encoders, a transformer
+    with guidance embedding, a 16-channel VAE and the flow-matching scheduler with dynamic shifting."""
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
 
 
 @pytest.fixture(scope="session")
