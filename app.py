@@ -42,7 +42,8 @@ from config import ConfigReader, job_layout, job_settings, parse_colour, placed_
 from config_keys import KEY, KEYS, MAX_STEPS
 from file_utils import IMAGE_EXTENSIONS, file_sha256, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
-from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype
+from pipeline_utils import (SIZE_STEPS, load_model, load_tokenizer, model_family, model_sizes, resolve_device,
+                            resolve_dtype)
 from residual_utils import load_residual
 
 PREVIEW_SIDE = 512  # the canvas is drawn at this longest side; boxes are fractions, so any size will do
@@ -126,7 +127,7 @@ class Editor:
         self.embedding_dim, self.native_size = model_sizes(model)
         self.family = model_family(model)
         device = resolve_device(device)
-        self.sd = load_model(model, device, resolve_dtype(dtype, device), tokenizer=self.tokenizer)
+        self.sd = load_model(model, device, resolve_dtype(dtype, device, self.family), tokenizer=self.tokenizer)
         self.guidance = install_guidance(self.sd.unet)
 
     # What a caller may name: files by name, among those offered or sent. Each request runs in a folder of its
@@ -171,11 +172,11 @@ class Editor:
         return UserError(public_message(error, {f"{folder}{os.sep}": "", str(folder): "."}))
 
     def check_size(self, height, width, what):
-        side = self.limits.max_side
+        side, step = self.limits.max_side, SIZE_STEPS[self.family]
         for name, value in (("height", height), ("width", width)):
-            if value < 8 or value % 8 or value > side:
-                raise UserError(f"{what}: {name} {value}: expected a multiple of 8 from 8 to {side} (this server's "
-                                f"--max_side)")
+            if value < step or value % step or value > side:
+                raise UserError(f"{what}: {name} {value}: expected a multiple of {step} from {step} to {side} (this "
+                                f"server's --max_side)")
 
     def layout_size(self, layout_file):
         """(height, width) of a sent layout, checked from its header before it is decoded."""
@@ -191,9 +192,11 @@ class Editor:
             height, width = read_rgb(layout_file, "layout").shape[:2]  # upright, as inference reads it
         except UserError as e:  # named by gradio's copy: named as what it is to the caller
             raise UserError(public_message(e, {str(layout_file): "the layout sent"})) from None
-        if height % 8 or width % 8 or min(height, width) < 8:
+        step = SIZE_STEPS[self.family]
+        if height % step or width % step or min(height, width) < step:
             raise UserError(f"the layout sent: {width}x{height} pixels; images are made at the layout's size, whose "
-                            f"sides must be multiples of 8 (e.g. {max(8, width // 8 * 8)}x{max(8, height // 8 * 8)})")
+                            f"sides must be multiples of {step} (e.g. {max(step, width // step * step)}x"
+                            f"{max(step, height // step * step)})")
         return height, width
 
     def prepare(self, data, folder, height, width):
@@ -287,7 +290,7 @@ class Editor:
                 data = self.stage({k: v for k, v in data.items() if k != "layout"}, folder, files)
                 config = ConfigReader(folder / CONFIG_NAME).read(data, with_layout=False)
                 text, _, subjects = placed_subjects(config, self.tokenizer, self.embedding_dim, self.family,
-                                                    job_settings(config.data))
+                                                    job_settings(config.data, family=self.family))
                 return "; ".join(f"{s.name} -> position {s.position} '{' '.join(text.tokens[r] for r in s.rows)}'"
                                  for s in subjects)
             except UserError as e:
@@ -360,12 +363,14 @@ def whole(value):
     return int(value) if isinstance(value, (int, float)) and float(value).is_integer() else value
 
 
-def key_control(gr, key):
-    """The page's control of a key of the table, at the key's default."""
-    kinds = {"choice": lambda: gr.Dropdown(list(key.choices), value=key.default, label=key.name, info=key.meaning),
-             "bool": lambda: gr.Checkbox(key.default, label=key.name, info=key.meaning),
-             "number": lambda: gr.Number(key.default, label=key.name, info=key.meaning),
-             "text": lambda: gr.Textbox(key.default, label=key.name, info=key.meaning)}
+def key_control(gr, key, family):
+    """The page's control of a key of the table, at the key's default; hidden where the model's family has no
+    use for the key (it then stays at its default, which the config leaves out)."""
+    shown = dict(label=key.name, info=key.meaning, visible=family in key.families)
+    kinds = {"choice": lambda: gr.Dropdown(list(key.choices), value=key.default, **shown),
+             "bool": lambda: gr.Checkbox(key.default, **shown),
+             "number": lambda: gr.Number(key.default, **shown),
+             "text": lambda: gr.Textbox(key.default, **shown)}
     return kinds[key.kind]()
 
 
@@ -490,7 +495,8 @@ def build_page(editor, configs, save_dir):
                     width = gr.Number(size, label="Width", elem_id="width")
                 guidance_weight = gr.Slider(0, 0.3, 0.08, step=0.01, label="Guidance weight")
                 guidance_steps = gr.Slider(0, 100, 50, step=1, label="Guided steps")
-                cfg_scale = gr.Slider(1, 15, KEY["cfg_scale"].default, step=0.5, label="CFG scale")
+                cfg_scale = gr.Slider(1, 15, KEY["cfg_scale"].default, step=0.5, label="CFG scale",
+                                      visible=editor.family in KEY["cfg_scale"].families)
                 steps = gr.Slider(1, max(2, limits.max_steps), min(KEY["num_inference_steps"].default, limits.max_steps),
                                   step=1, label="Steps",
                                   elem_id="steps")
@@ -498,7 +504,7 @@ def build_page(editor, configs, save_dir):
                 # a slider needs a maximum above its minimum; the server's check still holds the limit
                 num_images = gr.Slider(1, max(2, limits.max_images), 1, step=1, label="Images", elem_id="num_images")
                 with gr.Accordion("Further settings (config keys; the variants are off by default)", open=False):
-                    further = [key_control(gr, key) for key in FURTHER_KEYS]
+                    further = [key_control(gr, key, editor.family) for key in FURTHER_KEYS]
             with gr.Column():
                 canvas = gr.Image(preview(new_state(size, size)), label="Layout: drag a box", interactive=False,
                                   elem_id="canvas", format="png", buttons=[], height=PREVIEW_SIDE)

@@ -18,12 +18,13 @@ from typing import NamedTuple
 import numpy as np
 
 from cli_utils import UserError, is_finite32
-from config_keys import DEFAULTS, KEY, KEYS, SamplingSettings, sampling_settings
+from config_keys import (DEFAULTS, FAMILY_DEFAULTS, FAMILY_REFUSED_CHOICES, KEY, KEYS, SamplingSettings,
+                         sampling_settings)
 from file_utils import file_sha256, read_json, resolve_relative
 from layouts import colour_mask, read_regions, regions_color_context, render_regions
 from region_utils import read_layout
 from residual_utils import FAMILY_NAMES, find_sequence, load_residual
-from text_utils import token_count, token_ids, token_texts, word_ids, words_mask
+from text_utils import leading_specials, token_count, token_ids, token_texts, word_ids, words_mask
 
 PAINTED_KEYS = tuple(key.name for key in KEYS if key.painted)  # a painted layout; `regions` (boxes) replace them
 MAX_TEXT_CHARACTERS = 10_000  # a prompt's characters: 77 tokens never take more
@@ -117,6 +118,8 @@ class ConfigReader:
         elif key.kind == "number":
             if not is_finite32(value):
                 self.fail(key.name, f"expected a finite number (as a float32), got {value!r}")
+            if key.minimum is not None and not key.minimum <= value <= key.maximum:
+                self.fail(key.name, f"expected a number from {key.minimum} to {key.maximum}, got {value!r}")
         elif key.kind == "bool":
             if not isinstance(value, bool):
                 self.fail(key.name, f"expected true or false, got {value!r}")
@@ -198,9 +201,10 @@ class Text:
     prompt: str
     ids: list  # [L]
     uncond_ids: list  # [L]
-    num_tokens: int  # the prompt's tokens with BOS and EOS (its words are 1 .. num_tokens - 2)
+    num_tokens: int  # the prompt's tokens with BOS and EOS (its words are lead .. num_tokens - 2)
     num_uncond_tokens: int
     tokens: list  # [L] readable tokens of ids
+    lead: int = 1  # the position of the first word: after CLIP's BOS; 0 for T5, which has none
 
     @property
     def length(self):
@@ -208,14 +212,14 @@ class Text:
 
     @property
     def num_words(self):
-        return self.num_tokens - 2
+        return self.num_tokens - self.lead - 1
 
     def find(self, seq):
         """Positions where the word ids `seq` occur among the prompt's BOS and words."""
         return find_sequence(self.ids[:self.num_tokens - 1], seq)
 
     def words(self):
-        return " ".join(f"{i}:{t}" for i, t in enumerate(self.tokens[1:self.num_words + 1], 1))
+        return " ".join(f"{i}:{t}" for i, t in enumerate(self.tokens[self.lead:self.lead + self.num_words], self.lead))
 
 
 class Layout(NamedTuple):
@@ -235,7 +239,8 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
     """
     config = ConfigReader(config_path).read(data)
     data = config.data
-    settings = job_settings(data, overrides)
+    settings = job_settings(data, overrides, family)
+    check_family_keys(config, data, overrides, family)
     text, residuals, subjects = placed_subjects(config, tokenizer, embedding_dim, family, settings)
     layout = job_layout(config, height, width)
     color_context = layout.color_context
@@ -266,11 +271,27 @@ def prepare_job(config_path, tokenizer, embedding_dim, height, width, overrides,
                sampling_settings(settings))
 
 
-def job_settings(data, overrides=None):
+def job_settings(data, overrides=None, family="sd"):
     """Every optional key's value: the command line's overrides (None: not given), else the config's, else the
-    table's default."""
+    table's default (the family's own where it has one)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return {**DEFAULTS, **{k: data[k] for k in DEFAULTS if k in data}, **overrides}
+    defaults = {**{k: v for k, v in DEFAULTS.items() if family in KEY[k].families}, **FAMILY_DEFAULTS.get(family, {})}
+    return {**defaults, **{k: data[k] for k in defaults if k in data}, **overrides}
+
+
+def check_family_keys(config, data, overrides, family):
+    """A key given for a model family it does not apply to (cfg_scale for FLUX, which has no unconditional
+    branch; flux_guidance for SD) is an error, as is a choice the family cannot take."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given.update({k: data[k] for k in DEFAULTS if k in data})
+    for name, value in given.items():
+        key = KEY[name]
+        if family not in key.families and value != key.default:
+            config.fail(name, f"applies to {' and '.join(FAMILY_NAMES[f] for f in key.families)} models only, and "
+                              f"the model is {FAMILY_NAMES[family]}; leave it out")
+        if value in FAMILY_REFUSED_CHOICES.get(family, {}).get(name, ()):
+            config.fail(name, f"{value!r} is not for {FAMILY_NAMES[family]} models (its transformer takes no "
+                              f"text mask); use one of {', '.join(c for c in key.choices if c != value)}")
 
 
 def placed_subjects(config, tokenizer, embedding_dim, family, settings):
@@ -308,7 +329,8 @@ def tokenize_text(config, tokenizer, prompt, settings):
     """Token ids of the prompt and the negative prompt at the text length L of settings["text_length"]:
     the prompt's real token count ("adaptive"), the tokenizer's maximum ("max"), or BOS and the words ("words")."""
     num_tokens = checked_length(config, tokenizer, {"prompt": prompt}, "prompt")
-    num_uncond = checked_length(config, tokenizer, settings, "negative_prompt")
+    num_uncond = checked_length(config, tokenizer, {"negative_prompt": settings.get("negative_prompt", "")},
+                                "negative_prompt")  # FLUX: none, the uncond ids are of "" and unused
     if settings["text_length"] == "max":
         length = tokenizer.model_max_length
     elif settings["text_length"] == "words":  # BOS and the words: no EOS
@@ -317,8 +339,9 @@ def tokenize_text(config, tokenizer, prompt, settings):
         length = max(num_tokens, num_uncond)
     # padded to at least the full length, then cut: "words" drops EOS (the tokenizer's own cut would drop a word)
     ids = token_ids(tokenizer, prompt, max(length, num_tokens))[:length]
-    uncond_ids = token_ids(tokenizer, settings["negative_prompt"], max(length, num_uncond))[:length]
-    return Text(prompt, ids, uncond_ids, num_tokens, num_uncond, token_texts(tokenizer, ids))
+    uncond_ids = token_ids(tokenizer, settings.get("negative_prompt", ""), max(length, num_uncond))[:length]
+    return Text(prompt, ids, uncond_ids, num_tokens, num_uncond, token_texts(tokenizer, ids),
+                leading_specials(tokenizer))
 
 
 def load_residuals(config, residual_dict, embedding_dim, family):
@@ -359,9 +382,10 @@ def place_subject(config, tokenizer, text, name, residuals, position):
             config.fail("subject_list", f"'{name}': its class phrase '{phrase}' must occur once in the prompt "
                         f"to place it; positions found: {where}. Write it as [\"{name}\", position]")
         position = found[0]
-    if not 1 <= position <= text.num_words or position + residual.token_num > text.length:
+    first, last = text.lead, text.lead + text.num_words - 1
+    if not first <= position <= last or position + residual.token_num > text.length:
         config.fail("subject_list", f"'{name}': position {position} is outside the prompt's words "
-                    f"(1..{text.num_words}: {text.words()})")
+                    f"({first}..{last}: {text.words()})")
     if phrase and text.ids[position:position + len(seq)] != seq:
         config.fail("subject_list", f"'{name}' at position {position} is '{text.tokens[position]}', but its "
                     f"residual was learned for '{phrase}' (found at positions {text.find(seq) or 'none'})")

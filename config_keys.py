@@ -28,6 +28,7 @@ class Key:
     off: object = None  # a required sampling key's value that does nothing (the sampler's default)
     painted: bool = False  # part of a painted layout (layout + color_context), which regions (boxes) replace
     editor: bool = False  # the editor shows a control for it among its further settings
+    families: tuple = ("sd", "sdxl", "flux")  # the model families it applies to; giving it for another is an error
 
     @property
     def required(self):
@@ -59,14 +60,21 @@ KEYS = (
     Key("regions", "structure", "instead of `layout` and `color_context`: boxes `[{\"phrase\", \"box\": [left, top, "
         "right, bottom], \"weight\"}]` as fractions of the image (see Three ways to give a layout)", default=None),
     # Optional keys; the command line wins over them
-    Key("cfg_scale", "number", "classifier-free guidance scale s", 7.5, sampling=True, editor=True),
+    Key("cfg_scale", "number", "classifier-free guidance scale s (SD, SDXL)", 7.5, sampling=True, editor=True,
+        families=("sd", "sdxl")),
     Key("cfg_schedule", "choice", "`sigma`: the scale grows with the noise level, `s * (1 + sigma/sigma_max)` (the "
-        "seed); `constant`: Cones 2", "sigma", ("sigma", "constant"), sampling=True, editor=True),
-    Key("text_length", "choice", "`adaptive`: the prompt's own tokens (the seed); `max`: padded to 77 (Cones 2); "
-        "`words`: BOS and the words, EOS and padding hidden from the UNet (models trained that way: the toy world's)",
+        "seed); `constant`: Cones 2 (SD, SDXL)", "sigma", ("sigma", "constant"), sampling=True, editor=True,
+        families=("sd", "sdxl")),
+    Key("flux_guidance", "number", "FLUX.1-dev's distilled guidance value, an input of its transformer (FLUX only; "
+        "schnell has none)", 3.5, minimum=0.0, maximum=100.0, sampling=True, editor=True,
+        families=("flux",)),
+    Key("text_length", "choice", "`adaptive`: the prompt's own tokens (the seed); `max`: padded to 77 (Cones 2), "
+        "to 512 for FLUX (its default, as its pipeline); `words`: BOS and the words, EOS and padding hidden from "
+        "the UNet (models trained that way: the toy world's; not FLUX)",
         "adaptive", ("adaptive", "max", "words"), naive=False, editor=True),
     Key("num_inference_steps", "integer", "sampling steps", 50, minimum=1, maximum=MAX_STEPS, sampling=True),
-    Key("negative_prompt", "text", "replaces `\"\"` in the unconditional branch", "", editor=True),
+    Key("negative_prompt", "text", "replaces `\"\"` in the unconditional branch (SD, SDXL)", "", editor=True,
+        families=("sd", "sdxl")),
     Key("save_attention", "bool", "also write `attention/{seed}.npz` and `.png`: where each subject's tokens "
         "were attended (as `--save_attention`)", False),
     # Variants of the method (docs/METHOD.md E), off by default: at their defaults the images are the faithful
@@ -85,6 +93,9 @@ KEYS = (
 )
 KEY = {key.name: key for key in KEYS}
 DEFAULTS = {key.name: key.default for key in KEYS if not key.required and key.default is not None}
+# Where a family's own pipeline differs: FLUX was trained on T5 states padded to 512 tokens without a mask
+FAMILY_DEFAULTS = {"flux": {"text_length": "max"}}
+FAMILY_REFUSED_CHOICES = {"flux": {"text_length": ("words",)}}  # its transformer takes no text mask
 
 SamplingSettings = dataclasses.make_dataclass(
     "SamplingSettings",
@@ -96,8 +107,9 @@ SamplingSettings = dataclasses.make_dataclass(
 
 
 def sampling_settings(settings):
-    """The SamplingSettings of a job's settings {key: value}."""
-    return SamplingSettings(**{field.name: settings[field.name] for field in dataclasses.fields(SamplingSettings)})
+    """The SamplingSettings of a job's settings {key: value}; a key of another model family keeps its default."""
+    return SamplingSettings(**{field.name: settings[field.name] for field in dataclasses.fields(SamplingSettings)
+                               if field.name in settings})
 
 
 def markdown_table():

@@ -33,8 +33,8 @@ from config import joined_regions, prepare_job
 from config_keys import DEFAULTS, MAX_STEPS
 from file_utils import check_writable_folder, file_sha256, remove_path, write_png
 from layouts import RENDERED_LAYOUT, colour_mask
-from pipeline_utils import (Processes, add_compile_argument, check_compile, compile_unet, load_model, load_tokenizer,
-                            model_family, model_sizes, resolve_device, resolve_dtype)
+from pipeline_utils import (Processes, add_compile_argument, check_compile, check_image_size, compile_unet, load_model,
+                            load_tokenizer, model_family, model_sizes, resolve_device, resolve_dtype)
 from record import MAX_IMAGES, Run, read_record, write_record
 from region_utils import ATTENTION_FOLDER, attention_picture, region_colours, region_mask, write_attention
 from residual_utils import apply_residuals
@@ -86,7 +86,8 @@ def job_inputs(sd, job):
     """The SamplerInputs of a prepared job, computed once per run while the text encoder is loaded."""
     from layout_guidance import SamplerInputs, layout_weight_map
 
-    plain, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids, not job.settings["negative_prompt"])
+    plain, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids,
+                                         not job.settings.get("negative_prompt"), job.settings["prompt"])
     scale = job.settings["residual_scale"]
     cond = apply_residuals(plain, [(s.residual.tensor * scale, s.position) for s in job.subjects])
     weight_map = layout_weight_map(*joined_regions(job.layout, job.regions), len(job.prompt_ids),
@@ -220,6 +221,7 @@ def main(args):
     embedding_dim, native = model_sizes(model)  # the small config files first: a bad config fails before the weights
     height, width = (side or native for side in options.size)
     family = model_family(model)
+    check_image_size(family, height, width)
     jobs = [prepare_job(path, tokenizer, embedding_dim, height, width, options.overrides, options.record_config,
                         family) for path in options.config_paths]
     folders = [output_folder(options.output_dir, job.subjects, job.settings["prompt"]) for job in jobs]
@@ -235,7 +237,7 @@ def main(args):
                 print(f"{s.name} -> position {s.position} '{job.settings['subject_tokens'][s.name]}'")
 
     device = processes.device(resolve_device(options.device))
-    dtype = resolve_dtype(options.dtype, device)
+    dtype = resolve_dtype(options.dtype, device, family)
     check_compile(options.compile, device)
     sd = load_model(model, device, dtype, tokenizer=tokenizer)
     guidance = install_guidance(sd.unet)
@@ -333,7 +335,8 @@ def attention_recorder(sd, job, size):
     """An AttentionRecorder of the job's subjects and phrases for images of size (height, width)."""
     from layout_guidance import AttentionRecorder
 
-    return AttentionRecorder(attention_phrases(job), len(job.prompt_ids), size, sd.unet.device)
+    return AttentionRecorder(attention_phrases(job), len(job.prompt_ids), size, sd.unet.device,
+                             sd.attention_grids(size))
 
 
 def make_folder(folder):

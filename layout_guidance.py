@@ -95,7 +95,7 @@ class LayoutGuidance:
         """W [L, H, W] resized (bilinear, corners aligned) to every UNet level of an h x w latent, on `device`."""
         device = torch.device(device)
         maps = {}
-        for h, w in latent_grids(latent_size):
+        for h, w in self.grids(latent_size):
             resized = F.interpolate(weight_map[None].float(), size=(h, w), mode="bilinear", align_corners=True)[0]
             resized = resized.flatten(1).T  # [h*w, L]
             kept = self.maps.get(h * w)
@@ -114,11 +114,15 @@ class LayoutGuidance:
         self.self_masks = {}
         if labels is None:
             return
-        for h, w in latent_grids(latent_size):
+        for h, w in self.grids(latent_size):
             grid = region_labels_on_grid(labels, h, w).flatten()  # [h*w]
             apart = (grid[:, None] != grid[None, :]) & (grid[:, None] >= 0) & (grid[None, :] >= 0)
             mask = torch.zeros(apart.shape).masked_fill(apart, float("-inf"))
             self.self_masks[h * w] = mask[None, None].to(device)
+
+    def grids(self, latent_size):
+        """(h, w) of every attention grid the model has for a latent of latent_size: the UNet's levels."""
+        return latent_grids(latent_size)
 
     def set_step(self, active, strength=None, num_uncond=0):
         """strength: a float or a 0-d tensor (on the UNet's device: no wait) while active; needs set_layout."""
@@ -236,10 +240,11 @@ class AttentionRecorder:
     of a self-recurrent step counting as two evaluations; each call's map resized (bilinear) to the image.
     """
 
-    def __init__(self, phrases, length, image_size, device):
+    def __init__(self, phrases, length, image_size, device, grids=None):
         self.names = list(phrases)
         self.image_size = tuple(image_size)  # (H, W)
-        self.grids = {h * w: (h, w) for h, w in latent_grids((image_size[0] // 8, image_size[1] // 8))}
+        grids = grids or latent_grids((image_size[0] // 8, image_size[1] // 8))  # the UNet's levels by default
+        self.grids = {h * w: (h, w) for h, w in grids}
         selector = torch.zeros(length, len(self.names))  # [L, P]: 1 on each phrase's rows
         for j, rows in enumerate(phrases.values()):
             selector[list(rows), j] = 1
@@ -294,7 +299,12 @@ class RegionSelfAttnProcessor:
 
 def install_guidance(unet):
     """Put one GuidedCrossAttnProcessor on every cross-attention layer (`attn2`) and one
-    RegionSelfAttnProcessor (fused SDPA unless its variant is on) on every self-attention layer (`attn1`)."""
+    RegionSelfAttnProcessor (fused SDPA unless its variant is on) on every self-attention layer (`attn1`).
+    A FLUX transformer gets flux.py's guided joint attention instead."""
+    from flux import install_flux_guidance, is_flux_transformer
+
+    if is_flux_transformer(unet):
+        return install_flux_guidance(unet)
     guidance = LayoutGuidance()
     guided = GuidedCrossAttnProcessor(guidance)
     region = RegionSelfAttnProcessor(guidance)
@@ -432,6 +442,9 @@ def generate(sd, inputs, settings, seeds, size, guidance=None, recorder=None, ca
     guided steps; guidance_schedule "constant" keeps the first step's strength gamma * log(1 + sigma_0^2) for
     every guided step instead of letting it fall with sigma; inputs.plain with residual_guidance (make_cfg_denoiser).
     """
+    if sd.family == "flux":
+        from flux import generate_flux
+        return generate_flux(sd, inputs, settings, seeds, size, guidance, recorder, callback)
     height, width = size
     device = sd.unet.device
     scheduler = LMSDiscreteScheduler.from_config(sd.scheduler_config)

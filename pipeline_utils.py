@@ -1,4 +1,4 @@
-"""Loading a Stable Diffusion model: where it comes from (a folder or the hub), its parts, the device and dtype
+"""Loading a Stable Diffusion, SDXL or FLUX.1 model: where it comes from (a folder or the hub), its parts, the device and dtype
 it runs on, the processes that share a run, and torch.compile.
 
 Shared by inference.py, train.py, app.py and benchmark.py so that every script reads a model the same way.
@@ -41,10 +41,13 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def resolve_dtype(name, device):
-    """'auto' is fp16 on accelerators (half the memory, fused kernels) and fp32 on the CPU."""
+def resolve_dtype(name, device, family="sd"):
+    """'auto' is fp16 on accelerators (half the memory, fused kernels) and fp32 on the CPU; bf16 for FLUX, whose
+    T5 overflows in fp16."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if family == "flux" else torch.float16
     return DTYPES[name]
 
 
@@ -90,15 +93,17 @@ class Processes:
 
 @dataclass
 class StableDiffusion:
-    """One model's parts. `text_encoder(ids)` returns (states [B, L, d], pooled [B, p]) for either family:
-    SD's CLIPTextModel (its last hidden states) or SDXL's two encoders as one (SDXLTextEncoders)."""
+    """One model's parts. `text_encoder(ids)` returns (states [B, L, d], pooled [B, p]) for each family: SD's
+    CLIPTextModel (its last hidden states), SDXL's two encoders as one (SDXLTextEncoders), FLUX's T5 with its
+    CLIP beside it (flux.FluxTextEncoders: pooled None, its pooled(texts) gives CLIP's). For FLUX `unet` is the
+    transformer and `tokenizer` T5's: token positions are T5's."""
     tokenizer: object
     text_encoder: object
     vae: object
     unet: object
     scheduler_config: dict
     name: str
-    family: str = "sd"  # "sd" (1.x, 2.x) or "sdxl"
+    family: str = "sd"  # "sd" (1.x, 2.x), "sdxl" or "flux"
     zero_empty_negative: bool = False  # SDXL: an empty negative prompt is zeros, not the encoded "" (its pipeline)
 
     @property
@@ -115,12 +120,24 @@ class StableDiffusion:
 
     @property
     def prediction_type(self):
+        if self.family == "flux":
+            return "flow_matching"
         return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def attention_grids(self, size):
+        """(h, w) of every grid the model's attention sees for an image of size (height, width)."""
+        if self.family == "flux":
+            from flux import token_grid
+            return [token_grid(*size)]
+        from layout_guidance import latent_grids
+        return latent_grids((size[0] // 8, size[1] // 8))
 
 
 MODEL_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 SDXL_PARTS = MODEL_PARTS + ("tokenizer_2", "text_encoder_2")
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FLUX_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "transformer", "scheduler")
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+SIZE_STEPS = {"sd": 8, "sdxl": 8, "flux": 16}  # an image side is a multiple of this (FLUX: 8 x its 2 x 2 patches)
 
 # Hub repositories that were deleted or renamed, and where the same weights live now.
 MOVED_MODELS = {
@@ -139,11 +156,12 @@ def check_model_location(model):
     """
     folder = Path(model).expanduser()
     if folder.exists():
-        parts = SDXL_PARTS if (folder / "text_encoder_2").exists() else MODEL_PARTS
+        parts = (FLUX_PARTS if (folder / "transformer").exists() else
+                 SDXL_PARTS if (folder / "text_encoder_2").exists() else MODEL_PARTS)
         missing = [part for part in parts if not (folder / part).is_dir()]
         if missing:
-            raise UserError(f"model '{model}': not a diffusers Stable Diffusion folder (no "
-                            f"{', '.join(part + '/' for part in missing)}; expected {', '.join(MODEL_PARTS)})")
+            raise UserError(f"model '{model}': not a diffusers Stable Diffusion or FLUX folder (no "
+                            f"{', '.join(part + '/' for part in missing)}; expected {', '.join(parts)})")
     elif model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:  # hub ids are owner/name
         raise UserError(f"model '{model}': folder not found (and not a hub id, which is 'owner/name')")
     return model_source(model)
@@ -187,6 +205,39 @@ def model_source(model, index_file="model_index.json"):
 
 
 def load_tokenizer(model, subfolder="tokenizer"):
+    """The tokenizer whose positions the configs count: CLIP's, or T5's for FLUX (load_t5_tokenizer)."""
+    if subfolder == "tokenizer" and model_family(model) == "flux":
+        return load_t5_tokenizer(model)
+    return load_clip_tokenizer(model, subfolder)
+
+
+def check_image_size(family, height, width):
+    """A FLUX image's sides are multiples of 16 (the VAE's 8 times the transformer's 2 x 2 patches); SD's of 8
+    are checked with the command line."""
+    step = SIZE_STEPS[family]
+    if height % step or width % step:
+        raise UserError(f"--height/--width {height}x{width}: a {family.upper()} image's sides are multiples of {step} "
+                        f"(e.g. {max(step, height // step * step)}x{max(step, width // step * step)})")
+
+
+def load_t5_tokenizer(model, subfolder="tokenizer_2"):
+    """FLUX's T5 tokenizer (T5TokenizerFast, as FluxPipeline loads it): no BOS, EOS `</s>` last, pads with `<pad>`."""
+    from transformers import T5TokenizerFast
+
+    source = check_model_location(model)
+    try:
+        tokenizer = T5TokenizerFast.from_pretrained(model, subfolder=subfolder, **source)
+    except Exception as e:
+        raise UserError(f"cannot load the T5 tokenizer of model '{model}' ({subfolder}/): {first_line(e)}") from None
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None or len(tokenizer) < 100:
+        raise UserError(f"cannot load the T5 tokenizer of model '{model}': {subfolder}/ holds no T5 vocabulary "
+                        f"({len(tokenizer)} tokens, eos {tokenizer.eos_token!r}, pad {tokenizer.pad_token!r})")
+    if tokenizer.model_max_length > 100_000:  # saved without its length: FluxPipeline's default is 512
+        tokenizer.model_max_length = 512
+    return tokenizer
+
+
+def load_clip_tokenizer(model, subfolder="tokenizer"):
     from transformers import CLIPTokenizer
 
     source = check_model_location(model)
@@ -203,13 +254,14 @@ def load_tokenizer(model, subfolder="tokenizer"):
 
 
 def model_family(model):
-    """'sd' or 'sdxl', from the pipeline class in model_index.json."""
+    """'sd', 'sdxl' or 'flux', from the pipeline class in model_index.json."""
     from diffusers import DiffusionPipeline
 
     source = check_model_location(model)
     folder = Path(model).expanduser()
     if folder.is_dir() and not (folder / "model_index.json").is_file():  # a folder of parts alone
-        return "sdxl" if (folder / "text_encoder_2").is_dir() else "sd"
+        return ("flux" if (folder / "transformer").is_dir() else
+                "sdxl" if (folder / "text_encoder_2").is_dir() else "sd")
     try:
         name = DiffusionPipeline.load_config(model, **source).get("_class_name")
     except Exception as e:
@@ -221,11 +273,17 @@ def model_family(model):
 
 def model_sizes(model):
     """(text width d, the model's own image size in pixels) from its config files, before any weights load.
-    SDXL's conditioning is both encoders' states side by side: d = 768 + 1280."""
+    SDXL's conditioning is both encoders' states side by side: d = 768 + 1280. FLUX's is T5's d_model (4096)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
+    from transformers import CLIPTextConfig, T5Config
 
     source = check_model_location(model)
+    if model_family(model) == "flux":
+        from flux import NATIVE_SIZE
+        try:
+            return T5Config.from_pretrained(model, subfolder="text_encoder_2", **source).d_model, NATIVE_SIZE
+        except Exception as e:
+            raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
     encoders = ("text_encoder", "text_encoder_2") if model_family(model) == "sdxl" else ("text_encoder",)
     try:
         embedding_dim = sum(CLIPTextConfig.from_pretrained(model, subfolder=encoder, **source).hidden_size
@@ -283,8 +341,10 @@ def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = tokenizer or load_tokenizer(model)
     family = model_family(model)
+    if family == "flux":
+        return load_flux(model, device, dtype, text_encoder_dtype, tokenizer)
+    tokenizer = tokenizer or load_tokenizer(model)
     source = model_source(model)
     text_dtype = text_encoder_dtype or dtype
     try:
@@ -312,6 +372,37 @@ def load_model(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
         module.to(device)
     zero_negative = family == "sdxl" and pipeline_config.get("force_zeros_for_empty_prompt", True)
     return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, str(model), family, zero_negative)
+
+
+def load_flux(model, device, dtype, text_encoder_dtype=None, tokenizer=None):
+    """A FLUX.1 pipeline's parts (hub id or folder) as a StableDiffusion of family "flux": T5's tokenizer, T5 and
+    CLIP as FluxTextEncoders, the VAE, the transformer (as `unet`) and the flow-matching scheduler's config."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from flux import FluxTextEncoders
+
+    tokenizer = tokenizer or load_t5_tokenizer(model)
+    clip_tokenizer = load_clip_tokenizer(model)
+    source = model_source(model)
+    text_dtype = text_encoder_dtype or dtype
+    try:
+        t5 = T5EncoderModel.from_pretrained(model, subfolder="text_encoder_2", dtype=text_dtype, **source)
+        clip = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=text_dtype, **source)
+        upcast = AutoencoderKL.load_config(model, subfolder="vae", **source).get("force_upcast", False)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32 if upcast else dtype,
+                                            **source)
+        transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype,
+                                                             **source)
+        scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler", **source))
+    except Exception as e:
+        raise UserError(f"cannot load model '{model}': {first_line(e)}") from None
+    text_encoder = FluxTextEncoders(t5, clip, clip_tokenizer)
+    for module in (text_encoder, vae, transformer):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    return StableDiffusion(tokenizer, text_encoder, vae, transformer, scheduler_config, str(model), "flux")
 
 
 def enable_gradient_checkpointing(unet, text_encoder):

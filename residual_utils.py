@@ -20,7 +20,7 @@ from cli_utils import UserError
 from file_utils import regular_file, write_atomic
 
 REQUIRED_METADATA = ("class_phrase", "token_num", "embedding_dim", "base_model")
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}  # the `family` a residual may record
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX.1"}  # the `family` a residual may record
 
 
 @dataclass

@@ -6,8 +6,13 @@ length "words" mask lives here once.
 import torch
 
 
+def leading_specials(tokenizer):
+    """How many special tokens come before a text's words: 1 (CLIP's BOS) or 0 (T5 has no BOS)."""
+    return len(tokenizer("").input_ids) - 1  # the empty text is those and EOS
+
+
 def token_ids(tokenizer, text, length=None):
-    """Ids of `text` with BOS and EOS; padded (with the tokenizer's pad id) or cut to `length` if given."""
+    """Ids of `text` with BOS (where the tokenizer has one) and EOS; padded (with the tokenizer's pad id) or cut to `length` if given."""
     if length is None:
         return tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
     return tokenizer(text, padding="max_length", truncation=True, max_length=length).input_ids
@@ -26,12 +31,12 @@ def words_mask(num_visible, length):
 
 def word_ids(tokenizer, text):
     """Ids of the words of `text`, without BOS and EOS."""
-    return token_ids(tokenizer, text)[1:-1]
+    return token_ids(tokenizer, text)[leading_specials(tokenizer):-1]
 
 
 def token_texts(tokenizer, ids):
-    """Readable tokens ('dog' for 'dog</w>')."""
-    return [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(list(ids))]
+    """Readable tokens ('dog' for CLIP's 'dog</w>' and T5's '▁dog')."""
+    return [t.replace("</w>", "").replace("\u2581", "") or t for t in tokenizer.convert_ids_to_tokens(list(ids))]
 
 
 @torch.no_grad()
@@ -41,12 +46,18 @@ def encode_ids(text_encoder, ids):
     return encode_text(text_encoder, ids)[0]
 
 
-def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty):
+def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty, prompt=None):
     """(cond [L, d], uncond [L, d], pooled) float32 for the sampler, as the model's own pipeline builds them.
 
     pooled: SDXL's pooled embeddings (cond [p], uncond [p]); None for SD. Where SDXL's pipeline asks for it
     (force_zeros_for_empty_prompt), an empty negative prompt is zeros, states and pooled, not the encoding of "".
+    FLUX (prompt: the text, for CLIP's pooled embedding): (T5 states, None, (CLIP pooled, None)); it has no
+    unconditional branch.
     """
+    if sd.family == "flux":
+        from flux import flux_conditioning
+        states, pooled = flux_conditioning(sd, prompt_ids, prompt)
+        return states, None, (pooled, None)
     states, pooled = encode_text(sd.text_encoder, [prompt_ids, uncond_ids])  # [2, L, d], [2, p]
     if sd.family != "sdxl":
         return states[0], states[1], None
@@ -62,4 +73,4 @@ def encode_text(text_encoder, ids):
     if ids.ndim == 1:
         ids = ids[None]
     out = text_encoder(ids)
-    return out[0].float(), out[1].float()
+    return out[0].float(), None if out[1] is None else out[1].float()

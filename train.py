@@ -28,8 +28,9 @@ from PIL import Image
 from cli_utils import (ArgumentParser, MAX_SEED, UserError, check_at_least, check_finite, check_multiple_of_8,
                        require_package, run_cli)
 from file_utils import check_writable_folder, image_files, read_image, read_json, write_json, write_png
-from pipeline_utils import (add_compile_argument, check_compile, compile_unet, enable_gradient_checkpointing,
-                            load_model, load_tokenizer, mixed_precision_dtype, model_sizes)
+from pipeline_utils import (add_compile_argument, check_compile, check_image_size, compile_unet,
+                            enable_gradient_checkpointing, load_model, load_tokenizer, mixed_precision_dtype,
+                            model_family, model_sizes)
 from residual_utils import find_sequence, save_residual
 from text_utils import conditioning, encode_ids, token_count, token_ids, word_ids, words_mask
 LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
@@ -139,18 +140,22 @@ def sample_noise(seed, indices, latent_shape, num_train_timesteps):
 # ------------------------------------------------------------------------------------------------
 # The method
 
-def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second, widths=None):
+def preservation_loss(e, e0, token_num, loss_rate_first, loss_rate_second, widths=None, lead=1):
     """lambda1 ||e[0] - e0[0]|| + lambda2 ||e[1+k:] - e0[1+k:]||, plain L2 norms per sample, mean over the batch.
 
     e, e0 [B, L, d]: the trained and the frozen encoder's states of the instance prompt (A.5). widths: the
     widths of the encoders whose states lie side by side in d (SDXL: 768, 1280); the loss is taken for each
-    encoder and summed. None: one encoder.
+    encoder and summed. None: one encoder. lead: the rows before the concept (CLIP's BOS: 1; T5 has no BOS: 0,
+    and the lambda1 term is empty, docs/METHOD.md F4).
     """
     total = 0
     for part, part0 in zip(e.split(widths or [e.shape[-1]], dim=-1), e0.split(widths or [e.shape[-1]], dim=-1)):
-        first = (part[:, 0] - part0[:, 0]).flatten(1).norm(dim=1)  # [B]
-        rest = (part[:, 1 + token_num:] - part0[:, 1 + token_num:]).flatten(1).norm(dim=1)  # [B]
-        total = total + (loss_rate_first * first + loss_rate_second * rest).mean()
+        rest = (part[:, lead + token_num:] - part0[:, lead + token_num:]).flatten(1).norm(dim=1)  # [B]
+        if lead:
+            first = (part[:, 0] - part0[:, 0]).flatten(1).norm(dim=1)  # [B]
+            total = total + (loss_rate_first * first + loss_rate_second * rest).mean()
+        else:
+            total = total + (loss_rate_second * rest).mean()
     return total
 
 
@@ -190,10 +195,13 @@ class LatentCache:
         return entry
 
     def latents(self, keys, make_pixels, vae_noise):
-        """z = (mean + std * vae_noise) * scaling_factor, float32 [B, C, h, w], for crops `keys`."""
+        """z = (mean + std * vae_noise) * scaling_factor, float32 [B, C, h, w], for crops `keys` (FLUX's VAE
+        also has a shift: z = (sample - shift_factor) * scaling_factor, as its pipelines encode)."""
         posteriors = [self.posterior(key, lambda key=key: make_pixels(key)) for key in keys]
         mean, std = (torch.stack(t) for t in zip(*posteriors))
-        return (mean.float() + std.float() * vae_noise) * self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        sample = mean.float() + std.float() * vae_noise
+        return (sample if shift is None else sample - shift) * self.vae.config.scaling_factor
 
 
 class Trained(NamedTuple):
@@ -206,11 +214,14 @@ class Trained(NamedTuple):
 class Targets(NamedTuple):
     """What the photos are learned against: the instance prompt's ids [B, 77], the frozen encoder's states e0
     [B, 77, d] for the preservation loss, the UNet's attention mask [B, 77] (text length "words": EOS and padding
-    hidden) or None, and SDXL's encoder widths (preservation_loss) or None."""
+    hidden) or None, and SDXL's encoder widths (preservation_loss) or None. FLUX: ids and e0 are T5's [B, 512],
+    pooled CLIP's pooled embedding of the instance prompt [B, p], and lead 0 (T5 has no BOS)."""
     instance_ids: torch.Tensor
     e0: torch.Tensor
     unet_mask: torch.Tensor = None
     widths: tuple = None
+    pooled: torch.Tensor = None
+    lead: int = 1
 
 
 class NoisyBatch(NamedTuple):
@@ -229,6 +240,9 @@ def training_loss(trained, targets, batch, settings):
     trained encoder's pooled embedding, as SDXL's fine-tuning does.
     """
     text_encoder, unet, noise_scheduler = trained
+    if targets.pooled is not None:
+        from flux import flux_training_loss
+        return flux_training_loss(trained, targets, batch, settings)
     latents, noise, timesteps, time_ids = batch
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     out = text_encoder(targets.instance_ids)
@@ -287,7 +301,7 @@ def optimisation_step(accelerator, text_encoder, optimizer, lr_scheduler, micro_
                                       accelerator.num_processes)
             accelerator.backward(losses[0])
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(text_encoder.parameters(), 1.0)
+                accelerator.clip_grad_norm_([p for p in text_encoder.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -402,12 +416,24 @@ def check_finite_parameters(accelerator, text_encoder, step, output_dir):
 
 # ------------------------------------------------------------------------------------------------
 
+def check_family_args(args, family, resolution):
+    """What FLUX cannot take: a text mask ("words"), a side that is not a multiple of 16, a whole saved pipeline."""
+    if family != "flux":
+        return
+    check_image_size(family, resolution, resolution)
+    if args.text_length == "words":
+        raise UserError("--text_length words: FLUX's transformer takes no text mask; use max (T5's 512 tokens)")
+    if args.save_pipeline:
+        raise UserError("--save_pipeline: not for FLUX (some 33 GB of which only the residual's 16 KB per row is "
+                        "new); the residual is the result")
+
+
 def check_args(args):
     check_multiple_of_8(args, "resolution")
     check_at_least(args, 1, "token_num", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                    "checkpoints_total_limit")
     check_at_least(args, 0, "latent_cache_mb", "checkpointing_steps", "validation_steps", "num_validation_images",
-                   "lr_warmup_steps")
+                   "lr_warmup_steps", "lora_rank")
     check_at_least(args, 1, "validation_inference_steps", maximum=1000)
     check_at_least(args, 0, "seed", maximum=MAX_SEED)
     check_finite(args, "learning_rate", "loss_rate_first", "loss_rate_second", "validation_cfg_scale")
@@ -433,6 +459,7 @@ class Prompts:
     validation_prompt: str
     validation_ids: list  # [L]
     validation_position: int
+    instance_prompt: str = ""
 
 
 def read_prompts(tokenizer, instance_prompt, validation_prompt, token_num):
@@ -453,7 +480,7 @@ def read_prompts(tokenizer, instance_prompt, validation_prompt, token_num):
                         f"'{instance_prompt}', where the residual is applied")
     return Prompts(token_ids(tokenizer, instance_prompt, tokenizer.model_max_length),
                    len(token_ids(tokenizer, instance_prompt)) - 1, template_ids, template_positions,
-                   validation_prompt, validation_ids, found[0])
+                   validation_prompt, validation_ids, found[0], instance_prompt)
 
 
 @dataclass
@@ -464,6 +491,7 @@ class FrozenTargets:
     e0: torch.Tensor  # [B, 77, d] E0 of the instance prompt
     rows: torch.Tensor  # [27, k, d] E0's concept rows in each template
     validation: tuple  # conditioning of the validation prompt: (cond [L, d], uncond [L, d], pooled or None)
+    pooled: torch.Tensor = None  # FLUX: CLIP's pooled embedding of the instance prompt [B, p]
 
 
 def frozen_targets(sd, tokenizer, prompts, settings, text_length):
@@ -475,10 +503,13 @@ def frozen_targets(sd, tokenizer, prompts, settings, text_length):
         length = len(prompts.instance_ids)
         unet_mask = torch.tensor(words_mask(prompts.num_visible, length), device=device)[None].repeat(batch, 1)
     empty = token_ids(tokenizer, "", len(prompts.validation_ids))
+    pooled = None
+    if sd.family == "flux":  # CLIP's pooled embedding of the instance prompt, frozen (F4)
+        pooled = text_encoder.pooled([prompts.instance_prompt]).repeat(batch, 1)
     return FrozenTargets(
         instance_ids, unet_mask, encode_ids(text_encoder, instance_ids),
         concept_rows(text_encoder, prompts.template_ids, prompts.template_positions, settings.token_num),
-        conditioning(sd, prompts.validation_ids, empty, True))
+        conditioning(sd, prompts.validation_ids, empty, True, prompts.validation_prompt), pooled)
 
 
 def training_resolution(model, resolution):
@@ -509,7 +540,8 @@ def make_optimizer(text_encoder, accelerator, schedule):
     else:
         optimizer_class = torch.optim.AdamW
     extra = {"fused": True} if accelerator.device.type == "cuda" and not schedule.use_8bit_adam else {}
-    optimizer = optimizer_class(text_encoder.parameters(), lr=schedule.learning_rate, betas=(0.9, 0.999),
+    trainable = [p for p in text_encoder.parameters() if p.requires_grad]  # all of it, but FLUX's LoRA
+    optimizer = optimizer_class(trainable, lr=schedule.learning_rate, betas=(0.9, 0.999),
                                 weight_decay=1e-2, eps=1e-8, **extra)
     lr_scheduler = get_scheduler(schedule.lr_scheduler, optimizer,
                                  num_warmup_steps=schedule.warmup_steps * accelerator.num_processes,
@@ -565,7 +597,9 @@ def main(args):
     check_args(args)
     model = args.pretrained_model_name_or_path
     tokenizer = load_tokenizer(model)
+    family = model_family(model)
     args.resolution = training_resolution(model, args.resolution)
+    check_family_args(args, family, args.resolution)
     settings = StepSettings.from_args(args)
     files, images, original_sizes = load_instance_images(args.instance_data_dir, settings.resolution)
     prompts = read_prompts(tokenizer, args.instance_prompt, args.validation_prompt, args.token_num)
@@ -576,10 +610,16 @@ def main(args):
                               project_dir=str(output_dir / "logs"))
     check_compile(args.compile, accelerator.device)
     # The seed's change: the frozen UNet and VAE sit in half precision, the text encoder trains in float32.
+    # FLUX: T5 under LoRA sits in the frozen modules' dtype, its adapter in float32 (flux.add_lora).
+    lora = family == "flux" and args.lora_rank > 0
     sd = load_model(model, accelerator.device, mixed_precision_dtype(args.mixed_precision),
-                    text_encoder_dtype=torch.float32, tokenizer=tokenizer)
+                    text_encoder_dtype=None if lora else torch.float32, tokenizer=tokenizer)
     frozen = frozen_targets(sd, tokenizer, prompts, settings, args.text_length)
-    sd.text_encoder.requires_grad_(True).train()
+    if family == "flux":
+        from flux import add_lora
+        add_lora(sd.text_encoder, args.lora_rank)
+    else:
+        sd.text_encoder.requires_grad_(True).train()
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(sd.unet, sd.text_encoder)
     if args.compile:
@@ -593,7 +633,8 @@ def main(args):
         accelerator.init_trackers("cones2", config={k: v for k, v in vars(args).items() if v is not None})
     sdxl = sd.family == "sdxl"
     trained = Trained(text_encoder, sd.unet, DDPMScheduler.from_config(sd.scheduler_config))
-    targets = Targets(frozen.instance_ids, frozen.e0, frozen.unet_mask, sd.text_encoder.widths if sdxl else None)
+    targets = Targets(frozen.instance_ids, frozen.e0, frozen.unet_mask, sd.text_encoder.widths if sdxl else None,
+                      frozen.pooled, 0 if family == "flux" else 1)
     loss_of = MicroBatchLoss(images, settings, trained, sd.vae, targets, args.latent_cache_mb * 2 ** 20,
                              original_sizes if sdxl else None)
 
@@ -654,7 +695,6 @@ def main(args):
     return output_dir / "residual.safetensors"
 
 
-@torch.no_grad()
 class Validation(NamedTuple):
     """How validation images are made: seeds seed .., their number, the size, the sampler's steps and CFG
     scale, and the text length the model was trained with."""
@@ -666,6 +706,7 @@ class Validation(NamedTuple):
     text_length: str
 
 
+@torch.no_grad()
 def write_validation(sd, residual, conditioning, position, validation, folder):
     """Images of the validation prompt with the residual applied, made by the project's own sampler, in folder.
     conditioning: the prompt's (cond, uncond, pooled), as FrozenTargets holds it; validation: a Validation."""
@@ -751,7 +792,11 @@ def parse_args(argv=None):
                    help="max: the UNet sees all 77 states (Stable Diffusion); words: BOS and the words only")
     p.add_argument("--report_to", default="none", choices=("none", "tensorboard"),
                    help="where the losses are logged (tensorboard: logs/ in --output_dir)")
-    p.add_argument("--save_pipeline", action="store_true", help="also save the whole fine-tuned pipeline (GBs)")
+    p.add_argument("--save_pipeline", action="store_true",
+                   help="also save the whole fine-tuned pipeline (GBs; SD and SDXL)")
+    p.add_argument("--lora_rank", type=int, default=16,
+                   help="FLUX: rank of the LoRA on T5's attention that is tuned in place of the whole encoder "
+                        "(0: tune all of T5, which needs some 75 GB more for its float32 weights and AdamW state)")
     return p.parse_args(argv)
 
 

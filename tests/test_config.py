@@ -9,7 +9,7 @@ import torch
 import config_keys
 from cli_utils import UserError
 from config import ConfigReader, prepare_job
-from config_keys import KEYS, SamplingSettings, markdown_table
+from config_keys import KEY, KEYS, SamplingSettings, markdown_table
 from conftest import ROOT, clip_tokenizer
 from layout_guidance import SamplerInputs
 from naive_sampler import check_computable
@@ -45,8 +45,9 @@ def test_a_job_carries_the_defaults_and_its_sampling_settings(tmp_path):
     job = prepare_job(config, clip_tokenizer(), 32, 64, 64, {"num_inference_steps": 4})
     assert job.sampling == SamplingSettings(num_inference_steps=4, cfg_scale=5.0, guidance_steps=50,
                                             guidance_weight=0.08)
-    assert {k: job.settings[k] for k in config_keys.DEFAULTS} == {**config_keys.DEFAULTS, "cfg_scale": 5.0,
-                                                                  "num_inference_steps": 4}
+    sd_defaults = {k: v for k, v in config_keys.DEFAULTS.items() if "sd" in KEY[k].families}
+    assert "flux_guidance" not in job.settings and "flux_guidance" not in sd_defaults
+    assert {k: job.settings[k] for k in sd_defaults} == {**sd_defaults, "cfg_scale": 5.0, "num_inference_steps": 4}
     with pytest.raises(dataclasses.FrozenInstanceError):
         job.layout = None
 

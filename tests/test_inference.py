@@ -653,7 +653,7 @@ def test_missing_or_incomplete_model(tiny_model, tmp_path, capsys):
     # a folder without the parts of a diffusers Stable Diffusion
     partial = tmp_path / "partial"
     shutil.copytree(tiny_model, partial, ignore=shutil.ignore_patterns("vae", "scheduler"))
-    expect_error(capsys, partial, config, out, "not a diffusers Stable Diffusion folder (no vae/, scheduler/;")
+    expect_error(capsys, partial, config, out, "not a diffusers Stable Diffusion or FLUX folder (no vae/, scheduler/;")
     # transformers quietly builds a 2-token vocabulary when the tokenizer's files are missing
     shutil.copytree(tiny_model / "vae", partial / "vae")
     shutil.copytree(tiny_model / "scheduler", partial / "scheduler")
