@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cli_utils import ArgumentParser, check_at_least, check_multiple_of_8, library_versions, require_package, run_cli
 from layout_guidance import SD_BETAS
-from naive_sampler import install_naive, naive_sample
+from naive_sampler import install_naive, install_naive_flux, naive_flux_sample, naive_sample
 from pipeline_utils import (SDXLTextEncoders, StableDiffusion, add_compile_argument, check_compile, compile_unet,
                             enable_gradient_checkpointing, mixed_precision_dtype, resolve_device, resolve_dtype)
 from residual_utils import load_residual
@@ -110,6 +110,29 @@ PRESETS = {
                                 hidden_act="quick_gelu"),
                       text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                   num_attention_heads=20, hidden_act="gelu", projection_dim=1280)),
+    # FLUX.1: tests/tiny_model.py's (checks that the benchmark runs FLUX, nothing more), one for 2 CPU cores, and
+    # black-forest-labs/FLUX.1-dev's exact shapes: a 12 B transformer of 19 double-stream and 38 single-stream
+    # blocks, T5-XXL's encoder (4.7 B), CLIP ViT-L's text model, a 16-channel VAE
+    "tiny-flux": dict(family="flux", resolution=64,
+                      transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+                      t5=dict(vocab_size=32128, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2),
+                      text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+                      vae=dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)),
+    "cpu-flux": dict(family="flux", resolution=256,
+                     transformer=dict(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
+                                      joint_attention_dim=256, pooled_projection_dim=256, axes_dims_rope=(8, 12, 12)),
+                     t5=dict(vocab_size=32128, d_model=256, d_kv=32, num_heads=8, d_ff=512, num_layers=4),
+                     text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+                     vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32)),
+    "flux-1024": dict(family="flux", resolution=1024,
+                      transformer=dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                                       axes_dims_rope=(16, 56, 56)),
+                      t5=dict(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24),
+                      text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                hidden_act="quick_gelu"),
+                      vae=dict(SD_VAE, use_quant_conv=False, use_post_quant_conv=False)),
 }
 
 
@@ -123,6 +146,8 @@ def build_model(preset, device, dtype, text_encoder_dtype=None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = PRESETS[preset]
+    if spec.get("family") == "flux":
+        return build_flux(preset, device, dtype, text_encoder_dtype)
     sdxl = "text_2" in spec
     torch.manual_seed(0)
     clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
@@ -146,6 +171,57 @@ def build_model(preset, device, dtype, text_encoder_dtype=None):
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77)
     return StableDiffusion(tokenizer, text_encoder, vae, unet, scheduler_config, f"random {preset}",
                            "sdxl" if sdxl else "sd", zero_empty_negative=sdxl)
+
+
+def flux_modules(spec, guidance_embeds=True):
+    """FLUX.1's transformer, T5 encoder, CLIP text model and VAE of a preset, random, on the current device."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=guidance_embeds,
+                                         **spec["transformer"])
+    t5 = T5EncoderModel(T5Config(**spec["t5"], feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407, **spec["text"]))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=spec["resolution"],
+                        scaling_factor=0.3611, shift_factor=0.1159, **spec["vae"])
+    return transformer, t5, clip, vae
+
+
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+                  "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True}  # FLUX.1-dev's
+
+
+def t5_tokenizer():
+    """A T5 tokenizer for the FLUX presets: tests/tiny_model.py's small one (its ids lie in T5's vocabulary);
+    the T5 vocabulary itself cannot be downloaded here, and the timings do not depend on which words are read."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+    from tiny_model import tiny_t5_tokenizer
+    from train import TEMPLATES
+
+    return tiny_t5_tokenizer(TEMPLATES)
+
+
+def build_flux(preset, device, dtype, text_encoder_dtype=None):
+    """A FLUX.1 StableDiffusion (family "flux") with random weights and the preset's shapes, on `device`."""
+    from transformers import CLIPTokenizer
+
+    from flux import FluxTextEncoders
+
+    spec = PRESETS[preset]
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer, t5, clip, vae = flux_modules(spec)
+    text_encoders = FluxTextEncoders(t5, clip, CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
+    for module, module_dtype in ((transformer, dtype), (vae, dtype), (text_encoders, text_encoder_dtype or dtype)):
+        module.requires_grad_(False).eval().to(module_dtype)
+    return StableDiffusion(t5_tokenizer(), text_encoders, vae, transformer, dict(FLUX_SCHEDULER), f"random {preset}",
+                           "flux")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +330,13 @@ def write_benchmark_config(folder, sd, resolution, steps):
 
 def stock_pipeline(sd, scheduler):
     """Stock diffusers' pipeline of the model's family on the same modules."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if sd.family == "flux":
+        encoders = sd.text_encoder
+        return FluxPipeline(scheduler=scheduler, vae=sd.vae, text_encoder=encoders.clip,
+                            tokenizer=encoders.clip_tokenizer, text_encoder_2=encoders.t5, tokenizer_2=sd.tokenizer,
+                            transformer=sd.unet)
     if sd.family == "sdxl":
         tokenizer_2 = type(sd.tokenizer).from_pretrained(TOKENIZER, model_max_length=77, pad_token="!")
         return StableDiffusionXLPipeline(vae=sd.vae, text_encoder=sd.text_encoder.first,
@@ -274,6 +355,8 @@ def naive_image(sd, state, job, residual_paths, size):
     subjects = [dataclasses.replace(subject, residual=load_residual(path))
                 for subject, path in zip(job.subjects, residual_paths)]
     inputs = job_inputs(sd, dataclasses.replace(job, subjects=subjects))
+    if sd.family == "flux":
+        return naive_flux_sample(sd, state, inputs, job.sampling, 0, size)
     return naive_sample(sd, state, inputs, job.sampling, 0, size)
 
 
@@ -286,7 +369,7 @@ def bench_inference(args):
     from layout_guidance import install_guidance
 
     device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device, PRESETS[args.preset].get("family", "sd"))
     resolution = args.resolution or PRESETS[args.preset]["resolution"]
     steps = args.steps
     evaluations = 2 * steps  # every step guided, so every step runs twice (self-recurrence)
@@ -302,7 +385,7 @@ def bench_inference(args):
         # naive, in fp32 as the reference runs (--naive_images 0: left out)
         warm, job = job_for(1), job_for(steps)
         if args.naive_images:
-            state = install_naive(sd.unet)
+            state = install_naive_flux(sd.unet) if sd.family == "flux" else install_naive(sd.unet)
             residual_paths = [Path(tmp) / "cat.safetensors", Path(tmp) / "dog.safetensors"]
             naive_image(sd, state, warm, residual_paths, (resolution, resolution))
             seconds, memory = timed(device, lambda: naive_image(sd, state, job, residual_paths,
@@ -335,16 +418,26 @@ def bench_inference(args):
             seconds, memory = timed(device, recorded, args.images, "guided, recording attention")
             results["guided_recording"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
 
-        # stock diffusers, the same number of UNet evaluations
-        sd.unet.set_attn_processor(AttnProcessor2_0())
+        # stock diffusers, the same number of UNet (transformer) evaluations
+        flux = sd.family == "flux"
+        if flux:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+            sd.unet.set_attn_processor(FluxAttnProcessor())
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd.scheduler_config)
+        else:
+            sd.unet.set_attn_processor(AttnProcessor2_0())
+            scheduler = EulerDiscreteScheduler.from_config(sd.scheduler_config)
         sd.text_encoder.to(device)
-        pipeline = stock_pipeline(sd, EulerDiscreteScheduler.from_config(sd.scheduler_config))
+        pipeline = stock_pipeline(sd, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         prompt = job.settings["prompt"]
+        # FLUX: no unconditional branch, dev's distilled guidance and its 512 T5 tokens; SD: CFG 7.5
+        call = dict(guidance_scale=3.5, max_sequence_length=512) if flux else dict(guidance_scale=7.5)
 
         def stock(num_steps):
             return pipeline(prompt, height=resolution, width=resolution, num_inference_steps=num_steps,
-                            guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+                            generator=torch.Generator("cpu").manual_seed(0), output_type="np", **call)
         stock(2)
         seconds, memory = timed(device, lambda: stock(evaluations), args.images, "stock")
         results["stock"] = dict(s_per_image=seconds, s_per_eval=seconds / evaluations, peak_gb=memory)
@@ -382,7 +475,7 @@ def ratio(results, top, bottom, figure):
 
 def bench_training(args):
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from train import (MicroBatchLoss, StepSettings, Targets, Trained,  # the project's own step, data to update
                        optimisation_step)
@@ -396,11 +489,13 @@ def bench_training(args):
               for _ in range(args.photos)]
     settings = StepSettings(resolution=resolution)
     results = {}
-    for method in ("project", "naive"):
+    flux = PRESETS[args.preset].get("family") == "flux"
+    # FLUX: train.py's LoRA on T5 only; a naive step (fp32 weights, all of T5 tuned) does not fit an 80 GB GPU
+    for method in ("project",) if flux else ("project", "naive"):
         naive = method == "naive"
         weight_dtype = torch.float32 if naive else mixed
-        sd = build_model(args.preset, device, weight_dtype, text_encoder_dtype=torch.float32)
-        scheduler = DDPMScheduler.from_config(sd.scheduler_config)
+        sd = build_model(args.preset, device, weight_dtype, text_encoder_dtype=None if flux else torch.float32)
+        scheduler = (FlowMatchEulerDiscreteScheduler if flux else DDPMScheduler).from_config(sd.scheduler_config)
         if naive:
             install_naive(sd.unet)
             sd.text_encoder.set_attn_implementation("eager")
@@ -409,23 +504,31 @@ def bench_training(args):
                 enable_gradient_checkpointing(sd.unet, sd.text_encoder)
             if args.compile:
                 compile_unet(sd.unet, args.compile)
-        text_encoder = sd.text_encoder.requires_grad_(True).train()
+        ids = torch.tensor([token_ids(sd.tokenizer, "dog", sd.tokenizer.model_max_length)], device=device)
+        with torch.no_grad():
+            e0 = sd.text_encoder(ids)[0].float()
+            pooled = sd.text_encoder.pooled(["dog"]) if flux else None
+        if flux:
+            from flux import add_lora
+            add_lora(sd.text_encoder, 16)
+            text_encoder = sd.text_encoder
+        else:
+            text_encoder = sd.text_encoder.requires_grad_(True).train()
+        trainable = [p for p in text_encoder.parameters() if p.requires_grad]
         if args.use_8bit_adam and not naive:
             import bitsandbytes as bnb
-            optimizer = bnb.optim.AdamW8bit(text_encoder.parameters(), lr=5e-6, weight_decay=1e-2)
+            optimizer = bnb.optim.AdamW8bit(trainable, lr=5e-6, weight_decay=1e-2)
         else:  # as train.py: fused on CUDA
-            optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=5e-6, weight_decay=1e-2,
+            optimizer = torch.optim.AdamW(trainable, lr=5e-6, weight_decay=1e-2,
                                           fused=device.type == "cuda" and not naive)
-        ids = torch.tensor([token_ids(sd.tokenizer, "dog", 77)], device=device)
-        with torch.no_grad():
-            e0 = text_encoder(ids)[0].float()
         if not naive:  # train.py's step: accelerate's mixed precision wraps the text encoder, as there
             accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
             lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
         # the reference encodes every step's photo with the VAE; the project caches the latents
         sdxl = sd.family == "sdxl"
-        targets = Targets(ids, e0, widths=sd.text_encoder.widths if sdxl else None)
+        targets = Targets(ids, e0, widths=sd.text_encoder.widths if sdxl else None, pooled=pooled,
+                          lead=0 if flux else 1)
         loss_of = MicroBatchLoss(photos, settings, Trained(text_encoder, sd.unet, scheduler), sd.vae, targets,
                                  latent_cache_bytes=0 if naive or args.no_latent_cache else 2 ** 30,
                                  original_sizes=[(resolution, resolution)] * len(photos) if sdxl else None)
@@ -459,7 +562,7 @@ def bench_training(args):
                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                    use_8bit_adam=args.use_8bit_adam, compile=args.compile, photos=args.photos,
                    latent_cache=not args.no_latent_cache,
-                   **results, speedup_vs_naive=results["naive"]["s_per_step"] / results["project"]["s_per_step"],
+                   **results, speedup_vs_naive=ratio(results, "naive", "project", "s_per_step"),
                    versions=versions(device), date=time.strftime("%Y-%m-%d"))
     rows = [(name, f"{r['s_per_step']:.3f}", f"{r['minutes_for_4000']:.1f}", f"{r['peak_gb']:.2f}",
              f"{r['vae_encodes_per_step']:.2f}") for name, r in results.items()]
@@ -467,9 +570,11 @@ def bench_training(args):
                 f"{args.mixed_precision}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
                 f"{', 8-bit Adam' if args.use_8bit_adam else ''}{', no latent cache' if args.no_latent_cache else ''}"
                 f"{', compiled: ' + args.compile if args.compile else ''}"
-                f"; naive: fp32, hand-written attention, on {summary['versions']['device_name']}",
+                f"{'; naive: fp32, hand-written attention' if 'naive' in results else ''} on "
+                f"{summary['versions']['device_name']}",
                 ("method", "s/step", "min/4000 steps", "peak GB", "VAE encodes/step"), rows)
-    print(f"speedup_vs_naive {summary['speedup_vs_naive']:.2f}")
+    if summary["speedup_vs_naive"] is not None:
+        print(f"speedup_vs_naive {summary['speedup_vs_naive']:.2f}")
     return summary
 
 

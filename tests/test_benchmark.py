@@ -157,3 +157,25 @@ def test_sdxl_preset_has_the_real_models_shapes():
         second = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **spec["text_2"]))
     counts = [sum(p.numel() for p in module.parameters()) for module in (unet, first, second)]
     assert counts == [2_567_463_684, 123_060_480, 694_659_840]
+
+
+def test_flux_preset_runs_inference_and_training(capsys):
+    """The FLUX presets: the guided sampler, the naive one and stock FluxPipeline with as many transformer
+    evaluations; training runs train.py's LoRA step alone (no naive FLUX step fits a GPU)."""
+    summary = benchmark.main(benchmark.parse_args(
+        ["inference", "--device", "cpu", "--preset", "tiny-flux", "--steps", "1", "--images", "1"]))
+    assert summary["unet_evaluations_per_image"] == 2
+    assert all(summary[m]["s_per_image"] > 0 for m in ("guided", "naive", "stock"))
+    summary = benchmark.main(benchmark.parse_args(
+        ["training", "--device", "cpu", "--preset", "tiny-flux", "--photos", "1", "--warmup_steps", "1",
+         "--train_steps", "1"]))
+    assert summary["project"]["s_per_step"] > 0 and "naive" not in summary and summary["speedup_vs_naive"] is None
+
+
+def test_flux_preset_has_the_real_models_shapes():
+    """FLUX.1-dev's transformer, T5-XXL's encoder, CLIP ViT-L's text model and FLUX's VAE, built on the meta
+    device: their parameter counts as the checkpoints hold them."""
+    with torch.device("meta"):
+        modules = benchmark.flux_modules(benchmark.PRESETS["flux-1024"])
+    counts = [sum(p.numel() for p in module.parameters()) for module in modules]
+    assert counts == [11_901_408_320, 4_762_310_656, 123_060_480, 83_819_683]
