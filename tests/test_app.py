@@ -439,3 +439,35 @@ def test_integers_and_texts_from_callers_are_bounded():
         with pytest.raises(editor_app.UserError, match="seed: expected an integer from 0 to 9"):
             editor_app.checked_integer(value, "seed", 0, 9)
     assert editor_app.checked_integer(4.0, "seed", 0, 9) == 4
+
+
+def test_the_editor_serves_a_flux_model(tiny_flux, tmp_path):
+    """The editor's sampling on a FLUX model: the images are inference.py's for the same config and seed, the
+    further settings show flux_guidance and hide what FLUX has no use for, and sizes go by 16."""
+    import app as editor_app
+    import inference
+    from residual_utils import save_residual
+
+    for name in ("dog", "cat"):
+        save_residual(tmp_path / f"{name}.safetensors", 0.1 * torch.randn(1, 32),
+                      {"class_phrase": name, "base_model": "tiny", "family": "flux"})
+    layout = np.zeros((64, 64, 3), np.uint8)
+    layout[:, :32], layout[:, 32:] = (255, 0, 0), (0, 255, 0)
+    Image.fromarray(layout).save(tmp_path / "layout.png")
+    config = {"prompt": "a photo of a dog and a cat", "residual_dict": {"<dog>": "dog.safetensors",
+                                                                       "<cat>": "cat.safetensors"},
+              "color_context": {"255,0,0": ["<dog>", 2.5], "0,255,0": ["<cat>", 2.5]}, "layout": "layout.png",
+              "guidance_steps": 2, "guidance_weight": 0.08, "weight_negative": -1e8,
+              "subject_list": ["<dog>", "<cat>"], "num_inference_steps": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    residuals = editor_app.offered_files([tmp_path], editor_app.RESIDUAL_SUFFIXES, "residuals")
+    editor = editor_app.Editor(str(tiny_flux), "cpu", "fp32", residuals)
+    [png] = editor.generate(json.dumps(config), tmp_path / "layout.png", 3, 1)
+    [folder] = inference.main(inference.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_flux), "--inference_config", str(tmp_path / "config.json"),
+        "--output_dir", str(tmp_path / "out"), "--num_images", "1", "--seed", "3", "--resolution", "64"]))
+    assert np.array_equal(np.array(Image.open(png)), np.array(Image.open(folder / "3.png")))
+    with pytest.raises(editor_app.UserError, match="expected a multiple of 16 from 16"):
+        editor.check_size(72, 64, "the canvas")
+    shown = {key.name for key in editor_app.FURTHER_KEYS if editor.family in key.families}
+    assert "flux_guidance" in shown and not shown & {"cfg_schedule", "negative_prompt"}

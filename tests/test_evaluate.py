@@ -362,3 +362,35 @@ def test_an_inference_run_with_attention_maps_gets_every_region_score(tiny_model
     assert metrics["swap_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # two subjects in two images
     table = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
     assert float(table[0]["attention_in_region"]) == pytest.approx(metrics["attention_in_region"], abs=1e-4)
+
+
+def test_a_flux_run_gets_its_region_scores(tiny_flux, tiny_scorers, tmp_path):
+    """evaluate.py reads a FLUX run as any other: its record, its layout and its attention maps (T5's rows)."""
+    import inference
+    from residual_utils import save_residual
+
+    clip_dir, dino_dir = tiny_scorers
+    for name in ("dog", "cat"):
+        save_residual(tmp_path / f"{name}.safetensors", 0.1 * torch.randn(1, 32),
+                      {"class_phrase": name, "base_model": "tiny", "family": "flux"})
+    config = {"prompt": "a photo of a dog and a cat", "guidance_steps": 2, "guidance_weight": 0.08,
+              "weight_negative": -1e8, "subject_list": ["<dog>", "<cat>"], "save_attention": True,
+              "residual_dict": {"<dog>": str(tmp_path / "dog.safetensors"), "<cat>": str(tmp_path / "cat.safetensors")},
+              "regions": [{"phrase": "<dog>", "box": [0, 0, 0.5, 1]}, {"phrase": "<cat>", "box": [0.5, 0, 1, 1]}]}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    argv = ["--pretrained_model_name_or_path", str(tiny_flux), "--inference_config", str(tmp_path / "c.json"),
+            "--output_dir", str(tmp_path / "out"), "--num_images", "1", "--num_inference_steps", "2",
+            "--height", "64", "--width", "64"]
+    [folder] = run_cli(inference.main, inference.parse_args(argv))
+    refs = make_images(tmp_path / "refs", 2, seed=4)
+    (tmp_path / "concepts.json").write_text(json.dumps({"<cat>": str(refs), "<dog>": str(refs)}))
+    run("--results", tmp_path / "out", "--concepts", tmp_path / "concepts.json",
+        "--clip_model", clip_dir, "--dino_model", dino_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    with np.load(folder / "attention" / "0.npz") as maps:
+        dog, cat = maps["<dog>"], maps["<cat>"]
+    per_subject = metrics["regions"]["per_subject"]
+    assert per_subject["<dog>"]["box"] == [0, 0, 32, 64]
+    assert per_subject["<dog>"]["attention_in_region"][0] == pytest.approx(dog[:, :32].sum() / dog.sum(), rel=1e-5)
+    assert per_subject["<cat>"]["attention_in_region"][0] == pytest.approx(cat[:, 32:].sum() / cat.sum(), rel=1e-5)
+    assert dog[:, :32].sum() > dog[:, 32:].sum()  # the hard negative keeps <dog>'s token out of the right half
