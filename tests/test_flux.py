@@ -17,9 +17,9 @@ from naive_sampler import NaiveJointAttnProcessor, install_naive_flux, naive_flu
 from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes
 from residual_utils import load_residual, save_residual
 from text_utils import conditioning, leading_specials, token_ids
+from test_train import make_images, reset_accelerate
 from tiny_model import build_tiny_flux
 
-DREAMBENCH_DOG = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dog"
 PROMPT = "a photo of a dog and a cat"
 
 
@@ -166,8 +166,9 @@ def test_the_template_residual_by_hand_on_the_tiny_t5(tiny_flux):
 
 
 def test_train_then_compose_then_rerun(tiny_flux, tiny_model, tmp_path, capsys):
+    reset_accelerate()
     residual = train.main(train.parse_args([
-        "--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(DREAMBENCH_DOG),
+        "--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(make_images(tmp_path / "photos")),
         "--instance_prompt", "dog", "--output_dir", str(tmp_path / "dog"), "--resolution", "64",
         "--max_train_steps", "3", "--learning_rate", "1e-3", "--num_validation_images", "1",
         "--validation_inference_steps", "2", "--lora_rank", "4", "--checkpointing_steps", "0"]))
