@@ -141,20 +141,20 @@ class GuidedJointAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         g = self.guidance
-        if (not g.active or not g.maps) and g.recorder is None:
+        scale = attn.head_dim ** -0.5
+        if not g.active or not g.maps:
+            if g.recorder is not None:  # recorded apart: the stock processor still makes the output, unchanged
+                query, key, _ = joint_projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+                self.record(query, key, None, scale, g.text_length)
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = joint_projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         text_length = g.text_length
         num_image = query.shape[2] - text_length
-        scale = attn.head_dim ** -0.5
-        mask = None
-        if g.active and g.maps:
-            mask = joint_bias(query, key, text_length, g.map_for(num_image), g.strength, scale,
-                              g.self_masks.get(num_image))
+        mask = joint_bias(query, key, text_length, g.map_for(num_image), g.strength, scale,
+                          g.self_masks.get(num_image))
         if g.recorder is not None:
             self.record(query, key, mask, scale, text_length)
-        out = F.scaled_dot_product_attention(query, key, value,
-                                             attn_mask=None if mask is None else mask.to(query.dtype))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype))
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # [B, S, heads * hd]
         if encoder_hidden_states is None:
             return out

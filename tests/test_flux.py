@@ -194,6 +194,12 @@ def test_train_then_compose_then_rerun(tiny_flux, tiny_model, tmp_path, capsys):
     [again] = inference.main(inference.parse_args(["--rerun", str(folder / "config.json"),
                                                    "--output_dir", str(tmp_path / "again")]))
     assert (again / "0.png").read_bytes() == (folder / "0.png").read_bytes()
+    (tmp_path / "quiet.json").write_text(json.dumps({**config, "save_attention": False}))
+    [quiet] = inference.main(inference.parse_args(["--pretrained_model_name_or_path", str(tiny_flux),
+                                                   "--inference_config", str(tmp_path / "quiet.json"),
+                                                   "--output_dir", str(tmp_path / "quiet"), "--num_images", "1",
+                                                   "--resolution", "64"]))
+    assert (quiet / "0.png").read_bytes() == (folder / "0.png").read_bytes()  # recording changes no image
 
     # the one clear error of another family's residual, and the keys FLUX has no use for
     capsys.readouterr()
