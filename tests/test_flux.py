@@ -11,7 +11,7 @@ import torch
 import inference
 import train
 from config_keys import SamplingSettings
-from flux import GuidedJointAttnProcessor, add_lora, joint_bias
+from flux import GuidedJointAttnProcessor, add_lora, block_std, joint_bias
 from layout_guidance import SamplerInputs, generate, install_guidance, layout_weight_map
 from naive_sampler import NaiveJointAttnProcessor, install_naive_flux, naive_flux_sample
 from pipeline_utils import load_model, load_tokenizer, model_family, model_sizes
@@ -226,3 +226,14 @@ def test_train_then_compose_then_rerun(tiny_flux, tiny_model, tmp_path, capsys):
              "--output_dir", str(tmp_path / "bad")]))
     assert "was trained on FLUX.1" in capsys.readouterr().err
     assert math.isfinite(float(learned.tensor.sum()))
+
+
+def test_the_block_std_equals_torch_std_of_the_scores():
+    """std of Q K^T from sums and Gram matrices equals torch's std of the formed scores, also where the scores'
+    mean is far from 0 (keys sharing a large direction, as text states can)."""
+    torch.manual_seed(5)
+    query = torch.randn(2, 3, 40, 16)
+    key = torch.randn(2, 3, 9, 16) + 6.0 * torch.randn(16)  # a common direction: mean / std of S about 5
+    scores = query @ key.transpose(-1, -2)
+    torch.testing.assert_close(block_std(query, key), scores.flatten(1).std(dim=1), rtol=1e-5, atol=0)
+    assert block_std(query, key)[0] != block_std(query, key)[1]
