@@ -24,7 +24,7 @@ from file_utils import file_sha256, read_json, resolve_relative
 from layouts import colour_mask, read_regions, regions_color_context, render_regions
 from region_utils import read_layout
 from residual_utils import FAMILY_NAMES, find_sequence, load_residual
-from text_utils import leading_specials, token_count, token_ids, token_texts, word_ids, words_mask
+from text_utils import leading_specials, specials_note, token_count, token_ids, token_texts, word_ids, words_mask
 
 PAINTED_KEYS = tuple(key.name for key in KEYS if key.painted)  # a painted layout; `regions` (boxes) replace them
 MAX_TEXT_CHARACTERS = 10_000  # a prompt's characters: 77 tokens never take more
@@ -504,7 +504,7 @@ def checked_length(config, tokenizer, data, key):
                          f"tokens; shorten it")
     count = token_count(tokenizer, data[key])
     if count > tokenizer.model_max_length:
-        config.fail(key, f"{count} tokens (BOS and EOS included), more than the text encoder's "
+        config.fail(key, f"{count} tokens ({specials_note(tokenizer)}), more than the text encoder's "
                          f"{tokenizer.model_max_length}; shorten it")
     return count
 

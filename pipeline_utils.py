@@ -156,7 +156,7 @@ def check_model_location(model):
     """
     folder = Path(model).expanduser()
     if folder.exists():
-        parts = (FLUX_PARTS if (folder / "transformer").exists() else
+        parts = (FLUX_PARTS if (folder / "transformer").exists() or _names_flux(folder) else
                  SDXL_PARTS if (folder / "text_encoder_2").exists() else MODEL_PARTS)
         missing = [part for part in parts if not (folder / part).is_dir()]
         if missing:
@@ -165,6 +165,15 @@ def check_model_location(model):
     elif model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:  # hub ids are owner/name
         raise UserError(f"model '{model}': folder not found (and not a hub id, which is 'owner/name')")
     return model_source(model)
+
+
+def _names_flux(folder):
+    """Whether the folder's model_index.json names a FluxPipeline (read as text: it is checked, not trusted)."""
+    index = folder / "model_index.json"
+    try:
+        return index.is_file() and index.stat().st_size < 100_000 and '"FluxPipeline"' in index.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,13 +220,16 @@ def load_tokenizer(model, subfolder="tokenizer"):
     return load_clip_tokenizer(model, subfolder)
 
 
-def check_image_size(family, height, width):
+def check_image_size(family, height, width, what="--height/--width"):
     """A FLUX image's sides are multiples of 16 (the VAE's 8 times the transformer's 2 x 2 patches); SD's of 8
     are checked with the command line."""
     step = SIZE_STEPS[family]
     if height % step or width % step:
-        raise UserError(f"--height/--width {height}x{width}: a {family.upper()} image's sides are multiples of {step} "
-                        f"(e.g. {max(step, height // step * step)}x{max(step, width // step * step)})")
+        def fit(side):
+            return max(step, side // step * step)
+        size, example = ((height, fit(height)) if what == "--resolution" else
+                         (f"{height}x{width}", f"{fit(height)}x{fit(width)}"))
+        raise UserError(f"{what} {size}: a {family.upper()} image's sides are multiples of {step} (e.g. {example})")
 
 
 def load_t5_tokenizer(model, subfolder="tokenizer_2"):

@@ -11,6 +11,11 @@ def leading_specials(tokenizer):
     return len(tokenizer("").input_ids) - 1  # the empty text is those and EOS
 
 
+def specials_note(tokenizer):
+    """How a token count is meant, for messages: with CLIP's BOS and EOS, or T5's EOS (it has no BOS)."""
+    return "BOS and EOS included" if leading_specials(tokenizer) else "EOS included"
+
+
 def token_ids(tokenizer, text, length=None):
     """Ids of `text` with BOS (where the tokenizer has one) and EOS; padded (with the tokenizer's pad id) or cut to `length` if given."""
     if length is None:

@@ -32,7 +32,7 @@ from pipeline_utils import (add_compile_argument, check_compile, check_image_siz
                             enable_gradient_checkpointing, load_model, load_tokenizer, mixed_precision_dtype,
                             model_family, model_sizes)
 from residual_utils import find_sequence, save_residual
-from text_utils import conditioning, encode_ids, token_count, token_ids, word_ids, words_mask
+from text_utils import conditioning, encode_ids, specials_note, token_count, token_ids, word_ids, words_mask
 LOG_EVERY = 10  # steps between reads of the losses (each read waits for the GPU)
 
 # The textual-inversion "small" templates, in order (A.7).
@@ -420,7 +420,7 @@ def check_family_args(args, family, resolution):
     """What FLUX cannot take: a text mask ("words"), a side that is not a multiple of 16, a whole saved pipeline."""
     if family != "flux":
         return
-    check_image_size(family, resolution, resolution)
+    check_image_size(family, resolution, resolution, "--resolution")
     if args.text_length == "words":
         raise UserError("--text_length words: FLUX's transformer takes no text mask; use max (T5's 512 tokens)")
     if args.save_pipeline:
@@ -470,7 +470,7 @@ def read_prompts(tokenizer, instance_prompt, validation_prompt, token_num):
     validation_prompt = validation_prompt or f"a photo of a {instance_prompt}"
     for flag, text in (("--instance_prompt", instance_prompt), ("--validation_prompt", validation_prompt)):
         if token_count(tokenizer, text) > tokenizer.model_max_length:
-            raise UserError(f"{flag}: {token_count(tokenizer, text)} tokens (BOS and EOS included), more than the "
+            raise UserError(f"{flag}: {token_count(tokenizer, text)} tokens ({specials_note(tokenizer)}), more than the "
                             f"text encoder's {tokenizer.model_max_length}; shorten it")
     template_ids, template_positions = template_rows(tokenizer, instance_prompt, token_num)
     validation_ids = token_ids(tokenizer, validation_prompt)

@@ -237,3 +237,38 @@ def test_the_block_std_equals_torch_std_of_the_scores():
     scores = query @ key.transpose(-1, -2)
     torch.testing.assert_close(block_std(query, key), scores.flatten(1).std(dim=1), rtol=1e-5, atol=0)
     assert block_std(query, key)[0] != block_std(query, key)[1]
+
+
+def test_flux_inputs_that_are_wrong_get_one_line(tiny_flux, tmp_path, capsys):
+    """A FLUX folder without its transformer, a T5 tokenizer without vocabulary, a prompt over T5's 512 tokens,
+    an odd size, and train.py's --resolution: each one line that says what, before any weights load."""
+    import shutil
+
+    save_residual(tmp_path / "dog.safetensors", torch.zeros(1, 32), {"class_phrase": "dog", "base_model": "tiny",
+                                                                     "family": "flux"})
+    config = {"prompt": PROMPT, "residual_dict": {"<dog>": str(tmp_path / "dog.safetensors")},
+              "regions": [{"phrase": "<dog>", "box": [0, 0, 0.5, 1]}], "subject_list": ["<dog>"],
+              "guidance_steps": 2, "guidance_weight": 0.08, "weight_negative": -1e8}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    (tmp_path / "long.json").write_text(json.dumps({**config, "prompt": PROMPT + " near the forest" * 200}))
+    no_transformer = shutil.copytree(tiny_flux, tmp_path / "no_transformer", ignore=shutil.ignore_patterns("transformer"))
+    no_vocabulary = shutil.copytree(tiny_flux, tmp_path / "no_vocabulary")
+    (no_vocabulary / "tokenizer_2" / "tokenizer.json").unlink()
+    cases = [(no_transformer, "c.json", [], "not a diffusers Stable Diffusion or FLUX folder (no transformer/;"),
+             (no_vocabulary, "c.json", [], "tokenizer_2/ holds no T5 vocabulary"),
+             (tiny_flux, "long.json", [], "prompt: 609 tokens (EOS included), more than the text encoder's 512"),
+             (tiny_flux, "c.json", ["--height", "72", "--width", "64"],
+              "--height/--width 72x64: a FLUX image's sides are multiples of 16 (e.g. 64x64)")]
+    for model, name, extra, fragment in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            inference.run_cli(inference.main, inference.parse_args(
+                ["--pretrained_model_name_or_path", str(model), "--inference_config", str(tmp_path / name),
+                 "--output_dir", str(tmp_path / "out"), *extra]))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and fragment in lines[0], lines
+    with pytest.raises(SystemExit):
+        train.run_cli(train.main, train.parse_args([
+            "--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(tmp_path),
+            "--instance_prompt", "dog", "--output_dir", str(tmp_path / "t"), "--resolution", "72"]))
+    assert "--resolution 72: a FLUX image's sides are multiples of 16 (e.g. 64)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "t" / "residual.safetensors").exists()
