@@ -6,17 +6,24 @@
 Each pixel gets the nearest palette colour (or the background); each connected region of non-background
 pixels of at least MIN_AREA pixels is an object, of its pixels' majority colour. Shape from how much of its bounding box an object fills: a square fills
 it, a circle pi/4 of it, a triangle about half.
+
+The richer world (world.many_scene) adds the patterns' dark colour to the palette (objects(..., patterns=True)):
+an object is then its colour's pixels and its dark marks together, and the marks give the pattern: none (plain),
+one large mark (hollow), marks much wider than high (striped), or small round ones (dotted). by_place assigns
+the objects found to the places of a layout by their centroids.
 """
 import argparse
 
 import numpy as np
 from scipy import ndimage
 
-from world import BACKGROUND, COLOURS, scene
+from world import BACKGROUND, COLOURS, MANY_SIZE, PATTERN_COLOUR, cells, many_scene, scene
 
 PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), dtype=np.float32)  # [7, 3]
 NAMES = ["background"] + list(COLOURS)
+PATTERN_LABEL = len(NAMES)  # with patterns=True: the dark marks, after the colours
 MIN_AREA = 12  # pixels; smaller specks are noise
+HOLLOW_SHARE = 0.12  # a single dark mark of at least this share of the object is a hollow centre
 
 
 def classify_shape(fill):
@@ -28,10 +35,26 @@ def classify_shape(fill):
     return "triangle"
 
 
-def objects(image):
-    """[{colour, shape, cx, cy, area, fill}] of an RGB uint8 image [H, W, 3], largest first."""
+def classify_pattern(marks, area):
+    """The pattern of an object from its dark marks (a boolean mask) and its area in pixels."""
+    pieces, count = ndimage.label(marks)
+    if marks.sum() < 0.03 * area:
+        return "plain"
+    if count == 1 and marks.sum() >= HOLLOW_SHARE * area:
+        return "hollow"
+    ratios = []
+    for box in ndimage.find_objects(pieces):
+        height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
+        ratios.append(width / height)
+    return "striped" if np.median(ratios) >= 2 else "dotted"
+
+
+def objects(image, patterns=False):
+    """[{colour, shape, cx, cy, area, fill}] of an RGB uint8 image [H, W, 3], largest first; with patterns
+    (the richer world) each also has its pattern."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
-    distance = ((pixels[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1)  # [H, W, 7]
+    palette = np.concatenate([PALETTE, np.float32([PATTERN_COLOUR])]) if patterns else PALETTE
+    distance = ((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1)  # [H, W, 7 or 8]
     labels = distance.argmin(-1)  # 0 is the background
     regions, count = ndimage.label(labels > 0)
     found = []
@@ -41,11 +64,47 @@ def objects(image):
         if len(ys) < MIN_AREA:
             continue
         # a sampled object can shade from one palette colour into the next: its colour is the majority
-        colour = NAMES[np.bincount(labels[inside], minlength=len(NAMES)).argmax()]
+        votes = np.bincount(labels[inside], minlength=len(NAMES) + 1)[:len(NAMES)]
+        if patterns and votes.sum() == 0:
+            continue  # dark marks alone are no object
+        colour = NAMES[votes.argmax()]
         fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-        found.append({"colour": colour, "shape": classify_shape(fill), "cx": float(xs.mean() + 0.5),
-                      "cy": float(ys.mean() + 0.5), "area": int(len(ys)), "fill": round(float(fill), 3)})
+        entry = {"colour": colour, "shape": classify_shape(fill), "cx": float(xs.mean() + 0.5),
+                 "cy": float(ys.mean() + 0.5), "area": int(len(ys)), "fill": round(float(fill), 3)}
+        if patterns:
+            entry["pattern"] = classify_pattern(inside & (labels == PATTERN_LABEL), len(ys))
+        found.append(entry)
     return sorted(found, key=lambda o: -o["area"])
+
+
+def by_place(found, layout, size=MANY_SIZE):
+    """The objects found, per place of the layout (world.cells): a list per place of those whose centroid lies in
+    it, largest first. An empty list is a missing object; more than one, extra objects."""
+    places = [[] for _ in cells(layout, size)]
+    for obj in found:
+        for place, (left, top, right, bottom) in zip(places, cells(layout, size)):
+            if left <= obj["cx"] < right and top <= obj["cy"] < bottom:
+                place.append(obj)
+                break
+    return places
+
+
+def identity(obj):
+    """(shape, colour, pattern): what tells two subjects of the richer world apart."""
+    return obj["shape"], obj["colour"], obj["pattern"]
+
+
+def check_many(count):
+    """Fraction of many_scene scenes read back exactly: in every place one object, of its shape, colour and
+    pattern, and nothing else."""
+    from world import LAYOUTS
+
+    right = 0
+    for seed in range(count):
+        image, _, truth = many_scene(seed)
+        places = by_place(objects(image, patterns=True), LAYOUTS[len(truth)])
+        right += all(len(p) == 1 and identity(p[0]) == (t.shape, t.colour, t.pattern) for p, t in zip(places, truth))
+    return right / count
 
 
 def check(count):
@@ -62,9 +121,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*")
     parser.add_argument("--check", type=int, default=0, help="check on this many world.py scenes")
+    parser.add_argument("--many", action="store_true", help="the richer world's scenes (many_scene), patterns read")
     args = parser.parse_args()
     if args.check:
-        print(f"{check(args.check):.4f} of {args.check} scenes read back exactly")
+        rate = check_many(args.check) if args.many else check(args.check)
+        print(f"{rate:.4f} of {args.check} scenes read back exactly")
     from PIL import Image
     for path in args.images:
-        print(path, objects(np.array(Image.open(path).convert("RGB"))))
+        print(path, objects(np.array(Image.open(path).convert("RGB")), patterns=args.many))

@@ -7,6 +7,11 @@ ways: "a {colour} {shape}", the generic "a {shape}" (any colour), or a specific 
 one colour by itself ("a plum" is a purple circle). The specific nouns give the text encoder directions that
 carry appearance, as breeds and identities do in Stable Diffusion, so a residual on the generic noun can
 move it towards one appearance. Two objects: "... on the left and ... on the right", or "... and ...".
+
+many_scene(seed) is the richer world of the many-subjects measurements: 96 px scenes of one to four objects in
+halves, thirds or quadrants, each object with a pattern as well as a shape and a colour (plain, striped, dotted,
+or hollow: a dark centre inside a coloured border). Two objects may then share shape and colour and differ only in
+the pattern: look-alikes. Captions name the pattern as an adjective ("a striped lime", "a dotted circle").
 """
 import sys
 from dataclasses import dataclass
@@ -31,6 +36,15 @@ NOUNS = {
 }
 
 
+PATTERNS = ("plain", "striped", "dotted", "hollow")
+PATTERN_COLOUR = (35, 35, 40)  # the dark marks of a pattern, far from every colour and the background
+MANY_SIZE = 96
+LAYOUTS = {1: "centre", 2: "halves", 3: "thirds", 4: "quadrants"}  # how N objects share the image
+PLACES = {"centre": ["in the middle"], "halves": ["on the left", "on the right"],
+          "thirds": ["on the left", "in the middle", "on the right"],
+          "quadrants": ["at the top left", "at the top right", "at the bottom left", "at the bottom right"]}
+
+
 @dataclass
 class Shape:
     shape: str
@@ -38,6 +52,7 @@ class Shape:
     cx: float
     cy: float
     radius: float
+    pattern: str = "plain"
 
 
 def shape_mask(obj, size=SIZE):
@@ -56,21 +71,43 @@ def shape_mask(obj, size=SIZE):
     return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * half_base)
 
 
+def pattern_mask(obj, size):
+    """Boolean [size, size]: the pixels of an object that its pattern paints dark (within shape_mask).
+
+    striped: rows 2 px high every 6 px; dotted: discs of radius 1.6 px on a 6 px grid centred on the object;
+    hollow: the shape shrunk to half its size (the object is then a coloured border round a dark centre)."""
+    inside = shape_mask(obj, size)
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    if obj.pattern == "striped":
+        return inside & (np.floor(y - obj.cy + 1) % 6 < 2)
+    if obj.pattern == "dotted":
+        dx, dy = (x - obj.cx + 3) % 6 - 3, (y - obj.cy + 3) % 6 - 3
+        return inside & (dx ** 2 + dy ** 2 <= 1.6 ** 2)
+    if obj.pattern == "hollow":
+        core = Shape(obj.shape, obj.colour, obj.cx, obj.cy, obj.radius / 2)
+        return inside & shape_mask(core, size)
+    return np.zeros((size, size), dtype=bool)
+
+
 def render(objects, size=SIZE):
     """uint8 [size, size, 3] image of the objects on the background."""
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
     for obj in objects:
         image[shape_mask(obj, size)] = COLOURS[obj.colour]
+        if obj.pattern != "plain":
+            image[pattern_mask(obj, size)] = PATTERN_COLOUR
     return image
 
 
 def describe(obj, style):
+    """"a {colour} {shape}", "a {shape}" or "a {noun}", the pattern before it unless plain ("a striped lime")."""
+    pattern = "" if obj.pattern == "plain" else f"{obj.pattern} "
     if style == "colour":
-        return f"a {obj.colour} {obj.shape}"
+        return f"a {pattern}{obj.colour} {obj.shape}"
     if style == "generic":
-        return f"a {obj.shape}"
-    return f"a {NOUNS[obj.shape][obj.colour]}"
+        return f"a {pattern}{obj.shape}"
+    return f"a {pattern}{NOUNS[obj.shape][obj.colour]}"
 
 
 def scene(seed):
@@ -94,6 +131,53 @@ def scene(seed):
     else:
         caption = f"{a} and {b}" if rng.random() < 0.5 else f"{b} and {a}"
     return render([left, right]), caption, [left, right]
+
+
+def cells(layout, size=MANY_SIZE):
+    """The (left, top, right, bottom) pixel box of each place of a layout, in PLACES' order."""
+    half, third = size / 2, size / 3
+    return {"centre": [(0, 0, size, size)],
+            "halves": [(0, 0, half, size), (half, 0, size, size)],
+            "thirds": [(0, 0, third, size), (third, 0, 2 * third, size), (2 * third, 0, size, size)],
+            "quadrants": [(0, 0, half, half), (half, 0, size, half), (0, half, half, size), (half, half, size, size)],
+            }[layout]
+
+
+def many_scene(seed, count=None, size=MANY_SIZE):
+    """(image uint8 [96, 96, 3], caption, objects in place order) of the richer world, for one seed.
+
+    count: the number of objects (1 to 4; None: drawn, a quarter each). Each object sits in its own cell of the
+    count's layout, with a random shape, colour and pattern (a third of the scenes with two or more objects
+    hold a look-alike pair: two objects of one shape and colour with different patterns). The caption names
+    each object by colour, generically or by its noun, with its pattern, either with the places ("a striped
+    lime on the left and a red square on the right") or as a list in a random order ("a striped lime and a red
+    square").
+    """
+    rng = np.random.default_rng(seed)
+    count = count or int(rng.integers(1, 5))
+    layout = LAYOUTS[count]
+    objects = []
+    for left, top, right, bottom in cells(layout, size):
+        side = min(right - left, bottom - top)
+        radius = rng.uniform(0.26, 0.34) * side
+        margin = radius + 2
+        objects.append(Shape(SHAPES[rng.integers(3)], list(COLOURS)[rng.integers(6)],
+                             rng.uniform(left + margin, max(left + margin, right - margin)),
+                             rng.uniform(top + margin, max(top + margin, bottom - margin)), radius,
+                             PATTERNS[rng.integers(len(PATTERNS))]))
+    if count >= 2 and rng.random() < 1 / 3:  # a look-alike pair
+        first, second = rng.choice(count, 2, replace=False)
+        a, b = objects[first], objects[second]
+        b.shape, b.colour = a.shape, a.colour
+        b.pattern = PATTERNS[(PATTERNS.index(a.pattern) + 1 + rng.integers(len(PATTERNS) - 1)) % len(PATTERNS)]
+    styles = ("colour", "generic", "noun")
+    names = [describe(obj, rng.choice(styles, p=(0.4, 0.2, 0.4))) for obj in objects]
+    if count == 1 or rng.random() < 0.5:
+        parts = [f"{name} {place}" for name, place in zip(names, PLACES[layout])]
+    else:
+        parts = [names[i] for i in rng.permutation(count)]
+    caption = parts[0] if count == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return render(objects, size), caption, objects
 
 
 if __name__ == "__main__":
