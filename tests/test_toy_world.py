@@ -47,3 +47,32 @@ def test_the_analyser_sees_a_changed_pattern_a_missing_object_and_the_old_world_
     old, _, truth = world.scene(7)  # the two-object world the committed base model was trained on
     assert all(o.pattern == "plain" for o in truth) and not (old == world.PATTERN_COLOUR).all(-1).any()
     assert analyze.check(300) >= 0.98
+
+
+def test_the_many_subjects_scores_count_swaps_collapses_and_missing_places():
+    """toy/many.py's per-sample figures on rendered scenes whose truth is known: right, swapped, collapsed, empty."""
+    import many
+
+    group = many.GROUPS["3"]
+    truth = [many.CONCEPTS[name][1:] for name in group]
+
+    def scene(identities):
+        objects = []
+        for (left, top, right, bottom), found in zip(world.cells("thirds"), identities):
+            if found is not None:
+                shape, colour, pattern = found
+                objects.append(world.Shape(shape, colour, (left + right) / 2, (top + bottom) / 2, 10, pattern))
+        return world.render(objects, world.MANY_SIZE)
+
+    samples = [truth, [truth[1], truth[0], truth[2]], [truth[0], truth[0], truth[2]], [truth[0], None, truth[2]]]
+    images = np.stack([scene(s) for s in samples])
+    inside = np.zeros((96, 96), np.float32)
+    inside[:, :32] = 1  # the first subject's attention all in its place; the others spread evenly
+    maps = [{f"<{n}>": (inside if i == 0 else np.ones((96, 96), np.float32)) for i, n in enumerate(group)}] * 4
+    scores = many.score_group(group, images, maps)
+    assert scores["layout_accuracy"] == 0.25 and scores["swap_rate"] == 0.25
+    assert scores["collapse"] == 0.25 and scores["missing"] == 0.25
+    assert abs(scores["attention_in_region"] - (1 + 1 / 3 + 1 / 3) / 3) < 0.01
+    assert abs(scores["layout_accuracy_se"] - np.std([1, 0, 0, 0], ddof=1) / 2) < 1e-9
+    pooled = many.pooled([scores, scores])
+    assert pooled["swap_rate"] == 0.25 and abs(pooled["swap_rate_se"] - scores["swap_rate_se"] / np.sqrt(2)) < 1e-9

@@ -1,6 +1,7 @@
 """Train the toy world's base model: a tiny Stable Diffusion in diffusers format, on the CPU, from a seed.
 
     python toy/build_base.py --output toy/base_model          # about 30 minutes on 2 cores
+    python toy/build_base.py --world many --output toy/base_many   # the richer world (world.many_scene), 96 px
 
 1. An AutoencoderKL (~0.3 M parameters, 64 px -> 8x8x4 latents), trained on scenes of toy/world.py;
    its scaling_factor is set from the latents' spread.
@@ -24,28 +25,32 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
 from layout_guidance import SD_BETAS  # noqa: E402
 from text_utils import words_mask  # noqa: E402
-from world import scene  # noqa: E402
+from world import many_scene, scene  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip_tokenizer"
 TEXT_LENGTH = 20  # the longest caption is 15 tokens with BOS and EOS
+# The richer world: 96 px scenes of up to four objects with patterns, captions of up to 33 tokens; a UNet of three
+# levels (12, 6 and 3 latent cells a side), each with cross-attention. WORLDS[name]: (scene function, text length,
+# image side, UNet block widths).
+WORLDS = {"two": (scene, TEXT_LENGTH, 64, (64, 128)), "many": (many_scene, 40, 96, (64, 128, 128))}
 SCHEDULER = {"_class_name": "DDIMScheduler", **SD_BETAS, "steps_offset": 1, "clip_sample": False,
              "set_alpha_to_one": False, "prediction_type": "epsilon"}
 
 
-def make_vae():
+def make_vae(size=64):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
                          layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64)
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=size)
 
 
-def make_unet():
+def make_unet(size=64, widths=(64, 128)):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D",) * 2,
-                                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64,
+    return UNet2DConditionModel(sample_size=size // 8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=widths, down_block_types=("CrossAttnDownBlock2D",) * len(widths),
+                                up_block_types=("CrossAttnUpBlock2D",) * len(widths), cross_attention_dim=64,
                                 attention_head_dim=8, norm_num_groups=32)
 
 
@@ -57,11 +62,11 @@ def make_text_encoder():
                                         eos_token_id=49407, pad_token_id=49407))
 
 
-def batch_of_scenes(first_seed, size):
-    """Images [B, 3, 64, 64] in [-1, 1] and captions of scenes first_seed .. first_seed + size - 1."""
+def batch_of_scenes(first_seed, size, world=scene):
+    """Images [B, 3, S, S] in [-1, 1] and captions of scenes first_seed .. first_seed + size - 1 of `world`."""
     images, captions = [], []
     for seed in range(first_seed, first_seed + size):
-        image, caption, _ = scene(seed)
+        image, caption, _ = world(seed)
         images.append(torch.from_numpy(image).permute(2, 0, 1))
         captions.append(caption)
     return torch.stack(images).float() / 127.5 - 1, captions
@@ -72,12 +77,12 @@ def caption_masks(ids, tokenizer):
     return torch.tensor([words_mask(row.index(tokenizer.eos_token_id), len(row)) for row in ids.tolist()])
 
 
-def train_vae(vae, steps, seed, log_every=100):
+def train_vae(vae, steps, seed, world=scene, log_every=100):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     start = time.time()
     for step in range(steps):
-        pixels, _ = batch_of_scenes(10_000_000 + step * 16, 16)
+        pixels, _ = batch_of_scenes(10_000_000 + step * 16, 16, world)
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(latents).sample
@@ -92,12 +97,13 @@ def train_vae(vae, steps, seed, log_every=100):
 
 
 @torch.no_grad()
-def latent_scale(vae):
-    pixels, _ = batch_of_scenes(20_000_000, 256)
+def latent_scale(vae, world=scene):
+    pixels, _ = batch_of_scenes(20_000_000, 256, world)
     return float(1.0 / vae.encode(pixels).latent_dist.mean.std())
 
 
-def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed, log_every=100):
+def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed, world=scene,
+                    text_length=TEXT_LENGTH, log_every=100):
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER)
@@ -111,9 +117,9 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
     scale = vae.config.scaling_factor
     start = time.time()
     for step in range(steps):
-        pixels, captions = batch_of_scenes(step * batch_size, batch_size)
+        pixels, captions = batch_of_scenes(step * batch_size, batch_size, world)
         captions = ["" if rng.random() < 0.1 else c for c in captions]  # for classifier-free guidance
-        ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH,
+        ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=text_length,
                                      truncation=True).input_ids)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mean * scale
@@ -131,6 +137,23 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
         schedule.step()
         if step % log_every == 0 or step == steps - 1:
             print(f"diffusion step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+
+
+@torch.no_grad()
+def reconstruction_check(vae, count=128):
+    """Share of richer-world scenes whose VAE reconstruction the analyser reads back exactly (every object's shape,
+    colour and pattern in its place): the ceiling of any sample of the base model."""
+    from analyze import by_place, identity, objects
+    from world import LAYOUTS
+
+    pixels, _ = batch_of_scenes(30_000_000, count, many_scene)
+    images = ((vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1) + 1) * 127.5).round()
+    right = 0
+    for seed, image in zip(range(30_000_000, 30_000_000 + count), images.permute(0, 2, 3, 1).byte().numpy()):
+        truth = many_scene(seed)[2]
+        places = by_place(objects(image, patterns=True), LAYOUTS[len(truth)])
+        right += all(len(p) == 1 and identity(p[0]) == (t.shape, t.colour, t.pattern) for p, t in zip(places, truth))
+    return right / count
 
 
 def save(folder, vae, unet, text_encoder, tokenizer, settings):
@@ -153,16 +176,19 @@ def main(args):
 
     torch.manual_seed(args.seed)
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
-    vae, unet, text_encoder = make_vae(), make_unet(), make_text_encoder()
+    world, text_length, size, widths = WORLDS[args.world]
+    vae, unet, text_encoder = make_vae(size), make_unet(size, widths), make_text_encoder()
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in
               (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
     print("parameters:", counts, flush=True)
     start = time.time()
-    train_vae(vae, args.vae_steps, args.seed)
+    train_vae(vae, args.vae_steps, args.seed, world)
     vae.requires_grad_(False).eval()
-    vae.register_to_config(scaling_factor=latent_scale(vae))
+    vae.register_to_config(scaling_factor=latent_scale(vae, world))
     print(f"scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
-    train_diffusion(unet, text_encoder, vae, tokenizer, args.steps, args.batch_size, args.seed)
+    if args.world == "many":
+        print(f"VAE reconstructions read back exactly: {reconstruction_check(vae):.3f}", flush=True)
+    train_diffusion(unet, text_encoder, vae, tokenizer, args.steps, args.batch_size, args.seed, world, text_length)
     settings = dict(vars(args), parameters=counts, minutes=round((time.time() - start) / 60, 1),
                     scaling_factor=vae.config.scaling_factor, torch=torch.__version__)
     save(args.output, vae, unet, text_encoder, tokenizer, settings)
@@ -172,6 +198,8 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=str(Path(__file__).resolve().parent / "base_model"))
+    p.add_argument("--world", default="two", choices=tuple(WORLDS),
+                   help="two: world.scene (toy/base_model); many: world.many_scene, 96 px (toy/base_many)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=2000, help="UNet + text encoder steps")

@@ -53,6 +53,7 @@ from evaluate import fmt  # noqa: E402
 from region_utils import ATTENTION_FOLDER, mass_inside, read_attention  # noqa: E402
 from residual_utils import load_residual  # noqa: E402
 from world import NOUNS, Shape, render  # noqa: E402
+from many import measure_many, report_lines as many_report_lines, write_examples as write_many_examples  # noqa: E402
 
 BASE_MODEL = TOY / "base_model"
 DEFAULT_OUT = TOY / "runs"  # untracked: a default run never touches the committed figures in toy/results
@@ -143,7 +144,13 @@ def train_concept(out, name, model=BASE_MODEL, changes=None, retrain=False):
     noun, shape, colour = CONCEPTS[name]
     data = concept_images(out / "concepts" / name, shape, colour)
     folder = out / "residuals" / training_label(changes) / name
-    flags = training_flags(changes or {})
+    return trained_residual(folder, data, noun, model, training_flags(changes or {}), retrain)
+
+
+def trained_residual(folder, data, noun, model, flags, retrain=False):
+    """train.py on the photos in `data` for the instance prompt `noun` into `folder`, unless a residual trained
+    there from the same model, photos and flags is reused; the residual's path."""
+    name = folder.name
     settings = {"model_sha256": folder_sha256(model), "images_sha256": folder_sha256(data),
                 "instance_prompt": noun, "flags": flags}
     residual, record = folder / "residual.safetensors", folder / SETTINGS_FILE
@@ -225,7 +232,7 @@ def solid_layout(path, split):
     return path
 
 
-def sample(out, cell, configs, seeds, model=BASE_MODEL):
+def sample(out, cell, configs, seeds, model=BASE_MODEL, resolution=64):
     """Run inference.py's main() once on `configs` ({key: config}); returns {key: (images [S, 64, 64, 3], attention
     maps [{name: [64, 64]}] or None)}. Its messages go to out/logs/{cell}.log."""
     import inference
@@ -237,7 +244,7 @@ def sample(out, cell, configs, seeds, model=BASE_MODEL):
         paths[-1].write_text(json.dumps([config]))
     args = ["--pretrained_model_name_or_path", str(model), "--inference_config", *map(str, paths),
             "--output_dir", str(out / "images" / cell), "--num_images", str(seeds), "--batch_size", str(seeds),
-            "--seed", "1000", "--resolution", "64", "--device", "cpu", "--overwrite"]
+            "--seed", "1000", "--resolution", str(resolution), "--device", "cpu", "--overwrite"]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / f"{cell}.log", "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
@@ -564,11 +571,28 @@ def run(args):
     seeds = 8 if args.quick and args.seeds is None else (args.seeds or 32)
     ablations = not args.quick
     measurement = Measurement(out, seeds, args.retrain)
+    base_many = Path(args.base_many)
+    many_built = (base_many / "model_index.json").is_file()
+    if not many_built:
+        message = (f"{base_many}: no base model of the richer world; build it with python toy/build_base.py --world many "
+                   f"--output {base_many}")
+        if args.only_many:
+            raise SystemExit(f"error: {message}")
+        log(f"{message}; the many-subjects cells are left out")
+    if args.only_many:  # the many-subjects cells alone, for trying a change to them
+        measurement.start_sampling(3)
+        many, lookalike, examples = measure_many(measurement, BEST, args.retrain, base_many)
+        measurement.progress.close()
+        results = {"many": many, "lookalike": lookalike, "seeds": seeds, "minutes": round((time.time() - START) / 60, 1)}
+        (out / "results_many.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_many_examples(out / "examples_many.png", examples)
+        print("\n".join(many_report_lines(many, lookalike)))
+        return results
     faithful = {"config": {}, "training": {}}
     # every residual first, so the sampling's bar times sampling only
     measurement.train([faithful["training"], BEST["training"]] + [t for _, _, t in SWEEP if args.sweep])
     measurement.swap()
-    measurement.start_sampling(planned_cells(ablations, args.sweep))
+    measurement.start_sampling(planned_cells(ablations, args.sweep) + 3 * many_built)
     fidelity = measurement.fidelity(faithful, ablations)
     composition = measurement.composition(faithful, ablations)
     best_fidelity = measurement.fidelity(BEST, False)
@@ -579,12 +603,16 @@ def run(args):
                "cells": cell_table(fidelity, composition)}
     if args.sweep:
         results["sweep"] = measurement.sweep(composition["guided"])
+    if many_built:
+        results["many"], results["lookalike"], many_examples = measure_many(measurement, BEST, args.retrain, base_many)
     measurement.progress.close()
     minutes = (time.time() - START) / 60
     results.update(seeds=seeds, quick=args.quick, sampling=SAMPLING, guidance=GUIDANCE, training=TRAINING,
                    minutes=round(minutes, 1), date=time.strftime("%Y-%m-%d"))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_examples(out / "examples.png", fidelity, composition, best_fidelity, best_composition)
+    if many_built:
+        write_many_examples(out / "examples_many.png", many_examples)
     if args.results_md:
         write_report(Path(args.results_md), results, args)
     print(json.dumps({k: results[k] for k in HEADLINE} | {"best": {k: results["best"][k] for k in HEADLINE}}))
@@ -693,6 +721,8 @@ def write_report(path, results, args):
                          f"{row['attention_in_region']:.2f} | "
                          + " / ".join(f"{row['failures'][k]:.2f}" for k in FAILURES) + " | "
                          + " ".join(f"{v:.2f}" for v in row["per_pair"].values()) + " |")
+    if "many" in results:
+        lines += many_report_lines(results["many"], results["lookalike"])
     lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without its residual, "
               "four with it and four with it under the best setting; per pair, four unguided, four guided and four "
               "under the best setting.", ""]
@@ -712,6 +742,10 @@ def parse_args(argv=None):
                         "the committed figures are in toy/results)")
     p.add_argument("--retrain", action="store_true",
                    help="train the concepts again even where --out holds residuals trained with the same settings")
+    p.add_argument("--base_many", default=str(TOY / "base_many"),
+                   help="the richer world's base model (toy/build_base.py --world many; default toy/base_many)")
+    p.add_argument("--only_many", action="store_true",
+                   help="only the many-subjects cells (toy/many.py, on toy/base_many), into results_many.json")
     p.add_argument("--results_md", default=None, metavar="PATH",
                    help="also write the report's tables to PATH, e.g. toy/RESULTS.md (default: no report)")
     args = p.parse_args(argv)
