@@ -9,7 +9,7 @@ it, a circle pi/4 of it, a triangle about half.
 
 The richer world (world.many_scene) adds the patterns' dark colour to the palette (objects(..., patterns=True)):
 an object is then its colour's pixels and its dark marks together, and the marks give the pattern: none (plain),
-one large mark (hollow), marks much wider than high (striped), or small round ones (dotted). by_place assigns
+a band much wider than high (striped), a small spot (dotted) or a large centre (hollow). by_place assigns
 the objects found to the places of a layout by their centroids.
 """
 import argparse
@@ -23,7 +23,7 @@ PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), dtype=np.float32)  # [
 NAMES = ["background"] + list(COLOURS)
 PATTERN_LABEL = len(NAMES)  # with patterns=True: the dark marks, after the colours
 MIN_AREA = 12  # pixels; smaller specks are noise
-HOLLOW_SHARE = 0.12  # a single dark mark of at least this share of the object is a hollow centre
+HOLLOW_SHARE = 0.27  # dark marks of at least this share of an object (not a band) are a hollow centre
 
 
 def classify_shape(fill):
@@ -36,17 +36,16 @@ def classify_shape(fill):
 
 
 def classify_pattern(marks, area):
-    """The pattern of an object from its dark marks (a boolean mask) and its area in pixels."""
-    pieces, count = ndimage.label(marks)
-    if marks.sum() < 0.03 * area:
+    """The pattern of an object from its dark marks (a boolean mask) and its area in pixels: none is plain; marks
+    at least twice as wide as high are a band (striped); otherwise their share of the object tells a small spot
+    (dotted) from a large centre (hollow)."""
+    share = marks.sum() / area
+    if share < 0.03:
         return "plain"
-    if count == 1 and marks.sum() >= HOLLOW_SHARE * area:
-        return "hollow"
-    ratios = []
-    for box in ndimage.find_objects(pieces):
-        height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
-        ratios.append(width / height)
-    return "striped" if np.median(ratios) >= 2 else "dotted"
+    ys, xs = np.nonzero(marks)
+    if (xs.max() - xs.min() + 1) >= 2 * (ys.max() - ys.min() + 1):
+        return "striped"
+    return "hollow" if share >= HOLLOW_SHARE else "dotted"
 
 
 def objects(image, patterns=False):

@@ -9,8 +9,8 @@ carry appearance, as breeds and identities do in Stable Diffusion, so a residual
 move it towards one appearance. Two objects: "... on the left and ... on the right", or "... and ...".
 
 many_scene(seed) is the richer world of the many-subjects measurements: 96 px scenes of one to four objects in
-halves, thirds or quadrants, each object with a pattern as well as a shape and a colour (plain, striped, dotted,
-or hollow: a dark centre inside a coloured border). Two objects may then share shape and colour and differ only in
+halves, thirds or quadrants, each object with a pattern as well as a shape and a colour (plain; striped, a dark band
+across it; dotted, a dark spot in its middle; hollow, a dark centre inside a coloured border). Two objects may then share shape and colour and differ only in
 the pattern: look-alikes. Captions name the pattern as an adjective ("a striped lime", "a dotted circle").
 """
 import sys
@@ -74,17 +74,19 @@ def shape_mask(obj, size=SIZE):
 def pattern_mask(obj, size):
     """Boolean [size, size]: the pixels of an object that its pattern paints dark (within shape_mask).
 
-    striped: rows 2 px high every 6 px; dotted: discs of radius 1.6 px on a 6 px grid centred on the object;
-    hollow: the shape shrunk to half its size (the object is then a coloured border round a dark centre)."""
+    Each pattern is one coarse mark about the object's middle (a triangle's middle is a quarter radius below
+    its centre), large enough for an 8x-downsampling VAE to keep: striped, a band across the object half a
+    radius high; dotted, a disc of 0.3 radius; hollow, the shape shrunk to 0.65 of its size (the object is then
+    a coloured border round a dark centre)."""
     inside = shape_mask(obj, size)
     y, x = np.mgrid[0:size, 0:size] + 0.5
+    middle = obj.cy + (0.25 * obj.radius if obj.shape == "triangle" else 0)
     if obj.pattern == "striped":
-        return inside & (np.floor(y - obj.cy + 1) % 6 < 2)
+        return inside & (np.abs(y - middle) <= 0.25 * obj.radius)
     if obj.pattern == "dotted":
-        dx, dy = (x - obj.cx + 3) % 6 - 3, (y - obj.cy + 3) % 6 - 3
-        return inside & (dx ** 2 + dy ** 2 <= 1.6 ** 2)
+        return inside & ((x - obj.cx) ** 2 + (y - middle) ** 2 <= (0.3 * obj.radius) ** 2)
     if obj.pattern == "hollow":
-        core = Shape(obj.shape, obj.colour, obj.cx, obj.cy, obj.radius / 2)
+        core = Shape(obj.shape, obj.colour, obj.cx, obj.cy, 0.65 * obj.radius)
         return inside & shape_mask(core, size)
     return np.zeros((size, size), dtype=bool)
 
