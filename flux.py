@@ -288,7 +288,10 @@ def make_flux_velocity(transformer, inputs, settings, timesteps, guided, guidanc
         v = out[:batch]
         if plain is not None:
             push = settings.residual_guidance * (v - out[batch:])
-            v = v + (push if region is None else region * push)
+            if region is None:
+                v = v + push
+            elif guided[i][0]:  # in region: where and while the layout guides
+                v = v + region * push
         return v
 
     return velocity

@@ -409,7 +409,10 @@ def make_cfg_denoiser(unet, inputs, plan, settings, prediction_type, guidance=No
         out = out_uncond + scales[i] * (out_cond - out_uncond)
         if plain is not None:
             push = residual_guidance * (out_cond - raw[2 * batch:])
-            out = out + (push if region is None else region * push)
+            if region is None:
+                out = out + push
+            elif i < guided_steps:  # in region: where and while the layout guides
+                out = out + region * push
         if prediction_type == "v_prediction":
             return out * (-sigma / math.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
         return x - sigma * out

@@ -94,8 +94,9 @@ def test_residual_guidance_is_a_third_branch_by_hand(tiny_model):
 
 
 def test_residual_guidance_in_region_pushes_only_inside_the_subjects_regions(tiny_model):
-    """The variant residual_guidance_in_region: r (e_c - e_plain) times each latent cell's share of the subjects'
-    regions (the rows where cond and plain differ, positive in W), by hand on an 8 x 8 latent."""
+    """The variant residual_guidance_in_region: on guided steps, r (e_c - e_plain) times each latent cell's share of
+    the subjects' regions (the rows where cond and plain differ, positive in W), by hand on an 8 x 8 latent; none
+    on unguided steps."""
     sd = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
     ids = token_ids(sd.tokenizer, "a cat and a dog")
     cond, uncond = encode_ids(sd.text_encoder, [ids, token_ids(sd.tokenizer, "", len(ids))])
@@ -109,7 +110,8 @@ def test_residual_guidance_in_region_pushes_only_inside_the_subjects_regions(tin
     sigma, t, s, r = 3.0, torch.tensor(700), 5.0, 2.0
     inputs = SamplerInputs(cond[None], uncond[None], weight_map, plain=plain[None])
     settings = SamplingSettings(residual_guidance=r, residual_guidance_in_region=True)
-    denoise = make_cfg_denoiser(sd.unet, inputs, StepPlan([sigma, 0.0], [t], [s]), settings, "epsilon")
+    denoise = make_cfg_denoiser(sd.unet, inputs, StepPlan([sigma, 0.0], [t], [s], guided_steps=1), settings,
+                                "epsilon")
     x_in = x / math.sqrt(sigma ** 2 + 1)
     e = {name: sd.unet(x_in, t, encoder_hidden_states=states[None]).sample
          for name, states in (("u", uncond), ("c", cond), ("p", plain))}
@@ -120,6 +122,9 @@ def test_residual_guidance_in_region_pushes_only_inside_the_subjects_regions(tin
     everywhere = make_cfg_denoiser(sd.unet, inputs, StepPlan([sigma, 0.0], [t], [s]),
                                    SamplingSettings(residual_guidance=r), "epsilon")
     assert (everywhere(x, 0) - denoise(x, 0))[..., 4:].abs().max() > 1e-3  # outside, only the variant differs
+    # a step the layout does not guide gets no push: a lone unguided subject samples as without the variant
+    unguided = make_cfg_denoiser(sd.unet, inputs, StepPlan([sigma, 0.0], [t], [s]), settings, "epsilon")
+    torch.testing.assert_close(unguided(x, 0), x - sigma * (e["u"] + s * (e["c"] - e["u"])), rtol=1e-4, atol=1e-4)
 
 
 def test_residual_scale_and_subject_regions(tiny_model, tmp_path):
