@@ -160,7 +160,11 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     assert text.startswith("# Toy world results") and "old tables" not in text and "## Sweep" in text
     assert f"`python toy/measure.py --seeds 2 --sweep --out {out} --results_md {report}`" in text
     assert text.endswith("## Analysis\nkept by hand\n")
-    assert len(json.loads((out / "results.json").read_text())["sweep"]) == len(measure.SWEEP) + len(measure.NOUN_SWEEP)
+    swept = json.loads((out / "results.json").read_text())
+    assert len(swept["sweep"]) == len(measure.SWEEP) + len(measure.NOUN_SWEEP)
+    measure.run(measure.parse_args(["--seeds", "2", "--out", str(out)]))  # no --sweep: the earlier one is kept
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["sweep"] == swept["sweep"] and kept["sweep_date"] == swept["sweep_date"] == swept["date"]
     assert tracked_report.read_text() == before
 
 

@@ -10,7 +10,8 @@ reads every place back, and per sample:
 - swap: a place's largest object has another subject's identity, which that subject's own place lacks;
 - collapse: one subject's identity is the largest object of two places or more (its own among them or not);
 - missing: a place holds no object;
-- attention in region: the share of each subject's attention map inside its place (save_attention).
+- attention in region: the share of each subject's attention map inside its place (save_attention);
+- and, to classify the failures, per attribute the share of the objects drawn in a place that have it wrong.
 Each figure is a share of samples with its standard error, for the faithful method, the best setting, and the
 base model composing its own specific nouns with their patterns ("a striped berry and a dotted butter"; the
 noun rows guided, no residual): the ceiling.
@@ -44,6 +45,7 @@ PLACE_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))
 TRAINING = ["--resolution", str(MANY_SIZE), "--max_train_steps", "300", "--learning_rate", "1e-3",
             "--text_length", "words", "--num_validation_images", "0", "--checkpointing_steps", "0", "--seed", "0"]
 FIGURES = ("layout_accuracy", "swap_rate", "collapse", "missing", "attention_in_region")
+ATTRIBUTES = ("shape", "colour", "pattern")
 
 
 def concept_photos(folder, name, count=5, seed=0):
@@ -121,9 +123,13 @@ def score_group(group, images, maps):
     layout = LAYOUTS[len(group)]
     boxes = cells(layout)
     rows = {k: [] for k in FIGURES}
+    wrong = {k: [] for k in ATTRIBUTES}  # per object drawn in a place: which of its attributes is not its subject's
     for j, image in enumerate(images):
         places = by_place(objects(image, patterns=True), layout)
         drawn = [identity(p[0]) if p else None for p in places]
+        for d, t in zip(drawn, truth):
+            for attribute, got, want in zip(ATTRIBUTES, d or (), t):
+                wrong[attribute].append(got != want)
         rows["layout_accuracy"].append(all(d == t for d, t in zip(drawn, truth)))
         # a swap: another subject's identity in a place while that subject's own place lacks it (its look went
         # elsewhere); the same identity in its own place and another's is a collapse instead
@@ -143,6 +149,7 @@ def score_group(group, images, maps):
         values = np.asarray(values, dtype=float)
         result[figure] = float(values.mean())
         result[f"{figure}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    result["wrong_attribute"] = {k: float(np.mean(v)) if v else None for k, v in wrong.items()}
     return {**result, "examples": images[:4]}
 
 
@@ -153,6 +160,8 @@ def pooled(scores):
         result[figure] = float(np.mean([s[figure] for s in scores]))
         errors = [s[f"{figure}_se"] for s in scores]
         result[f"{figure}_se"] = None if None in errors else float(np.sqrt(np.sum(np.square(errors))) / len(errors))
+    shares = {k: [s["wrong_attribute"][k] for s in scores if s["wrong_attribute"][k] is not None] for k in ATTRIBUTES}
+    result["wrong_attribute"] = {k: float(np.mean(v)) if v else None for k, v in shares.items()}
     return result
 
 

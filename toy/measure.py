@@ -24,7 +24,8 @@ With toy/base_model (toy/build_base.py):
 3. --sweep: composition under each setting of SWEEP (the method's knobs, residual training and the variants of
    docs/METHOD.md E), and with the specific nouns in the prompt (no residual) as the base model's upper bound.
 Writes results.json, examples.png and the runs behind them to --out (default toy/runs/, untracked: the committed
-figures in toy/results/ change only when --out names that folder), nothing elsewhere; with --results_md, also the
+figures in toy/results/ change only when --out names that folder), nothing elsewhere. A run without --sweep into a
+folder whose results.json holds a sweep keeps that sweep, with the date it was measured. With --results_md, also the
 tables of a report such as toy/RESULTS.md (its hand-written analysis below the tables is kept). A progress bar
 shows the training and the sampling. Residuals trained by an earlier run into the same --out are reused when
 the settings recorded beside them match (model weights, the concept's images, the training flags); --retrain
@@ -601,8 +602,11 @@ def run(args):
                "best": {**summary(best_fidelity, best_composition), "setting": BEST,
                         "cells": cell_table(best_fidelity, best_composition)},
                "cells": cell_table(fidelity, composition)}
+    earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     if args.sweep:
-        results["sweep"] = measurement.sweep(composition["guided"])
+        results["sweep"], results["sweep_date"] = measurement.sweep(composition["guided"]), time.strftime("%Y-%m-%d")
+    elif "sweep" in earlier:  # the sweep of an earlier run into this folder is kept, with its date, until re-measured
+        results["sweep"], results["sweep_date"] = earlier["sweep"], earlier.get("sweep_date", earlier.get("date"))
     if many_built:
         results["many"], results["lookalike"], many_examples = measure_many(measurement, BEST, args.retrain, base_many)
     measurement.progress.close()
@@ -709,7 +713,7 @@ def write_report(path, results, args):
                 f"{composed[v][pair]['attention_in_region'][name]:.2f} / "
                 f"{fmt(composed[v][pair]['attention_in_region_failed'][name])}" for v in composed) + " |")
     if "sweep" in results:
-        lines += ["", "## Sweep (composition with guidance, all four pairs)", "",
+        lines += ["", f"## Sweep (composition with guidance, all four pairs; measured {results['sweep_date']})", "",
                   "Each row changes the faithful setting as its label says (E1-E4: the variants of docs/METHOD.md E). "
                   "Rows starting \"nouns\" put the specific nouns in the prompt (\"a berry and a butter\") with no "
                   "residual: what the base model itself can compose.", "",
