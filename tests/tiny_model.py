@@ -8,11 +8,7 @@ The real CLIP tokenizer (tests/fixtures/clip_tokenizer) with random 1-layer text
 """
 import argparse
 import json
-import math
-import re
-import string
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -150,32 +146,11 @@ def t5_corpus(templates):
 
 
 def tiny_t5_tokenizer(templates):
-    """A small SentencePiece-style Unigram tokenizer laid out as T5's: "<pad>" 0, "</s>" 1, "<unk>" 2, then the
-    pieces by descending score; words split on whitespace with "▁" before each, "</s>" appended. Each word of the
-    corpus (split from punctuation) is one piece scored by its log frequency; "▁" and single characters, scored
-    below every word, spell the rest, and a character outside them is "<unk>"."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    """A small SentencePiece-style Unigram tokenizer laid out as T5's (text_utils.unigram_t5_tokenizer), its pieces
+    counted from t5_corpus."""
+    from text_utils import unigram_t5_tokenizer
 
-    counts = Counter()
-    for line in t5_corpus(templates):
-        for word in line.split():
-            counts.update(re.findall(r"▁?\w+|▁?[^\w▁]", "▁" + word))
-    total = sum(counts.values())
-    words = sorted(counts, key=lambda piece: (-counts[piece], piece))
-    lowest = math.log(counts[words[-1]] / total)
-    characters = sorted(set(string.ascii_letters + string.digits + string.punctuation) - set(words))
-    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(w, math.log(counts[w] / total)) for w in words]
-              + [("▁", lowest - 1.0)] + [(c, lowest - 2.0) for c in characters])
-    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    # the pre-tokenizer and decoder transformers' T5 tokenizer rebuilds when it loads the file: no other normalizer
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(
-        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=512)
+    return unigram_t5_tokenizer(t5_corpus(templates))
 
 
 def build_tiny_flux(folder, seed=0, guidance_embeds=True):
