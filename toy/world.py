@@ -9,9 +9,10 @@ carry appearance, as breeds and identities do in Stable Diffusion, so a residual
 move it towards one appearance. Two objects: "... on the left and ... on the right", or "... and ...".
 
 many_scene(seed) is the richer world of the many-subjects measurements: 96 px scenes of one to four objects in
-halves, thirds or quadrants, each object with a pattern as well as a shape and a colour (plain; striped, a dark band
-across it; dotted, a dark spot in its middle; hollow, a dark centre inside a coloured border). Two objects may then share shape and colour and differ only in
-the pattern: look-alikes. Captions name the pattern as an adjective ("a striped lime", "a dotted circle").
+halves, thirds or quadrants, each object with a pattern as well as a shape and a colour (plain; striped, a dark
+band across it; dotted, a dark spot in its middle; hollow, a dark centre inside a coloured border). Two objects may
+then share shape and colour and differ only in the pattern: look-alikes. Captions name the pattern as an adjective
+("a striped lime", "a dotted circle").
 """
 import sys
 from dataclasses import dataclass
