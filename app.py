@@ -39,7 +39,7 @@ from PIL import Image
 import inference
 from cli_utils import ArgumentParser, MAX_IMAGE_SIDE, MAX_SEED, UserError, one_line
 from config import ConfigReader, job_layout, job_settings, parse_colour, placed_subjects, prepare_job
-from config_keys import KEY, KEYS, MAX_STEPS
+from config_keys import KEY, KEYS, MAX_STEPS, PRESETS
 from file_utils import IMAGE_EXTENSIONS, file_sha256, parse_json, read_rgb, write_json, write_png
 from layouts import DEFAULT_WEIGHT, box_mask, colour_key, draw_preview, read_region, region_colour
 from pipeline_utils import (SIZE_STEPS, load_model, load_tokenizer, model_family, model_sizes, resolve_device,
@@ -358,6 +358,14 @@ def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, 
             **{key.name: value for key, value in zip(FURTHER_KEYS, further) if value != key.default}}
 
 
+PRESET_KEYS = sorted({name for keys in PRESETS.values() for name in keys})  # the keys some preset sets
+
+
+def preset_values(preset):
+    """The values a preset gives PRESET_KEYS (the table's defaults where it gives none), for their controls."""
+    return [PRESETS[preset].get(name, KEY[name].default) for name in PRESET_KEYS]
+
+
 def whole(value):
     """A control's number as an int where it is one; a fraction is kept, for the config's check to refuse."""
     return int(value) if isinstance(value, (int, float)) and float(value).is_integer() else value
@@ -366,7 +374,7 @@ def whole(value):
 def key_control(gr, key, family):
     """The page's control of a key of the table, at the key's default; hidden where the model's family has no
     use for the key (it then stays at its default, which the config leaves out)."""
-    shown = dict(label=key.name, info=key.meaning, visible=family in key.families)
+    shown = dict(label=key.name, info=key.meaning, visible=family in key.families, elem_id=f"key_{key.name}")
     kinds = {"choice": lambda: gr.Dropdown(list(key.choices), value=key.default, **shown),
              "bool": lambda: gr.Checkbox(key.default, **shown),
              "number": lambda: gr.Number(key.default, **shown),
@@ -503,7 +511,8 @@ def build_page(editor, configs, save_dir):
                 seed = gr.Number(0, label="Seed")
                 # a slider needs a maximum above its minimum; the server's check still holds the limit
                 num_images = gr.Slider(1, max(2, limits.max_images), 1, step=1, label="Images", elem_id="num_images")
-                with gr.Accordion("Further settings (config keys; the variants are off by default)", open=False):
+                with gr.Accordion("Further settings (config keys; the variants are off by default)", open=False,
+                                  elem_id="further"):
                     further = [key_control(gr, key, editor.family) for key in FURTHER_KEYS]
             with gr.Column():
                 canvas = gr.Image(preview(new_state(size, size)), label="Layout: drag a box", interactive=False,
@@ -544,6 +553,10 @@ def build_page(editor, configs, save_dir):
         def shown_with_canvas(*values):
             return (preview(values[0]), *shown(*values))
 
+        # the preset's control sets the controls of the keys it switches, so the page shows what it runs
+        preset_targets = [further[FURTHER_KEYS.index(KEY[name])] for name in PRESET_KEYS]
+        further[FURTHER_KEYS.index(KEY["preset"])].change(preset_values, further[FURTHER_KEYS.index(KEY["preset"])],
+                                                           preset_targets)
         view = [config_view, positions, phrase]
         for control in (prompt, files, guidance_steps, guidance_weight, cfg_scale, steps, *further):
             control.change(shown, controls, view)

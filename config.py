@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cli_utils import UserError, is_finite32
-from config_keys import (DEFAULTS, FAMILY_DEFAULTS, FAMILY_REFUSED_CHOICES, KEY, KEYS, SamplingSettings,
+from config_keys import (DEFAULTS, FAMILY_DEFAULTS, FAMILY_REFUSED_CHOICES, KEY, KEYS, PRESETS, SamplingSettings,
                          sampling_settings)
 from file_utils import file_sha256, read_json, resolve_relative
 from layouts import colour_mask, read_regions, regions_color_context, render_regions
@@ -275,7 +275,9 @@ def job_settings(data, overrides=None, family="sd"):
     """Every optional key's value: the command line's overrides (None: not given), else the config's, else the
     table's default (the family's own where it has one)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    defaults = {**{k: v for k, v in DEFAULTS.items() if family in KEY[k].families}, **FAMILY_DEFAULTS.get(family, {})}
+    preset = PRESETS[overrides.get("preset", data.get("preset", KEY["preset"].default))]
+    defaults = {**{k: v for k, v in DEFAULTS.items() if family in KEY[k].families}, **FAMILY_DEFAULTS.get(family, {}),
+                **preset}
     return {**defaults, **{k: data[k] for k in defaults if k in data}, **overrides}
 
 

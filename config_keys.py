@@ -36,6 +36,19 @@ class Key:
 
 
 MAX_STEPS = 1000  # sampling steps: Stable Diffusion's schedule has 1000 timesteps
+def _json(value):
+    import json
+
+    return json.dumps(value)
+
+
+# The key `preset` switches several variants at once: the values it gives are the defaults of those keys, and a
+# key given in the config or on the command line still wins. `separated` is the setting the toy world measured
+# best for two to four subjects and look-alikes (toy/RESULTS.md).
+PRESETS = {
+    "faithful": {},
+    "separated": {"region_self_attention": True, "residual_guidance": 3.0, "residual_guidance_in_region": True},
+}
 
 KEYS = (
     # The seed's keys: all required (layout and color_context unless regions give the layout as boxes)
@@ -88,8 +101,13 @@ KEYS = (
         "much further along what the residuals change (1.5 times the sampling work)", 0.0, sampling=True,
         naive=False, editor=True),
     Key("residual_guidance_in_region", "bool", "variant: `residual_guidance` only inside the subjects' regions (a "
-        "latent cell by its share of them): the background and other phrases' regions get no push",
+        "latent cell by its share of them) and on guided steps: the background, other phrases' regions and a lone "
+        "unguided subject get no push",
         False, sampling=True, naive=False, editor=True),
+    Key("preset", "choice", "one switch for several variants: `faithful` (Cones 2 as published) or `separated` ("
+        + ", ".join(f"`{k}` {_json(v)}" for k, v in PRESETS["separated"].items()) + "; each still settable on its "
+        "own): subjects kept apart, for two to four subjects and look-alikes (measured in toy/RESULTS.md)",
+        "faithful", tuple(PRESETS), naive=False, editor=True),
 )
 KEY = {key.name: key for key in KEYS}
 DEFAULTS = {key.name: key.default for key in KEYS if not key.required and key.default is not None}
@@ -123,11 +141,6 @@ def markdown_table():
         lines.append(f"| `{key.name}` | {default} | {key.meaning}{choices} |")
     return "\n".join(lines)
 
-
-def _json(value):
-    import json
-
-    return json.dumps(value)
 
 
 if __name__ == "__main__":

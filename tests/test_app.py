@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from config_keys import PRESETS
 from conftest import ROOT
 from residual_utils import save_residual
 from test_inference import run, write_config
@@ -151,6 +152,11 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
         for name in ("cat", "dog"):  # offered by --residuals: named by file name
             type_into("#residuals input", f"{name}.safetensors")
         type_into("#steps input[type=number]", "2")
+        driver.find_element(By.CSS_SELECTOR, "#further .label-wrap").click()  # open the further settings
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#key_preset input").is_displayed())
+        type_into("#key_preset input", "separated")  # the one switch sets the keys it stands for
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#key_residual_guidance input").get_attribute("value")
+                   == "3")
         where = "#positions textarea"
         wait.until(lambda d: "<dog> -> position 8 'dog'" in d.find_element(By.CSS_SELECTOR, where).get_attribute("value"))
 
@@ -183,6 +189,7 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
     config = folder / "saved" / "my_layout.json"
     saved = json.loads(config.read_text())
     assert saved["color_context"] == {"255,0,0": ["<dog>", 2.5], "0,255,0": ["<cat>", 2.5]}
+    assert saved["preset"] == "separated" and {k: saved[k] for k in PRESETS["separated"]} == PRESETS["separated"]
     layout = np.asarray(Image.open(folder / "saved" / "my_layout_layout.png"))
     assert (layout[32, 10] == (255, 0, 0)).all() and (layout[32, 50] == (0, 255, 0)).all()
     assert (layout[1, 1] == 0).all()
@@ -430,6 +437,17 @@ def test_the_further_settings_are_the_tables_optional_keys():
     config = editor_app.page_config(editor_app.new_state(64, 64), "a dog", [], 50, 0.08, 7.5, 50, *values)
     assert config["region_self_attention"] is True and config["residual_guidance"] == 3.0
     assert not {"text_length", "guidance_schedule", "negative_prompt"} & set(config)  # defaults are left out
+
+
+def test_the_preset_control_shows_the_keys_it_sets():
+    import app as editor_app
+    from config_keys import KEY, PRESETS
+
+    separated = dict(zip(editor_app.PRESET_KEYS, editor_app.preset_values("separated")))
+    assert separated == PRESETS["separated"]
+    faithful = dict(zip(editor_app.PRESET_KEYS, editor_app.preset_values("faithful")))
+    assert faithful == {name: KEY[name].default for name in PRESETS["separated"]}
+    assert all(KEY[name].editor for name in editor_app.PRESET_KEYS)
 
 
 def test_integers_and_texts_from_callers_are_bounded():

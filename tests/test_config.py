@@ -52,6 +52,22 @@ def test_a_job_carries_the_defaults_and_its_sampling_settings(tmp_path):
         job.layout = None
 
 
+def test_a_preset_sets_its_keys_and_a_given_key_still_wins(tmp_path):
+    separated = config_keys.PRESETS["separated"]
+    assert separated and config_keys.PRESETS["faithful"] == {}
+    job = prepare_job(write_config(tmp_path, preset="separated"), clip_tokenizer(), 32, 64, 64, {})
+    assert {k: job.settings[k] for k in separated} == separated
+    assert job.sampling.residual_guidance == separated["residual_guidance"] != KEY["residual_guidance"].default
+    job = prepare_job(write_config(tmp_path, preset="separated", residual_guidance=1.5), clip_tokenizer(), 32, 64,
+                      64, {"residual_guidance_in_region": False})
+    assert job.settings["residual_guidance"] == 1.5 and job.settings["residual_guidance_in_region"] is False
+    assert job.settings["region_self_attention"] is True
+    faithful = prepare_job(write_config(tmp_path), clip_tokenizer(), 32, 64, 64, {})
+    assert {k: faithful.settings[k] for k in separated} == {k: KEY[k].default for k in separated}
+    with pytest.raises(UserError, match=r"preset: expected one of faithful, separated, got 'strong'"):
+        ConfigReader(write_config(tmp_path, preset="strong")).read()
+
+
 def test_the_naive_sampler_refuses_what_it_does_not_compute():
     tensor = torch.zeros(3, 4)
     check_computable(SamplerInputs(tensor, tensor), SamplingSettings())
