@@ -1,6 +1,7 @@
 """Does the method work? Concept fidelity, composition and layout in the toy world, through the project's code.
 
     python toy/measure.py --quick                           # 8 seeds, the main cells only, into toy/runs/
+    python toy/measure.py --quick --only_many               # 8 seeds, the many-subjects cells only (toy/many.py)
     python toy/measure.py --seeds 32 --out toy/results       # the committed figures: faithful and best setting
     python toy/measure.py --seeds 32 --sweep --out toy/results --results_md toy/RESULTS.md   # + the sweep, the report
 
@@ -574,7 +575,9 @@ def run(args):
     measurement = Measurement(out, seeds, args.retrain)
     base_many = Path(args.base_many)
     many_built = (base_many / "model_index.json").is_file()
-    if not many_built:
+    if args.quick and not args.only_many:
+        many_built = False  # --quick: the two-subject world's main cells; --quick --only_many: the many-subjects ones
+    elif not many_built:
         message = (f"{base_many}: no base model of the richer world; build it with python toy/build_base.py --world many "
                    f"--output {base_many}")
         if args.only_many:
@@ -739,7 +742,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=None, help="samples per cell (default 32; 8 with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="8 seeds and the main cells only (no sigma-CFG and text-length ablations): for iterating")
+                   help="8 seeds and the main cells only (no sigma-CFG and text-length ablations, no many-subjects "
+                        "cells unless --only_many): for iterating")
     p.add_argument("--sweep", action="store_true", help="also the sweep of knobs and variants (about 24 minutes more)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="folder for results.json, examples.png and the runs behind them (default toy/runs, untracked; "
