@@ -86,3 +86,29 @@ def test_the_many_subjects_scores_count_swaps_collapses_and_missing_places():
     assert mixed["collapse"] == 1.0 and mixed["layout_accuracy"] == 0.0
     pooled = many.pooled([scores, scores])
     assert pooled["swap_rate"] == 0.25 and abs(pooled["swap_rate_se"] - scores["swap_rate_se"] / np.sqrt(2)) < 1e-9
+
+
+def test_the_goal_table_takes_the_worst_group_and_the_faithful_baselines():
+    """toy/many.py's goal rows: swap and collapse are judged on the highest group, class kept and the wrong-token
+    control against the faithful method's own figures."""
+    import many
+
+    def cell(layout, swap, collapse):
+        return {"layout_accuracy": layout, "swap_rate": swap, "collapse": collapse}
+
+    results = {
+        "many": {"2": {"faithful": cell(0.5, 0.1, 0.0), "best": cell(0.95, 0.0, 0.0)},
+                 "3": {"faithful": cell(0.4, 0.0, 0.2), "best": cell(0.79, 0.06, 0.0)},
+                 "4": {"faithful": cell(0.3, 0.0, 0.0), "best": cell(0.70, 0.0, 0.05)}},
+        "lookalike": {"faithful": cell(0.2, 0.0, 0.5), "best": cell(0.85, 0.0, 0.01)},
+        "concept_fidelity_min": 0.4, "class_kept": 0.8, "negative_control": 0.2,
+        "best": {"concept_fidelity_min": 0.95, "class_kept": 0.79, "negative_control": 0.25}}
+    rows = {label: (faithful, best, goal, met) for label, faithful, best, goal, met in many.goal_rows(results)}
+    assert rows["layout accuracy, N = 2"][3] and not rows["layout accuracy, N = 3"][3]
+    assert rows["layout accuracy, N = 4"][3] and rows["layout accuracy, look-alike pairs"][3]
+    assert rows["swap, all N (the highest)"][:2] == (0.1, 0.06) and not rows["swap, all N (the highest)"][3]
+    assert rows["collapse, all N (the highest)"][:2] == (0.5, 0.05) and rows["collapse, all N (the highest)"][3]
+    assert rows["lowest single-concept fidelity"][3]
+    assert rows["class kept, single subject"][2] == ">= 0.80" and not rows["class kept, single subject"][3]
+    assert rows["wrong-token control"][2] == "<= 0.25" and rows["wrong-token control"][3]
+    assert sum(line.endswith("| missed |") for line in many.goal_lines(results)) == 3

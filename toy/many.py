@@ -220,6 +220,37 @@ def write_examples(path, examples, scale=2):
     canvas.save(path)
 
 
+def goal_rows(results):
+    """(goal, faithful, best, goal text, met) of the many-subjects issue's table, from a results.json with "many"
+    and the two-subject world's single-subject figures (concept_fidelity_min, class_kept, negative_control)."""
+    many, lookalike, best = results["many"], results["lookalike"], results["best"]
+    groups = [*many.values(), lookalike]
+    rows = [(f"layout accuracy, N = {n}", many[n]["faithful"]["layout_accuracy"], many[n]["best"]["layout_accuracy"],
+             ">=", goal) for n, goal in (("2", 0.90), ("3", 0.80), ("4", 0.70)) if n in many]
+    rows.append(("layout accuracy, look-alike pairs", lookalike["faithful"]["layout_accuracy"],
+                 lookalike["best"]["layout_accuracy"], ">=", 0.80))
+    for figure in ("swap_rate", "collapse"):
+        rows.append((f"{figure.replace('_rate', '')}, all N (the highest)", max(g["faithful"][figure] for g in groups),
+                     max(g["best"][figure] for g in groups), "<=", 0.05))
+    rows.append(("lowest single-concept fidelity", results["concept_fidelity_min"], best["concept_fidelity_min"],
+                 ">=", 0.90))
+    rows.append(("class kept, single subject", results["class_kept"], best["class_kept"], ">=",
+                 results["class_kept"]))
+    rows.append(("wrong-token control", results["negative_control"], best["negative_control"], "<=",
+                 round(results["negative_control"] + 0.05, 3)))
+    return [(label, f, b, f"{op} {goal:.2f}", b >= goal - 1e-9 if op == ">=" else b <= goal + 1e-9)
+            for label, f, b, op, goal in rows]
+
+
+def goal_lines(results):
+    """The report's goal table (goal_rows) in markdown."""
+    lines = ["", "## Goals of the many-subjects cells (32 seeds; single-subject rows from the two-subject world)", "",
+             "| goal | faithful | best setting | goal (best) | |", "| --- | ---: | ---: | --- | --- |"]
+    for label, f, b, goal, met in goal_rows(results):
+        lines.append(f"| {label} | {f:.2f} | {b:.2f} | {goal} | {'met' if met else 'missed'} |")
+    return lines
+
+
 def report_lines(many, lookalike):
     """The report's table of the many-subjects figures: mean (standard error) per group and setting."""
     lines = ["", "## Three and four subjects, and look-alikes (the richer world, toy/base_many)", "",
@@ -232,4 +263,12 @@ def report_lines(many, lookalike):
             lines.append(f"| {cell} | {label} | " + " | ".join(
                 f"{group[label][f]:.2f} ({group[label][f + '_se']:.2f})" if group[label][f + "_se"] is not None
                 else f"{group[label][f]:.2f}" for f in FIGURES) + " |")
+    lines += ["", "Why places fail: of the objects drawn in the places, the share whose shape, colour or pattern is not "
+              "its subject's.", "", "| cell | setting | " + " | ".join(ATTRIBUTES) + " |",
+              "| --- | --- |" + " ---: |" * len(ATTRIBUTES)]
+    for cell, group in [(f"N = {k}", v) for k, v in many.items()] + [("look-alike pairs", lookalike)]:
+        for label in ("faithful", "best", "ceiling"):
+            lines.append(f"| {cell} | {label} | " + " | ".join(
+                "-" if group[label]["wrong_attribute"][a] is None else f"{group[label]['wrong_attribute'][a]:.2f}"
+                for a in ATTRIBUTES) + " |")
     return lines
