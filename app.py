@@ -355,7 +355,14 @@ def page_config(state, prompt, residual_names, guidance_steps, guidance_weight, 
             "color_context": dict(state["color_context"]), "guidance_steps": whole(guidance_steps),
             "guidance_weight": float(guidance_weight), "layout": "layout.png", "subject_list": subjects,
             "cfg_scale": float(cfg_scale), "num_inference_steps": whole(steps),
-            **{key.name: value for key, value in zip(FURTHER_KEYS, further) if value != key.default}}
+            **{key.name: value for key, value in zip(FURTHER_KEYS, further) if value != shown_default(key, further)}}
+
+
+def shown_default(key, further):
+    """The value a config left without `key` runs with, given the FURTHER_KEYS controls' values: the preset's for
+    the keys it sets (so a key set back to the table's default under a preset is written), else the table's."""
+    preset = dict(zip((k.name for k in FURTHER_KEYS), further)).get("preset", KEY["preset"].default)
+    return PRESETS.get(preset, {}).get(key.name, key.default)
 
 
 PRESET_KEYS = sorted({name for keys in PRESETS.values() for name in keys})  # the keys some preset sets
@@ -364,6 +371,12 @@ PRESET_KEYS = sorted({name for keys in PRESETS.values() for name in keys})  # th
 def preset_values(preset):
     """The values a preset gives PRESET_KEYS (the table's defaults where it gives none), for their controls."""
     return [PRESETS[preset].get(name, KEY[name].default) for name in PRESET_KEYS]
+
+
+def loaded_values(data):
+    """The FURTHER_KEYS controls' values for a loaded config: its own keys, else its preset's, else the table's."""
+    preset = PRESETS.get(data.get("preset", KEY["preset"].default), {})
+    return [data.get(key.name, preset.get(key.name, key.default)) for key in FURTHER_KEYS]
 
 
 def whole(value):
@@ -555,8 +568,9 @@ def build_page(editor, configs, save_dir):
 
         # the preset's control sets the controls of the keys it switches, so the page shows what it runs
         preset_targets = [further[FURTHER_KEYS.index(KEY[name])] for name in PRESET_KEYS]
-        further[FURTHER_KEYS.index(KEY["preset"])].change(preset_values, further[FURTHER_KEYS.index(KEY["preset"])],
-                                                           preset_targets)
+        # (on the user's choice only: a loaded config sets every control itself, its explicit keys included)
+        further[FURTHER_KEYS.index(KEY["preset"])].input(preset_values, further[FURTHER_KEYS.index(KEY["preset"])],
+                                                          preset_targets)
         view = [config_view, positions, phrase]
         for control in (prompt, files, guidance_steps, guidance_weight, cfg_scale, steps, *further):
             control.change(shown, controls, view)
@@ -632,7 +646,7 @@ def build_page(editor, configs, save_dir):
                               value=list(data["residual_dict"].values())),
                     data["guidance_steps"], data["guidance_weight"], data.get("cfg_scale", KEY["cfg_scale"].default),
                     min(data.get("num_inference_steps", KEY["num_inference_steps"].default), limits.max_steps),
-                    json.dumps(data, indent=2), "", *(data.get(key.name, key.default) for key in FURTHER_KEYS))
+                    json.dumps(data, indent=2), "", *loaded_values(data))
 
         load_button.click(on_load, [state, load_name, height, width],
                           [state, status, canvas, prompt, files, guidance_steps, guidance_weight, cfg_scale, steps,

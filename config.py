@@ -275,7 +275,10 @@ def job_settings(data, overrides=None, family="sd"):
     """Every optional key's value: the command line's overrides (None: not given), else the config's, else the
     table's default (the family's own where it has one)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    preset = PRESETS[overrides.get("preset", data.get("preset", KEY["preset"].default))]
+    preset = overrides.get("preset", data.get("preset", KEY["preset"].default))
+    if preset not in PRESETS:
+        raise UserError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    preset = PRESETS[preset]
     defaults = {**{k: v for k, v in DEFAULTS.items() if family in KEY[k].families}, **FAMILY_DEFAULTS.get(family, {}),
                 **preset}
     return {**defaults, **{k: data[k] for k in defaults if k in data}, **overrides}

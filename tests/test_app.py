@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from config import job_settings
 from config_keys import PRESETS
 from conftest import ROOT
 from residual_utils import save_residual
@@ -189,7 +190,8 @@ def test_boxes_dragged_in_the_browser_give_inference_images(app, tiny_model, tmp
     config = folder / "saved" / "my_layout.json"
     saved = json.loads(config.read_text())
     assert saved["color_context"] == {"255,0,0": ["<dog>", 2.5], "0,255,0": ["<cat>", 2.5]}
-    assert saved["preset"] == "separated" and {k: saved[k] for k in PRESETS["separated"]} == PRESETS["separated"]
+    assert saved["preset"] == "separated" and not set(PRESETS["separated"]) & set(saved)  # the preset stands for them
+    assert {k: job_settings(saved)[k] for k in PRESETS["separated"]} == PRESETS["separated"]
     layout = np.asarray(Image.open(folder / "saved" / "my_layout_layout.png"))
     assert (layout[32, 10] == (255, 0, 0)).all() and (layout[32, 50] == (0, 255, 0)).all()
     assert (layout[1, 1] == 0).all()
@@ -448,6 +450,28 @@ def test_the_preset_control_shows_the_keys_it_sets():
     faithful = dict(zip(editor_app.PRESET_KEYS, editor_app.preset_values("faithful")))
     assert faithful == {name: KEY[name].default for name in PRESETS["separated"]}
     assert all(KEY[name].editor for name in editor_app.PRESET_KEYS)
+
+
+def test_a_key_set_back_to_its_default_under_a_preset_is_written_and_a_loaded_config_shows_what_it_runs():
+    import app as editor_app
+
+    names = [key.name for key in editor_app.FURTHER_KEYS]
+
+    def page(**values):
+        further = [values.get(key.name, key.default) for key in editor_app.FURTHER_KEYS]
+        return editor_app.page_config(editor_app.new_state(64, 64), "a dog", [], 50, 0.08, 7.5, 50, *further)
+
+    # under "separated", residual guidance turned off by hand must reach the config, or the preset's 3.0 would run
+    config = page(preset="separated", residual_guidance=0.0, region_self_attention=True,
+                  residual_guidance_in_region=True)
+    assert config["residual_guidance"] == 0.0 and "region_self_attention" not in config
+    settings = job_settings(config)
+    assert settings["residual_guidance"] == 0.0 and settings["region_self_attention"] is True
+    # loading: a config's own key wins over its preset's, the preset's over the table's
+    shown = dict(zip(names, editor_app.loaded_values({"preset": "separated", "residual_guidance": 1.5})))
+    assert shown["residual_guidance"] == 1.5 and shown["residual_guidance_in_region"] is True
+    assert shown["region_self_attention"] is True and shown["text_length"] == job_settings({})["text_length"]
+    assert dict(zip(names, editor_app.loaded_values({})))["residual_guidance"] == 0.0
 
 
 def test_integers_and_texts_from_callers_are_bounded():

@@ -8,7 +8,7 @@ import torch
 
 import config_keys
 from cli_utils import UserError
-from config import ConfigReader, prepare_job
+from config import ConfigReader, job_settings, prepare_job
 from config_keys import KEY, KEYS, SamplingSettings, markdown_table
 from conftest import ROOT, clip_tokenizer
 from layout_guidance import SamplerInputs
@@ -66,6 +66,8 @@ def test_a_preset_sets_its_keys_and_a_given_key_still_wins(tmp_path):
     assert {k: faithful.settings[k] for k in separated} == {k: KEY[k].default for k in separated}
     with pytest.raises(UserError, match=r"preset: expected one of faithful, separated, got 'strong'"):
         ConfigReader(write_config(tmp_path, preset="strong")).read()
+    with pytest.raises(UserError, match=r"preset: expected one of faithful, separated, got 'strong'"):
+        job_settings({}, {"preset": "strong"})  # a caller's override is checked too
 
 
 def test_the_naive_sampler_refuses_what_it_does_not_compute():

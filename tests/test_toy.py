@@ -10,6 +10,7 @@ import torch
 import analyze
 import measure
 import world
+from config import job_settings
 
 pytestmark = pytest.mark.model  # every test here builds or loads a model
 
@@ -113,13 +114,13 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
 
     def fidelity_cells(out, cell, residuals, seeds, position=2, **keys):
         sampled.append(cell)
-        value = 1.0 if keys.get("residual_guidance") else 0.5
+        value = 1.0 if job_settings(keys)["residual_guidance"] else 0.5  # the keys as a config resolves them
         return {n: {"fidelity": value, "class_kept": 1.0, "examples": examples} for n in measure.CONCEPTS}
 
     def composition_cells(out, cell, residuals, seeds, guided=True, nouns=False, **keys):
         sampled.append(cell)
         kinds = dict.fromkeys(measure.FAILURES, 0.0) | {"ok": 1.0}
-        return {"+".join(p): {"both_colours": 1.0, "layout_accuracy": 0.9 if keys.get("residual_guidance") else 0.6,
+        return {"+".join(p): {"both_colours": 1.0, "layout_accuracy": 0.9 if job_settings(keys)["residual_guidance"] else 0.6,
                               "leakage": 0.0, "leakage_by_shape": 0.0, "leakage_by_colour": 0.0,
                               "examples": examples, "failures": kinds,
                               "attention_by_failure": dict.fromkeys(measure.FAILURES),
@@ -165,6 +166,8 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     measure.run(measure.parse_args(["--seeds", "2", "--out", str(out)]))  # no --sweep: the earlier one is kept
     kept = json.loads((out / "results.json").read_text())
     assert kept["sweep"] == swept["sweep"] and kept["sweep_date"] == swept["sweep_date"] == swept["date"]
+    measure.run(measure.parse_args(["--seeds", "3", "--out", str(out)]))  # another seed count: not its sweep
+    assert "sweep" not in json.loads((out / "results.json").read_text())
     assert tracked_report.read_text() == before
 
 

@@ -101,7 +101,7 @@ def test_the_goal_table_takes_the_worst_group_and_the_faithful_baselines():
                  "3": {"faithful": cell(0.4, 0.0, 0.2), "best": cell(0.79, 0.06, 0.0)},
                  "4": {"faithful": cell(0.3, 0.0, 0.0), "best": cell(0.70, 0.0, 0.05)}},
         "lookalike": {"faithful": cell(0.2, 0.0, 0.5), "best": cell(0.85, 0.0, 0.01)},
-        "concept_fidelity_min": 0.4, "class_kept": 0.8, "negative_control": 0.2,
+        "seeds": 32, "concept_fidelity_min": 0.4, "class_kept": 0.8, "negative_control": 0.2,
         "best": {"concept_fidelity_min": 0.95, "class_kept": 0.79, "negative_control": 0.25}}
     rows = {label: (faithful, best, goal, met) for label, faithful, best, goal, met in many.goal_rows(results)}
     assert rows["layout accuracy, N = 2"][3] and not rows["layout accuracy, N = 3"][3]

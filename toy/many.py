@@ -244,7 +244,8 @@ def goal_rows(results):
 
 def goal_lines(results):
     """The report's goal table (goal_rows) in markdown."""
-    lines = ["", "## Goals of the many-subjects cells (32 seeds; single-subject rows from the two-subject world)", "",
+    lines = ["", f"## Goals of the many-subjects cells ({results['seeds']} seeds; single-subject rows from the "
+             "two-subject world)", "",
              "| goal | faithful | best setting | goal (best) | |", "| --- | ---: | ---: | --- | --- |"]
     for label, f, b, goal, met in goal_rows(results):
         lines.append(f"| {label} | {f:.2f} | {b:.2f} | {goal} | {'met' if met else 'missed'} |")

@@ -26,11 +26,11 @@ With toy/base_model (toy/build_base.py):
    docs/METHOD.md E), and with the specific nouns in the prompt (no residual) as the base model's upper bound.
 Writes results.json, examples.png and the runs behind them to --out (default toy/runs/, untracked: the committed
 figures in toy/results/ change only when --out names that folder), nothing elsewhere. A run without --sweep into a
-folder whose results.json holds a sweep keeps that sweep, with the date it was measured. With --results_md, also the
-tables of a report such as toy/RESULTS.md (its hand-written analysis below the tables is kept). A progress bar
-shows the training and the sampling. Residuals trained by an earlier run into the same --out are reused when
-the settings recorded beside them match (model weights, the concept's images, the training flags); --retrain
-trains them again.
+folder whose results.json holds a sweep of as many seeds keeps that sweep, with the date it was measured. With
+--results_md, also the tables of a report such as toy/RESULTS.md (its hand-written analysis below the tables is
+kept). A progress bar shows the training and the sampling. Residuals trained by an earlier run into the same --out
+are reused when the settings recorded beside them match (model weights, the concept's images, the training flags);
+--retrain trains them again.
 """
 import argparse
 import contextlib
@@ -612,9 +612,12 @@ def run(args):
                "cells": cell_table(fidelity, composition)}
     earlier = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     if args.sweep:
-        results["sweep"], results["sweep_date"] = measurement.sweep(composition["guided"]), time.strftime("%Y-%m-%d")
-    elif "sweep" in earlier:  # the sweep of an earlier run into this folder is kept, with its date, until re-measured
-        results["sweep"], results["sweep_date"] = earlier["sweep"], earlier.get("sweep_date", earlier.get("date"))
+        results.update(sweep=measurement.sweep(composition["guided"]), sweep_date=time.strftime("%Y-%m-%d"),
+                       sweep_seeds=seeds)
+    elif "sweep" in earlier and earlier.get("sweep_seeds", earlier.get("seeds")) == seeds:
+        # the sweep of an earlier run into this folder with as many seeds is kept, with its date, until re-measured
+        results.update(sweep=earlier["sweep"], sweep_date=earlier.get("sweep_date", earlier.get("date")),
+                       sweep_seeds=seeds)
     if many_built:
         results["many"], results["lookalike"], many_examples = measure_many(measurement, BEST, args.retrain, base_many)
     measurement.progress.close()
