@@ -109,6 +109,7 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     "best"; a report only where --results_md asks, keeping its analysis section. Training and sampling are
     replaced by fixed cells: this checks where the results go, in a second."""
     examples = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    no_many = ["--base_many", str(tmp_path / "no_base_many")]  # the many-subjects cells are toy/many.py's own
 
     sampled = []
 
@@ -141,7 +142,7 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     before = tracked_report.read_text()
 
     out = tmp_path / "out"
-    measure.run(measure.parse_args(["--quick", "--out", str(out)]))
+    measure.run(measure.parse_args([*no_many, "--quick", "--out", str(out)]))
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == 8 and "sweep" not in results
     assert len(sampled) == len(set(sampled)) == measure.planned_cells(ablations=False, sweep=False) == 12
@@ -155,7 +156,7 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     report = tmp_path / "report.md"
     report.write_text("old tables\n## Analysis\nkept by hand\n")
     sampled.clear()
-    measure.run(measure.parse_args(["--seeds", "2", "--sweep", "--out", str(out), "--results_md", str(report)]))
+    measure.run(measure.parse_args([*no_many, "--seeds", "2", "--sweep", "--out", str(out), "--results_md", str(report)]))
     assert len(sampled) == len(set(sampled)) == measure.planned_cells(ablations=True, sweep=True)
     text = report.read_text()
     assert text.startswith("# Toy world results") and "old tables" not in text and "## Sweep" in text
@@ -163,10 +164,10 @@ def test_results_are_written_under_out_only(tmp_path, monkeypatch):
     assert text.endswith("## Analysis\nkept by hand\n")
     swept = json.loads((out / "results.json").read_text())
     assert len(swept["sweep"]) == len(measure.SWEEP) + len(measure.NOUN_SWEEP)
-    measure.run(measure.parse_args(["--seeds", "2", "--out", str(out)]))  # no --sweep: the earlier one is kept
+    measure.run(measure.parse_args([*no_many, "--seeds", "2", "--out", str(out)]))  # no --sweep: the earlier one is kept
     kept = json.loads((out / "results.json").read_text())
     assert kept["sweep"] == swept["sweep"] and kept["sweep_date"] == swept["sweep_date"] == swept["date"]
-    measure.run(measure.parse_args(["--seeds", "3", "--out", str(out)]))  # another seed count: not its sweep
+    measure.run(measure.parse_args([*no_many, "--seeds", "3", "--out", str(out)]))  # another seed count: not its sweep
     assert "sweep" not in json.loads((out / "results.json").read_text())
     assert tracked_report.read_text() == before
 
