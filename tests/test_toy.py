@@ -182,3 +182,33 @@ def test_layout_guidance_puts_each_concepts_attention_in_its_region(tmp_path):
     print("attention_in_region guided", guided["attention_in_region"], "unguided", unguided["attention_in_region"])
     for name in pair:
         assert guided["attention_in_region"][name] > unguided["attention_in_region"][name] + 0.1
+
+
+def test_a_built_base_model_is_trained_further_with_its_vae_kept(tmp_path):
+    """build_base --init: the VAE and scaling factor stay, the UNet moves, scenes go on after the ones seen, and the
+    earlier build is recorded; a checkpoint is written mid-way. Min-SNR weights against numpy's own schedule."""
+    import build_base
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    build_base.main(build_base.parse_args(["--world", "many", "--vae_steps", "1", "--steps", "2", "--batch_size", "2",
+                                           "--output", str(first)]))
+    build_base.main(build_base.parse_args(["--world", "many", "--init", str(first), "--steps", "2", "--batch_size",
+                                           "2", "--min_snr", "5", "--save_every", "1", "--seed", "1",
+                                           "--output", str(second)]))
+    built = json.loads((second / "build.json").read_text())
+    assert built["continued_from"] == json.loads((first / "build.json").read_text())
+    assert built["scenes_seen"] == 2 * 2 + 2 * 2 and "planned_steps" not in built
+    weights = {m: [load_file(next((folder / m).glob("*.safetensors"))) for folder in (first, second)]
+               for m in ("vae", "unet")}
+    assert all(torch.equal(weights["vae"][0][k], weights["vae"][1][k]) for k in weights["vae"][0])
+    assert any(not torch.equal(weights["unet"][0][k], weights["unet"][1][k]) for k in weights["unet"][0])
+    assert json.loads((second / "vae" / "config.json").read_text())["scaling_factor"] == built["scaling_factor"]
+
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    alpha_bar = np.cumprod(1 - betas)
+    snr = alpha_bar / (1 - alpha_bar)
+    steps = np.array([0, 100, 400, 999])
+    got = build_base.min_snr_weights(torch.tensor(alpha_bar, dtype=torch.float64), torch.tensor(steps), 5.0)
+    np.testing.assert_allclose(got.numpy(), np.minimum(snr[steps], 5.0) / snr[steps], rtol=1e-12)
+    assert got[-1] == 1.0 and got[0] < 0.01

@@ -2,6 +2,8 @@
 
     python toy/build_base.py --output toy/base_model          # about 30 minutes on 2 cores
     python toy/build_base.py --world many --steps 1400 --output toy/base_many   # world.many_scene, 96 px: 49 min
+    python toy/build_base.py --world many --init toy/base_many --steps 2400 --seed 1 --min_snr 5 \
+        --output toy/base_many        # trained further: --init keeps the VAE, build.json keeps the earlier build
 
 1. An AutoencoderKL (~0.3 M parameters, 64 px -> 8x8x4 latents), trained on scenes of toy/world.py;
    its scaling_factor is set from the latents' spread.
@@ -13,6 +15,7 @@ Written as fp16 safetensors with the tokenizer and an SD scheduler config, so in
 like any Stable Diffusion (with text length "words").
 """
 import argparse
+import copy
 import json
 import sys
 import time
@@ -102,13 +105,23 @@ def latent_scale(vae, world=scene):
     return float(1.0 / vae.encode(pixels).latent_dist.mean.std())
 
 
+def min_snr_weights(alphas_cumprod, timesteps, gamma):
+    """Per sample min(SNR, gamma) / SNR of its timestep, SNR = alpha_bar / (1 - alpha_bar) (epsilon prediction)."""
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed, world=scene,
-                    text_length=TEXT_LENGTH, log_every=100):
+                    text_length=TEXT_LENGTH, first_scene=0, lr=5e-4, min_snr=0.0, checkpoint=None,
+                    log_every=100):
+    """checkpoint: (every, save(step)) to write the model every `every` steps, or None. min_snr: gamma > 0 weights
+    each sample's loss by min(SNR, gamma) / SNR (Min-SNR weighting: the nearly clean timesteps, which say little
+    about what is drawn where, count less); 0 is the plain mean squared error."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
@@ -117,7 +130,7 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
     scale = vae.config.scaling_factor
     start = time.time()
     for step in range(steps):
-        pixels, captions = batch_of_scenes(step * batch_size, batch_size, world)
+        pixels, captions = batch_of_scenes(first_scene + step * batch_size, batch_size, world)
         captions = ["" if rng.random() < 0.1 else c for c in captions]  # for classifier-free guidance
         ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=text_length,
                                      truncation=True).input_ids)
@@ -129,7 +142,11 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
         states = text_encoder(ids)[0]
         pred = unet(noisy, timesteps, encoder_hidden_states=states,
                     encoder_attention_mask=caption_masks(ids, tokenizer)).sample
-        loss = F.mse_loss(pred, noise)
+        if min_snr > 0:
+            per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr)).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -137,6 +154,8 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
         schedule.step()
         if step % log_every == 0 or step == steps - 1:
             print(f"diffusion step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+        if checkpoint is not None and (step + 1) % checkpoint[0] == 0 and step + 1 < steps:
+            checkpoint[1](step + 1)
 
 
 @torch.no_grad()
@@ -154,6 +173,18 @@ def reconstruction_check(vae, count=128):
         places = by_place(objects(image, patterns=True), LAYOUTS[len(truth)])
         right += all(len(p) == 1 and identity(p[0]) == (t.shape, t.colour, t.pattern) for p, t in zip(places, truth))
     return right / count
+
+
+def load_built(folder):
+    """(vae, unet, text_encoder, build settings) of a model this script wrote, in float32 to train further."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).requires_grad_(False).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+    return vae, unet, text_encoder, json.loads((folder / "build.json").read_text())
 
 
 def save(folder, vae, unet, text_encoder, tokenizer, settings):
@@ -177,24 +208,40 @@ def main(args):
     torch.manual_seed(args.seed)
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
     world, text_length, size, widths = WORLDS[args.world]
-    vae, unet, text_encoder = make_vae(size), make_unet(size, widths), make_text_encoder()
+    start, checks, first_scene = time.time(), {}, 0
+    if args.init:  # train a built model further: its VAE as it is, scenes after the ones it has seen
+        vae, unet, text_encoder, earlier = load_built(args.init)
+        first_scene = earlier.get("scenes_seen", earlier["steps"] * earlier["batch_size"])
+        checks = {"continued_from": earlier}
+    else:
+        vae, unet, text_encoder = make_vae(size), make_unet(size, widths), make_text_encoder()
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in
               (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
     print("parameters:", counts, flush=True)
-    start = time.time()
-    train_vae(vae, args.vae_steps, args.seed, world)
-    vae.requires_grad_(False).eval()
-    vae.register_to_config(scaling_factor=latent_scale(vae, world))
-    print(f"scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
-    checks = {}
-    if args.world == "many":  # a sample can be no better than a reconstruction: recorded with the build
-        checks["vae_reconstructions_exact"] = round(reconstruction_check(vae), 3)
-        print(f"VAE reconstructions read back exactly: {checks['vae_reconstructions_exact']:.3f}", flush=True)
-    train_diffusion(unet, text_encoder, vae, tokenizer, args.steps, args.batch_size, args.seed, world, text_length)
-    settings = dict(vars(args), parameters=counts, minutes=round((time.time() - start) / 60, 1),
-                    scaling_factor=vae.config.scaling_factor, torch=torch.__version__, **checks)
-    save(args.output, vae, unet, text_encoder, tokenizer, settings)
-    print(f"wrote {args.output} in {settings['minutes']} min", flush=True)
+    if not args.init:
+        train_vae(vae, args.vae_steps, args.seed, world)
+        vae.requires_grad_(False).eval()
+        vae.register_to_config(scaling_factor=latent_scale(vae, world))
+        print(f"scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+        if args.world == "many":  # a sample can be no better than a reconstruction: recorded with the build
+            checks["vae_reconstructions_exact"] = round(reconstruction_check(vae), 3)
+            print(f"VAE reconstructions read back exactly: {checks['vae_reconstructions_exact']:.3f}", flush=True)
+
+    def settings(steps):
+        return dict(vars(args), steps=steps, parameters=counts, minutes=round((time.time() - start) / 60, 1),
+                    scaling_factor=vae.config.scaling_factor, torch=torch.__version__,
+                    scenes_seen=first_scene + steps * args.batch_size, **checks)
+
+    def checkpoint(steps):  # a model to look at while the build goes on, and what a stopped build leaves
+        save(args.output, copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text_encoder), tokenizer,
+             dict(settings(steps), planned_steps=args.steps))
+        print(f"wrote {args.output} at step {steps}", flush=True)
+
+    train_diffusion(unet, text_encoder, vae, tokenizer, args.steps, args.batch_size, args.seed, world, text_length,
+                    first_scene, args.lr, args.min_snr, (args.save_every, checkpoint) if args.save_every else None)
+    built = settings(args.steps)
+    save(args.output, vae, unet, text_encoder, tokenizer, built)
+    print(f"wrote {args.output} in {built['minutes']} min", flush=True)
 
 
 def parse_args(argv=None):
@@ -206,6 +253,12 @@ def parse_args(argv=None):
     p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=2000, help="UNet + text encoder steps")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4, help="the diffusion training's peak learning rate")
+    p.add_argument("--min_snr", type=float, default=0.0,
+                   help="Min-SNR loss weighting with this gamma (5 is usual); 0: the plain mean squared error")
+    p.add_argument("--save_every", type=int, default=0, help="also write the model every this many steps")
+    p.add_argument("--init", default=None,
+                   help="a model this script built: train its UNet and text encoder further (its VAE is kept)")
     return p.parse_args(argv)
 
 
