@@ -112,3 +112,25 @@ def test_the_goal_table_takes_the_worst_group_and_the_faithful_baselines():
     assert rows["class kept, single subject"][2] == ">= 0.80" and not rows["class kept, single subject"][3]
     assert rows["wrong-token control"][2] == "<= 0.25" and rows["wrong-token control"][3]
     assert sum(line.endswith("| missed |") for line in many.goal_lines(results)) == 3
+
+
+def test_the_base_model_check_reads_its_own_scenes_right_and_sees_a_wrong_pattern():
+    """check_base.py's captions name every object by noun and place, and its scoring reads the world's own scenes
+    as exact; one changed pattern is one wrong attribute, a blank image a missing place."""
+    import check_base
+
+    for count in range(1, 5):
+        for seed, (caption, truth) in zip(range(check_base.FIRST_SCENE + 100 * count, 10 ** 9),
+                                          check_base.captioned_scenes(count)):
+            image, _, found = world.many_scene(seed, count)
+            assert caption.count(" a ") + caption.startswith("a ") == count
+            for obj, place in zip(found, world.PLACES[world.LAYOUTS[count]]):
+                assert f"{world.describe(obj, 'noun')} {place}" in caption
+            [(exact, missing, wrong)] = check_base.score([image], truth)
+            assert exact and not missing and not any(any(w) for w in wrong)
+            changed = [world.Shape(**{**vars(o)}) for o in found]
+            changed[0].pattern = "hollow" if changed[0].pattern != "hollow" else "plain"
+            [(exact, _, wrong)] = check_base.score([world.render(changed, world.MANY_SIZE)], truth)
+            assert not exact and wrong[0] == [False, False, True]
+    blank = np.full((96, 96, 3), world.BACKGROUND, dtype=np.uint8)
+    assert check_base.score([blank], truth) == [(False, True, [None] * 4)]
