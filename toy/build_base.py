@@ -4,6 +4,7 @@
     python toy/build_base.py --world many --steps 1400 --output toy/base_many   # world.many_scene, 96 px: 49 min
     python toy/build_base.py --world many --init toy/base_many --steps 2400 --seed 1 --min_snr 5 \
         --output toy/base_many        # trained further: --init keeps the VAE, build.json keeps the earlier build
+    bash toy/build_many.sh            # toy/base_many as committed: three such runs
 
 1. An AutoencoderKL (~0.3 M parameters, 64 px -> 8x8x4 latents), trained on scenes of toy/world.py;
    its scaling_factor is set from the latents' spread.
@@ -191,6 +192,9 @@ def save(folder, vae, unet, text_encoder, tokenizer, settings):
     folder = Path(folder)
     for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
         module.to(torch.float16).save_pretrained(folder / name)
+        config = folder / name / "config.json"  # a model trained further names the folder it came from: not kept
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != "_name_or_path"}, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))

@@ -583,8 +583,7 @@ def run(args):
     if args.quick and not args.only_many:
         many_built = False  # --quick: the two-subject world's main cells; --quick --only_many: the many-subjects ones
     elif not many_built:
-        message = (f"{base_many}: no base model of the richer world; build it with python toy/build_base.py --world many "
-                   f"--steps 1400 --output {base_many}")
+        message = f"{base_many}: no base model of the richer world; build it with bash toy/build_many.sh {base_many}"
         if args.only_many:
             raise SystemExit(f"error: {message}")
         log(f"{message}; the many-subjects cells are left out")
