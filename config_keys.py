@@ -107,8 +107,9 @@ KEYS = (
     Key("preset", "choice", "one switch for several variants: `faithful` (Cones 2 as published) or `separated` ("
         + ", ".join(f"`{k}` {_json(v)}" for k, v in PRESETS["separated"].items()) + "; each still settable on its "
         "own): subjects kept apart; in the toy world two subjects are placed right in 0.875 of samples against 0.58 "
-        "and look-alike pairs in 0.88 against 0.11, at about three times the sampling time; not for three or more "
-        "subjects: with four it leaves places empty (placed right 0.00 against 0.41; toy/RESULTS.md)",
+        "and look-alike pairs in 0.88 against 0.11, at about three times the sampling time; for three or more "
+        "subjects set `residual_guidance` 1 beside it (four subjects placed right 0.38 against 0.00 at 3 and "
+        "0.41 faithful; toy/RESULTS.md)",
         "faithful", tuple(PRESETS), naive=False, editor=True),
 )
 KEY = {key.name: key for key in KEYS}
