@@ -20,8 +20,8 @@ With toy/base_model (toy/build_base.py):
    - ablations: sigma vs constant CFG, text length "adaptive" and "max", the residual on the wrong token (a
      negative control), and as an upper bound the specific noun's embedding put in the generic noun's place.
    Every figure is measured twice: with the faithful method (today's keys of results.json) and with BEST, the
-   best setting the sweep found (results.json "best", with its "setting"). The residuals are trained once:
-   BEST changes only sampling.
+   best setting the sweep found (results.json "best", with its "setting"; the many-subjects cells use
+   BEST_MANY and record it beside their figures). The residuals are trained once: BEST changes only sampling.
 3. --sweep: composition under each setting of SWEEP (the method's knobs, residual training and the variants of
    docs/METHOD.md E), and with the specific nouns in the prompt (no residual) as the base model's upper bound.
 Writes results.json, examples.png and the runs behind them to --out (default toy/runs/, untracked: the committed
