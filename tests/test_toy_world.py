@@ -72,6 +72,7 @@ def test_the_many_subjects_scores_count_swaps_collapses_and_missing_places():
     scores = many.score_group(group, images, maps)
     assert scores["layout_accuracy"] == 0.25 and scores["swap_rate"] == 0.25
     assert scores["collapse"] == 0.25 and scores["missing"] == 0.25
+    assert scores["leakage"] == 0.5  # the swap and the collapse put a colour where its subject is not; empty is none
     assert abs(scores["attention_in_region"] - (1 + 1 / 3 + 1 / 3) / 3) < 0.01
     assert abs(scores["layout_accuracy_se"] - np.std([1, 0, 0, 0], ddof=1) / 2) < 1e-9
     assert scores["wrong_attribute"] == {k: 3 / 11 for k in many.ATTRIBUTES}  # 3 of the 11 objects drawn
@@ -83,7 +84,7 @@ def test_the_many_subjects_scores_count_swaps_collapses_and_missing_places():
     mixed = many.score_group(pair, world.render(halves, world.MANY_SIZE)[None],
                              [{f"<{n}>": np.ones((96, 96), np.float32) for n in pair}])
     assert mixed["wrong_attribute"] == {"shape": 0.0, "colour": 0.0, "pattern": 0.5}
-    assert mixed["collapse"] == 1.0 and mixed["layout_accuracy"] == 0.0
+    assert mixed["collapse"] == 1.0 and mixed["layout_accuracy"] == 0.0 and mixed["leakage"] == 1.0
     pooled = many.pooled([scores, scores])
     assert pooled["swap_rate"] == 0.25 and abs(pooled["swap_rate_se"] - scores["swap_rate_se"] / np.sqrt(2)) < 1e-9
 

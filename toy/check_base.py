@@ -1,10 +1,11 @@
 """How well a base model of the richer world draws its own captions: unguided samples, read back.
 
     python toy/check_base.py toy/base_many                 # 16 seeds per caption, 16 captions: ~2 minutes
+    python toy/check_base.py toy/base_flux                 # the toy FLUX (toy/build_flux.py)
 
 For N = 1 .. 4 objects, four scenes of world.many_scene each, captioned with their places and specific nouns
 as in its training ("a striped berry on the left and a dotted butter on the right"), sampled with measure.py's
-settings without layout guidance or residual and read back by analyze.py. Per N: the share of samples with every
+settings (a toy FLUX's: toy/many.py FLUX_SAMPLING) without layout guidance or residual and read back by analyze.py. Per N: the share of samples with every
 place's largest object right (shape, colour and pattern), the share with a place empty, and per attribute the
 share of the drawn objects that have it wrong. Nothing of the method is involved: this is what any composition on
 the model is bounded by. Writes {out}/check_base.json and prints a table.
@@ -56,17 +57,17 @@ def share(values):
 def check(model, out, seeds):
     """{"N": {n: {exact, exact_se, missing, missing_se, wrong: {attribute: share}}}} of the model."""
     import measure
-    from many import layout_file
+    from many import layout_file, recipe
 
-    out = Path(out)
-    zero = measure.unlabelled_residual(out / "zero.pt", torch.zeros(1, 64))
+    out, model = Path(out), recipe(model)
+    zero = measure.unlabelled_residual(out / f"zero_{model.family}.pt", torch.zeros(1, model.width), model.family)
     scenes = {f"{n}_{i}": (caption, truth) for n in range(1, 5)
               for i, (caption, truth) in enumerate(captioned_scenes(n))}
     configs = {key: {"prompt": caption, "residual_dict": {"<none>": str(zero)},
                      "color_context": {"255,0,0": ["<none>", 2.5]}, "layout": str(layout_file(out, 1)),
-                     "subject_list": [["<none>", 1]], **measure.GUIDANCE, "guidance_steps": 0, **measure.SAMPLING}
+                     "subject_list": [["<none>", 1]], **measure.GUIDANCE, **model.sampling, "guidance_steps": 0}
                for key, (caption, _) in scenes.items()}
-    results = measure.sample(out, "check_base", configs, seeds, Path(model), MANY_SIZE)
+    results = measure.sample(out, "check_base", configs, seeds, model.model, MANY_SIZE)
     report = {}
     for n in range(1, 5):
         rows = [row for key, (images, _) in results.items() if key.startswith(f"{n}_")
@@ -78,7 +79,7 @@ def check(model, out, seeds):
                           "wrong": {a: float(np.mean([w[i] for w in drawn])) if drawn else None
                                     for i, a in enumerate(ATTRIBUTES)},
                           "captions": [scenes[f"{n}_{i}"][0] for i in range(SCENES_PER_N)]}
-    return {"model": str(model), "seeds": seeds, "N": report}
+    return {"model": str(model.model), "seeds": seeds, "N": report}
 
 
 def table(report):
@@ -92,7 +93,8 @@ def table(report):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a base model folder (toy/build_base.py --world many)")
+    p.add_argument("model", help="a base model folder of the richer world (toy/build_base.py --world many, "
+                                 "toy/build_flux.py)")
     p.add_argument("--seeds", type=int, default=16, help="samples per caption")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "runs" / "check_base"))
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ Each figure is a share of samples with its standard error, for the faithful meth
 base model composing its own specific nouns with their patterns ("a striped berry and a dotted butter"; the
 noun rows guided, no residual): the ceiling.
 """
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,36 @@ LOOKALIKES = (("striped_blue_circle", "dotted_blue_circle"), ("dotted_yellow_squ
 PLACE_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))
 TRAINING = ["--resolution", str(MANY_SIZE), "--max_train_steps", "300", "--learning_rate", "1e-3",
             "--text_length", "words", "--num_validation_images", "0", "--checkpointing_steps", "0", "--seed", "0"]
+# The toy FLUX (toy/build_flux.py) has no unconditional branch, so no CFG, and its transformer takes no text mask:
+# T5's rows padded to the tokenizer's 40 ("max"), in sampling as in training, as FluxPipeline passes them.
+FLUX_SAMPLING = {"text_length": "max", "num_inference_steps": 30}
+FLUX_TRAINING = [("max" if flag == "words" else flag) for flag in TRAINING]
 FIGURES = ("layout_accuracy", "swap_rate", "collapse", "missing", "attention_in_region")
 ATTRIBUTES = ("shape", "colour", "pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a toy base model is sampled and its residuals are trained, by its family."""
+    model: Path
+    family: str  # "sd" (toy/base_many) or "flux" (toy/base_flux)
+    sampling: dict  # config keys
+    training: list  # train.py flags
+    width: int  # the text conditioning's width: a zero residual's
+
+    @property
+    def name(self):
+        return Path(self.model).name
+
+
+def recipe(model=BASE_MANY):
+    """The Recipe of a toy base model: measure.SAMPLING and TRAINING for a toy UNet, FLUX's own for a toy FLUX."""
+    from measure import SAMPLING
+    from pipeline_utils import model_family, model_sizes
+
+    family = model_family(str(model))
+    sampling, training = (FLUX_SAMPLING, FLUX_TRAINING) if family == "flux" else (SAMPLING, TRAINING)
+    return Recipe(Path(model), family, sampling, training, model_sizes(str(model))[0])
 
 
 def concept_photos(folder, name, count=5, seed=0):
@@ -59,12 +88,15 @@ def concept_photos(folder, name, count=5, seed=0):
     return folder
 
 
-def train_all(out, names, retrain=False, model=BASE_MANY):
-    """{concept: residual path}, each trained by train.py (or reused: measure.trained_residual)."""
+def train_all(out, names, retrain=False, model=None):
+    """{concept: residual path}, each trained by train.py (or reused: measure.trained_residual). model: a Recipe
+    (default toy/base_many's); a toy FLUX's residuals go to a folder of their own."""
     from measure import trained_residual
 
-    return {name: trained_residual(out / "residuals_many" / name, concept_photos(out / "concepts_many" / name, name),
-                                   CONCEPTS[name][0], model, TRAINING, retrain) for name in names}
+    model = model or recipe()
+    folder = out / ("residuals_many" if model.family == "sd" else f"residuals_{model.name}")
+    return {name: trained_residual(folder / name, concept_photos(out / "concepts_many" / name, name),
+                                   CONCEPTS[name][0], model.model, model.training, retrain) for name in names}
 
 
 def layout_file(out, count):
@@ -98,11 +130,12 @@ def noun_positions(tokenizer, words, prompt):
     return positions
 
 
-def group_config(out, tokenizer, group, residuals, ceiling=False, **keys):
+def group_config(out, tokenizer, group, residuals, ceiling=False, sampling=None, **keys):
     """The config of one group: its subjects' generic nouns (or, for the ceiling, "{pattern} {specific noun}"
-    with zero residuals) each guided into its place."""
+    with zero residuals) each guided into its place. sampling: the model's sampling keys (default measure.SAMPLING)."""
     from measure import GUIDANCE, SAMPLING, subject
 
+    sampling = sampling or SAMPLING
     words = []
     for name in group:
         noun, shape, colour, pattern = CONCEPTS[name]
@@ -113,8 +146,8 @@ def group_config(out, tokenizer, group, residuals, ceiling=False, **keys):
     names = [subject(name) for name in group]
     return {"prompt": prompt, "residual_dict": {n: str(residuals[name]) for n, name in zip(names, group)},
             "color_context": {",".join(map(str, c)): [n, 2.5] for c, n in zip(PLACE_COLOURS, names)},
-            "guidance_steps": SAMPLING["num_inference_steps"], **GUIDANCE, "layout": str(layout_file(out, len(group))),
-            "subject_list": [[n, p] for n, p in zip(names, positions)], "save_attention": True, **SAMPLING, **keys}
+            "guidance_steps": sampling["num_inference_steps"], **GUIDANCE, "layout": str(layout_file(out, len(group))),
+            "subject_list": [[n, p] for n, p in zip(names, positions)], "save_attention": True, **sampling, **keys}
 
 
 def score_group(group, images, maps):
@@ -122,7 +155,7 @@ def score_group(group, images, maps):
     truth = [CONCEPTS[name][1:] for name in group]  # (shape, colour, pattern) per place
     layout = LAYOUTS[len(group)]
     boxes = cells(layout)
-    rows = {k: [] for k in FIGURES}
+    rows = {k: [] for k in FIGURES + ("leakage",)}
     wrong = {k: [] for k in ATTRIBUTES}  # per object drawn in a place: which of its attributes is not its subject's
     for j, image in enumerate(images):
         places = by_place(objects(image, patterns=True), layout)
@@ -137,6 +170,9 @@ def score_group(group, images, maps):
                                      for d, t in zip(drawn, truth)))
         rows["collapse"].append(any(sum(d == t for d in drawn) >= 2 for t in set(truth)))
         rows["missing"].append(any(d is None for d in drawn))
+        # leakage: a place's object wears a colour or pattern that its own subject lacks and another subject has
+        rows["leakage"].append(any(d is not None and any(
+            (d[k] != t[k] and any(o[k] == d[k] for o in truth if o != t)) for k in (1, 2)) for d, t in zip(drawn, truth)))
         inside = []
         for name, (left, top, right, bottom) in zip(group, boxes):
             mask = np.zeros((MANY_SIZE, MANY_SIZE), dtype=bool)
@@ -153,10 +189,82 @@ def score_group(group, images, maps):
     return {**result, "examples": images[:4]}
 
 
+def single_config(out, tokenizer, name, residual, wrong_token=False, sampling=None, **keys):
+    """"a {generic noun}" with one residual, unguided, on the whole image: on the noun, or (wrong_token) on "a"."""
+    from measure import GUIDANCE, SAMPLING, subject
+
+    noun = CONCEPTS[name][0]
+    prompt = f"a {noun}"
+    position = noun_positions(tokenizer, [noun], prompt)[0] - wrong_token
+    return {"prompt": prompt, "residual_dict": {subject(name): str(residual)},
+            "color_context": {",".join(map(str, PLACE_COLOURS[0])): [subject(name), 2.5]}, **GUIDANCE,
+            "layout": str(layout_file(out, 1)), "subject_list": [[subject(name), position]],
+            **(sampling or SAMPLING), "guidance_steps": 0, **keys}
+
+
+def score_single(name, images):
+    """fidelity: the largest object wears the concept's colour and pattern; colour: its colour alone; class_kept:
+    it has the concept's shape (the generic noun's class)."""
+    _, shape, colour, pattern = CONCEPTS[name]
+    largest = [found[0] if found else None for found in (objects(image, patterns=True) for image in images)]
+    return {"fidelity": float(np.mean([o is not None and (o["colour"], o["pattern"]) == (colour, pattern)
+                                       for o in largest])),
+            "colour": float(np.mean([o is not None and o["colour"] == colour for o in largest])),
+            "class_kept": float(np.mean([o is not None and o["shape"] == shape for o in largest])),
+            "examples": images[:4]}
+
+
+def measure_single(measurement, best, model, retrain=False):
+    """The single-subject cells in the richer world, per concept: "a {noun}" with its residual ("with"), with a
+    zero residual ("without"), and with its residual on "a" ("wrong_token", the negative control), under the
+    faithful method, and with and wrong_token under the best setting. {"faithful": {variant: {concept: score}},
+    "best": ...}."""
+    from measure import log, sample, unlabelled_residual
+    from pipeline_utils import load_tokenizer
+    from residual_utils import load_residual
+
+    out, names = measurement.out, tuple(CONCEPTS)
+    residuals = train_all(out, names, retrain, model)
+    folder = out / "residuals_many"
+    zero = {n: unlabelled_residual(folder / f"zero_{model.family}_{model.width}" / f"{n}.pt",
+                                   torch.zeros(1, model.width), model.family) for n in names}
+    unlabelled = {n: unlabelled_residual(folder / f"unlabelled_{model.name}" / f"{n}.pt", load_residual(p).tensor,
+                                         model.family) for n, p in residuals.items()}
+    tokenizer = load_tokenizer(str(model.model))
+    cells = {"faithful": {"with": (residuals, False, {}), "without": (zero, False, {}),
+                          "wrong_token": (unlabelled, True, {})},
+             "best": {"with": (residuals, False, best["config"]), "wrong_token": (unlabelled, True, best["config"])}}
+    scores = {}
+    for setting, variants in cells.items():
+        for variant, (files, wrong, keys) in variants.items():
+            label = f"{model.name}-single-{setting}-{variant}"
+            configs = {n: single_config(out, tokenizer, n, files[n], wrong, model.sampling, **keys) for n in names}
+            if measurement.progress is not None:
+                measurement.progress.set_postfix_str(label)
+            results = sample(out, label, configs, measurement.seeds, model.model, MANY_SIZE)
+            if measurement.progress is not None:
+                measurement.progress.update()
+            scores.setdefault(setting, {})[variant] = {n: score_single(n, images) for n, (images, _) in results.items()}
+            log(f"{label}: " + ", ".join(f"{n} {c['fidelity']:.2f}" for n, c in scores[setting][variant].items()))
+    return scores
+
+
+def single_summary(cells):
+    """results.json's single-subject figures of one setting's cells (measure.py's keys)."""
+    def mean(variant, key):
+        return float(np.mean([c[key] for c in cells[variant].values()]))
+
+    return {"concept_fidelity_with": mean("with", "fidelity"),
+            **({"concept_fidelity_without": mean("without", "fidelity")} if "without" in cells else {}),
+            "class_kept": mean("with", "class_kept"), "negative_control": mean("wrong_token", "fidelity"),
+            "concept_fidelity_min": min(c["fidelity"] for c in cells["with"].values()),
+            "concept_colour_with": mean("with", "colour")}
+
+
 def pooled(scores):
     """The mean of several groups' figures (look-alike pairs), standard errors combined as of a mean."""
     result = {}
-    for figure in FIGURES:
+    for figure in [f for f in FIGURES + ("leakage",) if all(f in s for s in scores)]:
         result[figure] = float(np.mean([s[figure] for s in scores]))
         errors = [s[f"{figure}_se"] for s in scores]
         result[f"{figure}_se"] = None if None in errors else float(np.sqrt(np.sum(np.square(errors))) / len(errors))
@@ -165,31 +273,38 @@ def pooled(scores):
     return result
 
 
-def measure_many(measurement, best, retrain=False, model=BASE_MANY):
+def measure_many(measurement, best, retrain=False, model=None, unguided=False):
     """results.json's "many" ({"2", "3", "4"}) and "lookalike": per group the faithful method, the best setting
-    and the ceiling, with the best setting's keys. measurement: measure.Measurement (its out, seeds, progress)."""
+    and the ceiling, with the best setting's keys (and, with unguided, the faithful residuals without layout
+    guidance). measurement: measure.Measurement (its out, seeds, progress); model: a Recipe (default toy/base_many's)."""
     from measure import log, sample, unlabelled_residual
     from pipeline_utils import load_tokenizer
 
+    model = model or recipe()
     out, seeds = measurement.out, measurement.seeds
     names = sorted({n for g in GROUPS.values() for n in g} | {n for p in LOOKALIKES for n in p})
     residuals = train_all(out, names, retrain, model)
-    zero = {n: unlabelled_residual(out / "residuals_many" / "zero" / f"{n}.pt", torch.zeros(1, 64)) for n in names}
-    tokenizer = load_tokenizer(str(model))
+    zero = {n: unlabelled_residual(out / "residuals_many" / f"zero_{model.family}_{model.width}" / f"{n}.pt",
+                                   torch.zeros(1, model.width), model.family) for n in names}
+    tokenizer = load_tokenizer(str(model.model))
     groups = {**GROUPS, **{f"lookalike_{i}": pair for i, pair in enumerate(LOOKALIKES)}}
     settings = {"faithful": (residuals, False, {}), "best": (residuals, False, best["config"]),
                 "ceiling": (zero, True, {})}
+    if unguided:
+        settings["unguided"] = (residuals, False, {"guidance_steps": 0})
     scores = {}
+    prefix = "many" if model.family == "sd" else f"{model.name}-many"
     for label, (files, ceiling, keys) in settings.items():
-        configs = {g: group_config(out, tokenizer, members, files, ceiling, **keys) for g, members in groups.items()}
+        configs = {g: group_config(out, tokenizer, members, files, ceiling, model.sampling, **keys)
+                   for g, members in groups.items()}
         if measurement.progress is not None:
-            measurement.progress.set_postfix_str(f"many-{label}")
-        results = sample(out, f"many-{label}", configs, seeds, model, MANY_SIZE)
+            measurement.progress.set_postfix_str(f"{prefix}-{label}")
+        results = sample(out, f"{prefix}-{label}", configs, seeds, model.model, MANY_SIZE)
         if measurement.progress is not None:
             measurement.progress.update()
         for g, (images, maps) in results.items():
             scores.setdefault(g, {})[label] = score_group(groups[g], images, maps)
-        log(f"many {label}: " + ", ".join(f"{g} {scores[g][label]['layout_accuracy']:.2f}" for g in groups))
+        log(f"{prefix} {label}: " + ", ".join(f"{g} {scores[g][label]['layout_accuracy']:.2f}" for g in groups))
     many = {g: {label: strip(s) for label, s in scores[g].items()} for g in GROUPS}
     lookalike = {label: pooled([scores[f"lookalike_{i}"][label] for i in range(len(LOOKALIKES))])
                  for label in settings}
@@ -200,6 +315,52 @@ def measure_many(measurement, best, retrain=False, model=BASE_MANY):
     lookalike["setting"] = best["config"]
     examples = {g: {label: scores[g][label]["examples"] for label in settings} for g in groups}
     return many, lookalike, examples
+
+
+def sweep_groups(measurement, model, rows, retrain=False):
+    """[row]: every group (N = 2, 3, 4 and the look-alike pairs) with the trained residuals under each (label,
+    config keys) of `rows`: layout accuracy per group, swap, collapse, missing and leakage at their highest over
+    the groups, attention in region at its mean."""
+    from measure import log, sample
+    from pipeline_utils import load_tokenizer
+
+    names = sorted({n for g in GROUPS.values() for n in g} | {n for p in LOOKALIKES for n in p})
+    residuals = train_all(measurement.out, names, retrain, model)
+    tokenizer = load_tokenizer(str(model.model))
+    groups = {**GROUPS, **{f"lookalike_{i}": pair for i, pair in enumerate(LOOKALIKES)}}
+    result = []
+    for i, (label, keys) in enumerate(rows):
+        configs = {g: group_config(measurement.out, tokenizer, members, residuals, False, model.sampling, **keys)
+                   for g, members in groups.items()}
+        if measurement.progress is not None:
+            measurement.progress.set_postfix_str(f"{model.name}-sweep-{i}")
+        sampled = sample(measurement.out, f"{model.name}-sweep-{i}", configs, measurement.seeds, model.model,
+                         MANY_SIZE)
+        if measurement.progress is not None:
+            measurement.progress.update()
+        scores = {g: score_group(groups[g], images, maps) for g, (images, maps) in sampled.items()}
+        lookalike = pooled([scores[f"lookalike_{j}"] for j in range(len(LOOKALIKES))])
+        cells = [scores[g] for g in GROUPS] + [lookalike]
+        row = {"setting": label, "config": keys,
+               "layout_accuracy": {**{g: scores[g]["layout_accuracy"] for g in GROUPS},
+                                   "lookalike": lookalike["layout_accuracy"]},
+               **{f: max(c[f] for c in cells) for f in ("swap_rate", "collapse", "missing", "leakage")},
+               "attention_in_region": float(np.mean([c["attention_in_region"] for c in cells]))}
+        result.append(row)
+        log(f"{model.name} sweep {label}: " + ", ".join(f"{g} {v:.2f}" for g, v in row["layout_accuracy"].items()))
+    return result
+
+
+def sweep_lines(rows, model):
+    lines = ["", f"## Sweep on {model} (the faithful residuals; each row changes the faithful setting as it says)", "",
+             "| setting | N = 2 | N = 3 | N = 4 | look-alikes | swap | collapse | missing | leakage | attention |",
+             "| --- |" + " ---: |" * 9]
+    for row in rows:
+        a = row["layout_accuracy"]
+        lines.append(f"| {row['setting']} | {a['2']:.2f} | {a['3']:.2f} | {a['4']:.2f} | {a['lookalike']:.2f} | "
+                     + " | ".join(f"{row[f]:.2f}" for f in ("swap_rate", "collapse", "missing", "leakage",
+                                                            "attention_in_region")) + " |")
+    return lines
 
 
 def strip(score):
@@ -242,25 +403,27 @@ def goal_rows(results):
             for label, f, b, op, goal in rows]
 
 
-def goal_lines(results):
-    """The report's goal table (goal_rows) in markdown."""
-    lines = ["", f"## Goals of the many-subjects cells ({results['seeds']} seeds; single-subject rows from the "
-             "two-subject world)", "",
+def goal_lines(results, source=None):
+    """The report's goal table (goal_rows) in markdown. source: what the figures are of (default: toy/base_many's
+    groups with the two-subject world's single-subject rows)."""
+    source = source or f"{results['seeds']} seeds; single-subject rows from the two-subject world"
+    lines = ["", f"## Goals of the many-subjects cells ({source})", "",
              "| goal | faithful | best setting | goal (best) | |", "| --- | ---: | ---: | --- | --- |"]
     for label, f, b, goal, met in goal_rows(results):
         lines.append(f"| {label} | {f:.2f} | {b:.2f} | {goal} | {'met' if met else 'missed'} |")
     return lines
 
 
-def report_lines(many, lookalike):
+def report_lines(many, lookalike, model="toy/base_many"):
     """The report's table of the many-subjects figures: mean (standard error) per group and setting."""
-    lines = ["", "## Three and four subjects, and look-alikes (the richer world, toy/base_many)", "",
+    labels = [label for label in ("faithful", "best", "ceiling", "unguided") if label in lookalike]
+    lines = ["", f"## Three and four subjects, and look-alikes (the richer world, {model})", "",
              "Share of samples (standard error): layout accuracy, swap, collapse, missing; attention in region is "
              "the mean share of the subjects' attention inside their places. Ceiling: the base model's own "
              "specific nouns with their patterns, no residual.", "",
              "| cell | setting | " + " | ".join(FIGURES) + " |", "| --- | --- |" + " ---: |" * len(FIGURES)]
     for cell, group in [(f"N = {k}", v) for k, v in many.items()] + [("look-alike pairs", lookalike)]:
-        for label in ("faithful", "best", "ceiling"):
+        for label in labels:
             lines.append(f"| {cell} | {label} | " + " | ".join(
                 f"{group[label][f]:.2f} ({group[label][f + '_se']:.2f})" if group[label][f + "_se"] is not None
                 else f"{group[label][f]:.2f}" for f in FIGURES) + " |")
@@ -268,7 +431,7 @@ def report_lines(many, lookalike):
               "its subject's.", "", "| cell | setting | " + " | ".join(ATTRIBUTES) + " |",
               "| --- | --- |" + " ---: |" * len(ATTRIBUTES)]
     for cell, group in [(f"N = {k}", v) for k, v in many.items()] + [("look-alike pairs", lookalike)]:
-        for label in ("faithful", "best", "ceiling"):
+        for label in labels:
             lines.append(f"| {cell} | {label} | " + " | ".join(
                 "-" if group[label]["wrong_attribute"][a] is None else f"{group[label]['wrong_attribute'][a]:.2f}"
                 for a in ATTRIBUTES) + " |")

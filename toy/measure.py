@@ -4,6 +4,8 @@
     python toy/measure.py --quick --only_many               # 8 seeds, the many-subjects cells only (toy/many.py)
     python toy/measure.py --seeds 32 --out toy/results       # the committed figures: faithful and best setting
     python toy/measure.py --seeds 32 --sweep --out toy/results --results_md toy/RESULTS.md   # + the sweep, the report
+    python toy/measure.py --base toy/base_flux --seeds 32 --out toy/results   # the toy FLUX (toy/build_flux.py)
+    python toy/measure.py --base toy/base_flux --quick                          # 8 seeds, for trying a change
 
 With toy/base_model (toy/build_base.py):
 1. `train.py` learns a residual for four concepts named by generic nouns ("circle" = a blue circle,
@@ -24,6 +26,12 @@ With toy/base_model (toy/build_base.py):
    BEST_MANY and record it beside their figures). The residuals are trained once: BEST changes only sampling.
 3. --sweep: composition under each setting of SWEEP (the method's knobs, residual training and the variants of
    docs/METHOD.md E), and with the specific nouns in the prompt (no residual) as the base model's upper bound.
+4. --base MODEL: a model of the richer world instead, the toy FLUX (toy/base_flux) or toy/base_many, measured in
+   that world alone (toy/many.py): per concept of toy/many.py "a {noun}" with its residual, without it and on the
+   wrong token (faithful and BEST_MANY), the groups of N = 2, 3, 4 and the look-alike pairs (faithful, BEST_MANY,
+   the model's own nouns, and unguided), and with --sweep BASE_SWEEP on every group. The figures keep the keys
+   above (the two-subject ones from the N = 2 group) under results.json[model folder name]; the rest of results.json
+   stays. A toy FLUX is sampled without CFG (it has no unconditional branch) at text length "max".
 Writes results.json, examples.png and the runs behind them to --out (default toy/runs/, untracked: the committed
 figures in toy/results/ change only when --out names that folder), nothing elsewhere. A run without --sweep into a
 folder whose results.json holds a sweep of as many seeds keeps that sweep, with the date it was measured. With
@@ -56,7 +64,7 @@ from region_utils import ATTENTION_FOLDER, mass_inside, read_attention  # noqa: 
 from residual_utils import load_residual  # noqa: E402
 from world import NOUNS, Shape, render  # noqa: E402
 from many import (goal_lines as many_goal_lines, measure_many, report_lines as many_report_lines,  # noqa: E402
-                  write_examples as write_many_examples)
+                  sweep_lines as many_sweep_lines, write_examples as write_many_examples)
 
 BASE_MODEL = TOY / "base_model"
 DEFAULT_OUT = TOY / "runs"  # untracked: a default run never touches the committed figures in toy/results
@@ -85,6 +93,23 @@ BEST = {"config": {"preset": "separated"}, "training": {}}
 # (toy/RESULTS.md). A lone subject is sampled as under BEST (E5), so the single-subject goals hold for both.
 BEST_MANY = {"config": {"preset": "separated", "residual_guidance": 1.0}, "training": {}}
 E4_E3 = {"region_self_attention": True, "residual_guidance": 3.0}
+# The sweep of a --base run (toy/many.py sweep_groups): the method's knobs and variants on every group.
+BASE_SWEEP = [
+    ("faithful", {}),
+    ("guidance_weight 0 (self-recurrence only)", {"guidance_weight": 0.0}),
+    ("guidance_weight 0.04", {"guidance_weight": 0.04}),
+    ("guidance_weight 0.2", {"guidance_weight": 0.2}),
+    ("guidance_weight 0.5", {"guidance_weight": 0.5}),
+    ("weight_negative -1 (a soft negative)", {"weight_negative": -1.0}),
+    ("guidance_steps 10", {"guidance_steps": 10}),
+    ("E1 guidance_schedule constant", {"guidance_schedule": "constant"}),
+    ("E2 residual_scale 2", {"residual_scale": 2.0}),
+    ("E4 region_self_attention", {"region_self_attention": True}),
+    ("E4 + E3 residual_guidance 1", {"region_self_attention": True, "residual_guidance": 1.0}),
+    ("E4 + E3 residual_guidance 3", E4_E3),
+    ("E4 + E3 1 + E5 (BEST_MANY)", BEST_MANY["config"]),
+    ("E4 + E3 3 + E5 (preset separated)", BEST["config"]),
+]
 # The sweep: (label, config keys, training flags); all cells guided unless the keys say otherwise.
 SWEEP = [
     ("faithful", {}, {}),
@@ -202,10 +227,17 @@ def fixed_residual(path, tensor, noun):
     return path
 
 
-def unlabelled_residual(path, tensor):
-    """A residual file without a class phrase (a plain tensor), which inference lets sit on any token."""
+def unlabelled_residual(path, tensor, family="sd"):
+    """A residual file without a class phrase, which inference lets sit on any token: a plain tensor (.pt) for
+    Stable Diffusion; for another family safetensors recording only the family (a plain tensor reads as SD's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(tensor, path)
+    if family == "sd":
+        torch.save(tensor, path)
+        return path
+    from safetensors.torch import save_file
+
+    path = path.with_suffix(".safetensors")
+    save_file({"residual": tensor.float().contiguous()}, str(path), metadata={"family": family})
     return path
 
 
@@ -580,6 +612,8 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = 8 if args.quick and args.seeds is None else (args.seeds or 32)
+    if args.base:
+        return run_base(args, out, seeds)
     ablations = not args.quick
     measurement = Measurement(out, seeds, args.retrain)
     base_many = Path(args.base_many)
@@ -637,7 +671,53 @@ def run(args):
     return results
 
 
+def run_base(args, out, seeds):
+    """--base MODEL (a model of the richer world: toy/base_flux, toy/base_many): its single-subject and
+    many-subjects cells in the richer world, under measure.py's keys, into results.json under the model's folder
+    name (the rest of an earlier results.json in --out kept)."""
+    from many import measure_single, recipe, single_summary, sweep_groups
+
+    model = recipe(args.base)
+    measurement = Measurement(out, seeds, args.retrain)
+    # the single-subject cells (3 faithful, 2 best), the four group settings, the sweep's rows
+    measurement.start_sampling(5 + 4 + len(BASE_SWEEP) * args.sweep)
+    single = measure_single(measurement, BEST_MANY, model, args.retrain)
+    many, lookalike, examples = measure_many(measurement, BEST_MANY, args.retrain, model, unguided=True)
+    sweep = sweep_groups(measurement, model, BASE_SWEEP, args.retrain) if args.sweep else None
+    measurement.progress.close()
+    pair = many["2"]
+
+    def two(label):  # the two-subject figures of measure.py's keys, from the N = 2 group
+        return {"layout_accuracy_with_guidance": pair[label]["layout_accuracy"], "leakage": pair[label]["leakage"],
+                "attention_in_region_with_guidance": pair[label]["attention_in_region"]}
+
+    block = {**single_summary(single["faithful"]), **two("faithful"),
+             "layout_accuracy_without_guidance": pair["unguided"]["layout_accuracy"],
+             "attention_in_region_without_guidance": pair["unguided"]["attention_in_region"],
+             "best": {**single_summary(single["best"]), **two("best"), "setting": BEST_MANY},
+             "cells": {"fidelity": {setting: {v: {n: {k: c[k] for k in ("fidelity", "colour", "class_kept")}
+                                                   for n, c in cs.items()} for v, cs in variants.items()}
+                                    for setting, variants in single.items()}},
+             "many": many, "lookalike": lookalike, "model": str(args.base), "family": model.family, "seeds": seeds,
+             "quick": args.quick, "sampling": model.sampling, "guidance": GUIDANCE, "training": model.training,
+             "minutes": round((time.time() - START) / 60, 1), "date": time.strftime("%Y-%m-%d")}
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    earlier = results.get(model.name, {})
+    if sweep is not None:
+        block.update(sweep=sweep, sweep_date=block["date"], sweep_seeds=seeds)
+    elif "sweep" in earlier and earlier.get("sweep_seeds") == seeds:  # kept until measured again, as run() does
+        block.update({k: earlier[k] for k in ("sweep", "sweep_date", "sweep_seeds")})
+    results[model.name] = block
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_many_examples(out / f"examples_{model.name}.png", examples)
+    if args.results_md:
+        write_base_report(Path(args.results_md), model.name, block, args)
+    print("\n".join(base_lines(model.name, block, results)))
+    return results
+
+
 # ------------------------------------------------------------------------------------------------
+# Examples and report# ------------------------------------------------------------------------------------------------
 # Examples and report
 
 def write_examples(path, fidelity, composition, best_fidelity, best_composition, scale=2):
@@ -741,6 +821,8 @@ def write_report(path, results, args):
                          + " ".join(f"{v:.2f}" for v in row["per_pair"].values()) + " |")
     if "many" in results:
         lines += many_goal_lines(results) + many_report_lines(results["many"], results["lookalike"])
+    for name, block in base_blocks(results).items():  # the --base runs' sections, as they were measured
+        lines += base_lines(name, block, results)
     lines += ["", "Examples (`examples.png` in the output folder): per concept, four samples without its residual, "
               "four with it and four with it under the best setting; per pair, four unguided, four guided and four "
               "under the best setting.", ""]
@@ -749,13 +831,77 @@ def write_report(path, results, args):
     path.write_text("\n".join(lines) + (f"\n## Analysis{analysis}" if analysis else ""))
 
 
+BASE_FIGURES = ("concept_fidelity_with", "concept_fidelity_without", "concept_colour_with", "class_kept",
+                "negative_control", "concept_fidelity_min", "layout_accuracy_with_guidance",
+                "layout_accuracy_without_guidance", "leakage", "attention_in_region_with_guidance")
+
+
+def base_blocks(results):
+    """{name: block} of the --base runs in a results.json (blocks with a "family")."""
+    return {k: v for k, v in results.items() if isinstance(v, dict) and "family" in v}
+
+
+def base_lines(name, block, results):
+    """The report's section of one --base run, beside the other --base runs of the same results.json."""
+    blocks = base_blocks(results) | {name: block}
+    names = [n for n in sorted(blocks, key=lambda n: (n != "base_many", n))]
+    lines = ["", f"## {name} ({block['family']}) in the richer world", "",
+             f"`python toy/measure.py --base {block['model']} --seeds {block['seeds']}"
+             f"{' --sweep' if block.get('sweep_date') == block['date'] else ''}`, {block['date']}, "
+             f"{block['minutes']} minutes on {os.cpu_count()} CPU cores. Sampling {json.dumps(block['sampling'])}, "
+             f"guidance {json.dumps(block['guidance'])}; training `{' '.join(block['training'])}`; best setting "
+             f"`{json.dumps(block['best']['setting']['config'])}`. Single subject: \"a {{generic noun}}\" of the six "
+             "concepts of toy/many.py, unguided; fidelity is the concept's colour and pattern, class kept its shape. "
+             "Two subjects: the N = 2 group.", "",
+             "| figure | " + " | ".join(f"{n} faithful | {n} best" for n in names) + " |",
+             "| --- |" + " ---: | ---: |" * len(names)]
+    for key in BASE_FIGURES:
+        cells = []
+        for n in names:
+            b = blocks[n]
+            cells += [f"{b[key]:.2f}" if key in b else "-", f"{b['best'][key]:.2f}" if key in b["best"] else "-"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for cell in ("2", "3", "4", "lookalike"):
+        label = "layout accuracy, look-alikes" if cell == "lookalike" else f"layout accuracy, N = {cell}"
+        cells = []
+        for n in names:
+            group = blocks[n]["lookalike"] if cell == "lookalike" else blocks[n]["many"][cell]
+            cells += [f"{group['faithful']['layout_accuracy']:.2f}", f"{group['best']['layout_accuracy']:.2f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    sub = many_goal_lines(block, f"{name}, {block['seeds']} seeds") + many_report_lines(block["many"],
+                                                                                        block["lookalike"], name)
+    if "sweep" in block:
+        sub += many_sweep_lines(block["sweep"], f"{name}, {block['sweep_seeds']} seeds, {block['sweep_date']}")
+    return lines + [("#" + line if line.startswith("## ") else line) for line in sub]  # its own subsections
+
+
+def write_base_report(path, name, block, args):
+    """Put base_lines into the report at `path`: in place of that model's earlier section (up to the next "## "
+    heading), else before the hand-written analysis."""
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    section = "\n".join(base_lines(name, block, results)).lstrip("\n") + "\n"
+    text = path.read_text() if path.exists() else "# Toy world results\n"
+    heading = f"\n## {name} ("
+    if heading in text:
+        start = text.index(heading) + 1
+        end = text.find("\n## ", start)
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    else:
+        at = text.find("\n## Analysis")
+        at = len(text) if at < 0 else at + 1
+        text = text[:at] + section + "\n" + text[at:]
+    path.write_text(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=None, help="samples per cell (default 32; 8 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="8 seeds and the main cells only (no sigma-CFG and text-length ablations, no many-subjects "
                         "cells unless --only_many): for iterating")
-    p.add_argument("--sweep", action="store_true", help="also the sweep of knobs and variants (about 24 minutes more)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also the sweep of knobs and variants (about 24 minutes more; with --base, BASE_SWEEP on "
+                        "every group)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="folder for results.json, examples.png and the runs behind them (default toy/runs, untracked; "
                         "the committed figures are in toy/results)")
@@ -763,6 +909,10 @@ def parse_args(argv=None):
                    help="train the concepts again even where --out holds residuals trained with the same settings")
     p.add_argument("--base_many", default=str(TOY / "base_many"),
                    help="the richer world's base model (toy/build_base.py --world many; default toy/base_many)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="measure this model of the richer world instead (toy/base_flux, the toy FLUX of "
+                        "toy/build_flux.py; or toy/base_many): its single-subject and many-subjects cells, into "
+                        "results.json under the model's folder name")
     p.add_argument("--only_many", action="store_true",
                    help="only the many-subjects cells (toy/many.py, on toy/base_many), into results_many.json")
     p.add_argument("--results_md", default=None, metavar="PATH",
@@ -770,6 +920,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         p.error("--seeds: expected an integer >= 1")
+    if args.base and not (Path(args.base) / "model_index.json").is_file():
+        p.error(f"--base {args.base}: expected a model folder (toy/build_flux.py writes toy/base_flux)")
+    if args.base and args.only_many:
+        p.error("--base: measures its own cells; --only_many is for the toy UNet")
     return args
 
 
