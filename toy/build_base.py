@@ -122,10 +122,7 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
 
     noise_scheduler = DDPMScheduler.from_config(SCHEDULER)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    warmup = 100
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    optimizer, schedule = make_optimizer(params, lr, steps)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     scale = vae.config.scaling_factor
@@ -148,15 +145,33 @@ def train_diffusion(unet, text_encoder, vae, tokenizer, steps, batch_size, seed,
             loss = (per_sample * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr)).mean()
         else:
             loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % log_every == 0 or step == steps - 1:
-            print(f"diffusion step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
-        if checkpoint is not None and (step + 1) % checkpoint[0] == 0 and step + 1 < steps:
-            checkpoint[1](step + 1)
+        training_step(loss, params, optimizer, schedule)
+        after_step("diffusion", step, steps, loss, start, checkpoint, log_every)
+
+
+def make_optimizer(params, lr, steps, warmup=100):
+    """AdamW (weight decay 0.01) with a linear warm-up over `warmup` steps and a cosine decay to 0 at `steps`."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    return optimizer, schedule
+
+
+def training_step(loss, params, optimizer, schedule):
+    """Back-propagate, clip the gradient norm to 1, step the optimizer and the learning-rate schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def after_step(label, step, steps, loss, start, checkpoint, log_every):
+    """Log every log_every steps and the last; checkpoint: (every, save(step)) writes the model mid-way, or None."""
+    if step % log_every == 0 or step == steps - 1:
+        print(f"{label} step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+    if checkpoint is not None and (step + 1) % checkpoint[0] == 0 and step + 1 < steps:
+        checkpoint[1](step + 1)
 
 
 @torch.no_grad()

@@ -25,13 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 TOY = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOY.parent))  # the project's modules
-from build_base import TOKENIZER_DIR, batch_of_scenes  # noqa: E402
+from build_base import TOKENIZER_DIR, after_step, batch_of_scenes, make_optimizer, training_step  # noqa: E402
 from world import COLOURS, NOUNS, PATTERNS, PLACES, SHAPES, many_scene  # noqa: E402
 
 TEXT_LENGTH = 40  # the longest caption of the richer world is 33 T5 tokens with EOS
@@ -93,10 +92,7 @@ def train_flow(transformer, t5, vae, tokenizer, steps, batch_size, seed, first_s
     from flux import image_ids, pack
 
     params = list(transformer.parameters()) + list(t5.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    warmup = 100
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    optimizer, schedule = make_optimizer(params, lr, steps)
     generator = torch.Generator().manual_seed(seed)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     img_ids = image_ids(6, 6)
@@ -116,15 +112,8 @@ def train_flow(transformer, t5, vae, tokenizer, steps, batch_size, seed, first_s
         pred = transformer(hidden_states=pack(noisy), timestep=sigma.flatten(), encoder_hidden_states=states,
                            pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids).sample
         loss = F.mse_loss(pred, pack(noise - latents))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % log_every == 0 or step == steps - 1:
-            print(f"flow step {step}: loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
-        if checkpoint is not None and (step + 1) % checkpoint[0] == 0 and step + 1 < steps:
-            checkpoint[1](step + 1)
+        training_step(loss, params, optimizer, schedule)
+        after_step("flow", step, steps, loss, start, checkpoint, log_every)
 
 
 def save(folder, parts, settings):
