@@ -1,7 +1,9 @@
 """Train the toy FLUX: a small FLUX.1 (a diffusion transformer) on the richer world's scenes, on the CPU, from a seed.
 
-    python toy/build_flux.py --steps 3000 --output toy/base_flux
-    python toy/build_flux.py --init toy/base_flux --steps 2000 --seed 1 --output toy/base_flux   # trained further
+    python toy/build_flux.py --steps 3600 --output toy/base_flux          # about 60 minutes on 2 cores
+    python toy/build_flux.py --init toy/base_flux --steps 3000 --seed 1 --sigmas logit_normal \
+        --output toy/base_flux                                            # trained further
+    bash toy/build_flux.sh                                                # toy/base_flux as committed: both
 
 Laid out as a FLUX.1-schnell folder (FluxPipeline, no distilled guidance input), so inference.py and train.py load
 it like any FLUX model:
@@ -15,7 +17,8 @@ it like any FLUX model:
   a pooled embedding that names the objects would hold appearance that a residual on one row cannot move (the
   toy UNet hides CLIP's EOS for the same reason);
 - transformer: FluxTransformer2DModel with double-stream and single-stream blocks, trained by flow matching
-  (x_sigma = (1 - sigma) x0 + sigma eps, velocity eps - x0, sigma uniform as in flux.flux_training_loss);
+  (x_sigma = (1 - sigma) x0 + sigma eps, velocity eps - x0; sigma uniform as in flux.flux_training_loss, or with
+  --sigmas logit_normal mostly mid-way);
 - scheduler: FlowMatchEulerDiscreteScheduler without shift (schnell's settings).
 """
 import argparse
@@ -86,9 +89,19 @@ def make_transformer(width=128, double=3, single=6, text_width=64):
                                   axes_dims_rope=(8, 12, 12))
 
 
+def draw_sigmas(count, generator, kind="uniform"):
+    """Noise levels in (0, 1] of one batch: "uniform" over the 1000 training timesteps, as train.py learns residuals
+    (flux.flux_training_loss); "logit_normal": sigmoid of a standard normal (SD3's choice), most of them in the
+    middle, where what is drawn where is decided, few nearly clean or nearly pure noise."""
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(count, generator=generator)).clamp(1e-3, 1.0)
+    return (torch.randint(0, 1000, (count,), generator=generator).float() + 1) / 1000
+
+
 def train_flow(transformer, t5, vae, tokenizer, steps, batch_size, seed, first_scene=0, lr=5e-4, checkpoint=None,
-               log_every=50):
-    """Flow matching on (scene, caption) pairs of world.many_scene. checkpoint: (every, save(step)) or None."""
+               sigmas="uniform", log_every=50):
+    """Flow matching on (scene, caption) pairs of world.many_scene. checkpoint: (every, save(step)) or None;
+    sigmas: how noise levels are drawn (draw_sigmas)."""
     from flux import image_ids, pack
 
     params = list(transformer.parameters()) + list(t5.parameters())
@@ -106,7 +119,7 @@ def train_flow(transformer, t5, vae, tokenizer, steps, batch_size, seed, first_s
         with torch.no_grad():
             latents = (vae.encode(pixels).latent_dist.mean - shift) * scale
         noise = torch.randn(latents.shape, generator=generator)
-        sigma = ((torch.randint(0, 1000, (batch_size,), generator=generator).float() + 1) / 1000)[:, None, None, None]
+        sigma = draw_sigmas(batch_size, generator, sigmas)[:, None, None, None]
         noisy = (1 - sigma) * latents + sigma * noise
         states = t5(ids).last_hidden_state
         pred = transformer(hidden_states=pack(noisy), timestep=sigma.flatten(), encoder_hidden_states=states,
@@ -189,7 +202,8 @@ def main(args):
         print(f"wrote {args.output} at step {steps}", flush=True)
 
     train_flow(parts["transformer"], parts["t5"], parts["vae"], parts["tokenizer"], args.steps, args.batch_size,
-               args.seed, first_scene, args.lr, (args.save_every, checkpoint) if args.save_every else None)
+               args.seed, first_scene, args.lr, (args.save_every, checkpoint) if args.save_every else None,
+               args.sigmas)
     built = settings(args.steps)
     save(args.output, parts, built)
     print(f"wrote {args.output} in {built['minutes']} min", flush=True)
@@ -203,6 +217,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="transformer + T5 steps")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4, help="the peak learning rate (warm-up, then cosine)")
+    p.add_argument("--sigmas", default="uniform", choices=("uniform", "logit_normal"),
+                   help="how the noise levels of a batch are drawn (logit_normal: mostly mid-way, as SD3)")
     p.add_argument("--width", type=int, default=128, help="the transformer's width (heads of 32)")
     p.add_argument("--double", type=int, default=3, help="double-stream blocks")
     p.add_argument("--single", type=int, default=6, help="single-stream blocks")
