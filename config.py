@@ -297,6 +297,9 @@ def check_family_keys(config, data, overrides, family):
         if value in FAMILY_REFUSED_CHOICES.get(family, {}).get(name, ()):
             config.fail(name, f"{value!r} is not for {FAMILY_NAMES[family]} models (its transformer takes no "
                               f"text mask); use one of {', '.join(c for c in key.choices if c != value)}")
+    if family == "flux" and given.get("negative_prompt") and given.get("true_cfg_scale", 1.0) == 1.0:
+        config.fail("negative_prompt", "a FLUX model has an unconditional branch only with true_cfg_scale above 1; "
+                                       "set true_cfg_scale or leave negative_prompt out")
 
 
 def placed_subjects(config, tokenizer, embedding_dim, family, settings):
@@ -335,7 +338,7 @@ def tokenize_text(config, tokenizer, prompt, settings):
     the prompt's real token count ("adaptive"), the tokenizer's maximum ("max"), or BOS and the words ("words")."""
     num_tokens = checked_length(config, tokenizer, {"prompt": prompt}, "prompt")
     num_uncond = checked_length(config, tokenizer, {"negative_prompt": settings.get("negative_prompt", "")},
-                                "negative_prompt")  # FLUX: none, the uncond ids are of "" and unused
+                                "negative_prompt")  # FLUX: used with true_cfg_scale above 1 only
     if settings["text_length"] == "max":
         length = tokenizer.model_max_length
     elif settings["text_length"] == "words":  # BOS and the words: no EOS

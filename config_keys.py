@@ -81,13 +81,17 @@ KEYS = (
     Key("flux_guidance", "number", "FLUX.1-dev's distilled guidance value, an input of its transformer (FLUX only; "
         "schnell has none)", 3.5, minimum=0.0, maximum=100.0, sampling=True, editor=True,
         families=("flux",)),
+    Key("true_cfg_scale", "number", "FLUX only: classifier-free guidance with a real unconditional branch (the "
+        "`negative_prompt`, default `\"\"`), as FluxPipeline's `true_cfg_scale`: `v_u + s (v_c - v_u)`; 1: none. "
+        "Above 1 it doubles the sampling work; for a FLUX trained with dropped captions (the toy FLUX)", 1.0,
+        minimum=1.0, maximum=100.0, sampling=True, naive=False, editor=True, families=("flux",)),
     Key("text_length", "choice", "`adaptive`: the prompt's own tokens (the seed); `max`: padded to 77 (Cones 2), "
         "to 512 for FLUX (its default, as its pipeline); `words`: BOS and the words, EOS and padding hidden from "
         "the UNet (models trained that way: the toy world's; not FLUX)",
         "adaptive", ("adaptive", "max", "words"), naive=False, editor=True),
     Key("num_inference_steps", "integer", "sampling steps", 50, minimum=1, maximum=MAX_STEPS, sampling=True),
-    Key("negative_prompt", "text", "replaces `\"\"` in the unconditional branch (SD, SDXL)", "", editor=True,
-        families=("sd", "sdxl")),
+    Key("negative_prompt", "text", "replaces `\"\"` in the unconditional branch (SD, SDXL; FLUX with "
+        "`true_cfg_scale` above 1)", "", editor=True),
     Key("save_attention", "bool", "also write `attention/{seed}.npz` and `.png`: where each subject's tokens "
         "were attended (as `--save_attention`)", False),
     # Variants of the method (docs/METHOD.md E), off by default: at their defaults the images are the faithful

@@ -79,11 +79,14 @@ def flux_conditioning(sd, prompt_ids, prompt):
 
 class FluxGuidance(LayoutGuidance):
     """LayoutGuidance of a FLUX transformer: its image tokens form one grid, so one map; text_length is the
-    number of text tokens that lead every joint sequence (set per sampling)."""
+    number of text tokens that lead every joint sequence, batch the number of images (set per sampling). The
+    batch is [unconditional (num_uncond rows, true_cfg_scale only); conditional; plain]: the first rows are not
+    guided, and the conditional ones are recorded."""
 
     def __init__(self):
         super().__init__()
         self.text_length = 0
+        self.batch = 0
 
     def grids(self, token_size):
         return [tuple(token_size)]
@@ -125,12 +128,13 @@ def block_std(query, key):
     return ((squares - total ** 2 / count) / (count - 1)).clamp(min=0).sqrt().float()
 
 
-def joint_bias(query, key, text_length, layout_map, strength, scale, self_mask=None):
+def joint_bias(query, key, text_length, layout_map, strength, scale, self_mask=None, num_uncond=0):
     """The additive attention mask [B, 1, S, S] float32 of a guided joint attention (docs/METHOD.md F2).
 
     The image-query -> text-key block gets bias * scale, bias = strength * W * std(S) with S = Q_img K_txt^T
     (unscaled, every head) and std over all of that block of each image (block_std); the image -> image block gets
-    the region self-attention mask (variant E4) if given; text queries and image keys are untouched.
+    the region self-attention mask (variant E4) if given; text queries and image keys are untouched; the first
+    num_uncond rows of the batch (the unconditional branch) get no layout bias, as in the UNet.
     """
     batch, _, length, _ = query.shape
     std = block_std(query[:, :, text_length:], key[:, :, :text_length])  # [B]
@@ -138,6 +142,8 @@ def joint_bias(query, key, text_length, layout_map, strength, scale, self_mask=N
     mask[:, :, text_length:, :text_length] = (strength * layout_map * std[:, None, None, None]) * scale
     if self_mask is not None:
         mask[:, :, text_length:, text_length:] = self_mask
+    if num_uncond:
+        mask[:num_uncond, :, text_length:, :text_length] = 0
     return mask
 
 
@@ -164,7 +170,7 @@ class GuidedJointAttnProcessor:
         text_length = g.text_length
         num_image = query.shape[2] - text_length
         mask = joint_bias(query, key, text_length, g.map_for(num_image), g.strength, scale,
-                          g.self_masks.get(num_image))
+                          g.self_masks.get(num_image), g.num_uncond)
         if g.recorder is not None:
             self.record(query, key, mask, scale, text_length)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype))
@@ -175,10 +181,13 @@ class GuidedJointAttnProcessor:
         return attn.to_out[1](attn.to_out[0](image_out.contiguous())), attn.to_add_out(text_out.contiguous())
 
     def record(self, query, key, mask, scale, text_length):
-        """Add the image queries' probabilities on the text keys [B, heads, N, L] (of a softmax over every key)."""
+        """Add the conditional rows' image-query probabilities on the text keys [B, heads, N, L] (of a softmax over
+        every key)."""
+        rows = slice(self.guidance.num_uncond, self.guidance.num_uncond + self.guidance.batch)
+        query, key = query[rows], key[rows]
         logits = (query[:, :, text_length:].float() @ key.float().transpose(-1, -2)) * scale  # [B, h, N, S]
         if mask is not None:
-            logits = logits + mask[:, :, text_length:]
+            logits = logits + mask[rows, :, text_length:]
         self.guidance.recorder.add(torch.softmax(logits, dim=-1)[..., :text_length])
 
 
@@ -254,18 +263,25 @@ def sample_flow_recurrent(velocity, x, sigmas, recurrent_steps, noise, callback=
 
 
 def make_flux_velocity(transformer, inputs, settings, timesteps, guided, guidance=None, token_size=None):
-    """velocity(x, i): one transformer call on the batch [cond; plain (variant residual_guidance)].
+    """velocity(x, i): one transformer call on the batch [uncond (true_cfg_scale); cond; plain (variant
+    residual_guidance)].
 
-    inputs: SamplerInputs with cond (and plain) batched [B, L, d] and pooled (cond [p], None); guided: the
-    steps' (active, strength) pairs; FLUX has no unconditional branch: dev's distilled guidance value
-    (settings.flux_guidance) is an input of the transformer, schnell has none.
+    inputs: SamplerInputs with cond (and uncond, plain) batched [B, L, d] and pooled (cond [p], uncond [p] or
+    None); guided: the steps' (active, strength) pairs. FLUX has no unconditional branch by default: dev's
+    distilled guidance value (settings.flux_guidance) is an input of the transformer, schnell has none. With
+    settings.true_cfg_scale s above 1 (and inputs.uncond) v = v_u + s (v_c - v_u), as FluxPipeline's true CFG;
+    residual_guidance adds its push to that, as make_cfg_denoiser does.
     """
     cond, plain = inputs.cond, inputs.plain
-    branches = [cond] if plain is None else [cond, plain]
+    uncond = inputs.uncond if settings.true_cfg_scale != 1.0 else None
+    branches = ([] if uncond is None else [uncond]) + [cond] + ([] if plain is None else [plain])
     batch = cond.shape[0]
+    num_uncond = 0 if uncond is None else batch
     device, dtype = transformer.device, transformer.dtype
     states = torch.cat(branches).to(device, dtype)
-    pooled = inputs.pooled[0].to(device, dtype)[None].expand(states.shape[0], -1)
+    pooled = [inputs.pooled[0]] * len(branches) if uncond is None else \
+        [inputs.pooled[1]] + [inputs.pooled[0]] * (len(branches) - 1)
+    pooled = torch.cat([p.to(device, dtype)[None].expand(batch, -1) for p in pooled])
     text_ids = torch.zeros(states.shape[1], 3, device=device, dtype=dtype)
     h, w = token_size
     img_ids = image_ids(h, w).to(device, dtype)
@@ -280,14 +296,15 @@ def make_flux_velocity(transformer, inputs, settings, timesteps, guided, guidanc
     def velocity(x, i):
         if guidance is not None:
             active, strength = guided[i]
-            guidance.set_step(active, strength, num_uncond=0)
+            guidance.set_step(active, strength, num_uncond=num_uncond)
         t = timesteps[i].expand(states.shape[0]).to(device, dtype) / 1000
         out = transformer(hidden_states=torch.cat([x] * len(branches)).to(dtype), timestep=t,
                           encoder_hidden_states=states, pooled_projections=pooled, txt_ids=text_ids,
                           img_ids=img_ids, **extra).sample.float()
-        v = out[:batch]
+        v_cond = out[num_uncond:num_uncond + batch]
+        v = v_cond if uncond is None else out[:batch] + settings.true_cfg_scale * (v_cond - out[:batch])
         if plain is not None:
-            push = settings.residual_guidance * (v - out[batch:])
+            push = settings.residual_guidance * (v_cond - out[num_uncond + batch:])
             if region is None:
                 v = v + push
             elif guided[i][0]:  # in region: where and while the layout guides
@@ -318,7 +335,7 @@ def generate_flux(sd, inputs, settings, seeds, size, guidance=None, recorder=Non
             guided_steps = min(settings.guidance_steps, settings.num_inference_steps)
             strengths = guidance_strengths(settings.guidance_weight, guided_steps, settings.guidance_schedule)
         guidance.set_self_attention(inputs.region_labels if guided_steps else None, (h, w), device)
-        guidance.text_length = inputs.cond.shape[0]
+        guidance.text_length, guidance.batch = inputs.cond.shape[0], len(seeds)
         guidance.set_step(False)
     guided = [(i < guided_steps, float(strengths[i]) if i < guided_steps else None)
               for i in range(settings.num_inference_steps)]
@@ -335,7 +352,8 @@ def generate_flux(sd, inputs, settings, seeds, size, guidance=None, recorder=Non
 
     batch = len(seeds)
     batched = dataclasses.replace(inputs, **{name: None if value is None else value[None].expand(batch, -1, -1)
-                                             for name, value in (("cond", inputs.cond), ("plain", inputs.plain))})
+                                             for name, value in (("cond", inputs.cond), ("uncond", inputs.uncond),
+                                                                 ("plain", inputs.plain))})
     velocity = make_flux_velocity(transformer, batched, settings, timesteps, guided, guidance, (h, w))
     if recorder is not None:
         guidance.recorder = recorder

@@ -86,8 +86,10 @@ def job_inputs(sd, job):
     """The SamplerInputs of a prepared job, computed once per run while the text encoder is loaded."""
     from layout_guidance import SamplerInputs, layout_weight_map
 
+    true_cfg = job.settings.get("true_cfg_scale", 1.0) != 1.0  # FLUX: an unconditional branch
     plain, uncond, pooled = conditioning(sd, job.prompt_ids, job.uncond_ids,
-                                         not job.settings.get("negative_prompt"), job.settings["prompt"])
+                                         not job.settings.get("negative_prompt"), job.settings["prompt"],
+                                         job.settings.get("negative_prompt", "") if true_cfg else None)
     scale = job.settings["residual_scale"]
     cond = apply_residuals(plain, [(s.residual.tensor * scale, s.position) for s in job.subjects])
     weight_map = layout_weight_map(*joined_regions(job.layout, job.regions), len(job.prompt_ids),

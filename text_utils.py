@@ -51,18 +51,22 @@ def encode_ids(text_encoder, ids):
     return encode_text(text_encoder, ids)[0]
 
 
-def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty, prompt=None):
+def conditioning(sd, prompt_ids, uncond_ids, negative_is_empty, prompt=None, negative=None):
     """(cond [L, d], uncond [L, d], pooled) float32 for the sampler, as the model's own pipeline builds them.
 
     pooled: SDXL's pooled embeddings (cond [p], uncond [p]); None for SD. Where SDXL's pipeline asks for it
     (force_zeros_for_empty_prompt), an empty negative prompt is zeros, states and pooled, not the encoding of "".
-    FLUX (prompt: the text, for CLIP's pooled embedding): (T5 states, None, (CLIP pooled, None)); it has no
-    unconditional branch.
+    FLUX (prompt: the text, for CLIP's pooled embedding): (T5 states, None, (CLIP pooled, None)): no
+    unconditional branch, unless negative (the negative prompt's text, for true_cfg_scale) is given: then its
+    states (of uncond_ids) and pooled embedding in place of the Nones.
     """
     if sd.family == "flux":
         from flux import flux_conditioning
         states, pooled = flux_conditioning(sd, prompt_ids, prompt)
-        return states, None, (pooled, None)
+        if negative is None:
+            return states, None, (pooled, None)
+        uncond, uncond_pooled = flux_conditioning(sd, uncond_ids, negative)
+        return states, uncond, (pooled, uncond_pooled)
     states, pooled = encode_text(sd.text_encoder, [prompt_ids, uncond_ids])  # [2, L, d], [2, p]
     if sd.family != "sdxl":
         return states[0], states[1], None

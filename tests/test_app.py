@@ -485,7 +485,7 @@ def test_integers_and_texts_from_callers_are_bounded():
 
 def test_the_editor_serves_a_flux_model(tiny_flux, tmp_path):
     """The editor's sampling on a FLUX model: the images are inference.py's for the same config and seed, the
-    further settings show flux_guidance and hide what FLUX has no use for, and sizes go by 16."""
+    further settings show flux_guidance and true CFG and hide what FLUX has no use for, and sizes go by 16."""
     import app as editor_app
     import inference
     from residual_utils import save_residual
@@ -512,4 +512,4 @@ def test_the_editor_serves_a_flux_model(tiny_flux, tmp_path):
     with pytest.raises(editor_app.UserError, match="expected a multiple of 16 from 16"):
         editor.check_size(72, 64, "the canvas")
     shown = {key.name for key in editor_app.FURTHER_KEYS if editor.family in key.families}
-    assert "flux_guidance" in shown and not shown & {"cfg_schedule", "negative_prompt"}
+    assert {"flux_guidance", "true_cfg_scale", "negative_prompt"} <= shown and not shown & {"cfg_scale", "cfg_schedule"}

@@ -74,7 +74,9 @@ def test_the_naive_sampler_refuses_what_it_does_not_compute():
     tensor = torch.zeros(3, 4)
     check_computable(SamplerInputs(tensor, tensor), SamplingSettings())
     not_computed = [key.name for key in KEYS if key.sampling and not key.naive]
-    assert not_computed == ["guidance_schedule", "residual_guidance", "residual_guidance_in_region"]
+    assert not_computed == ["true_cfg_scale", "guidance_schedule", "residual_guidance", "residual_guidance_in_region"]
+    with pytest.raises(ValueError, match="does not compute true_cfg_scale"):
+        check_computable(SamplerInputs(tensor, tensor), SamplingSettings(true_cfg_scale=2.0))
     with pytest.raises(ValueError, match="does not compute guidance_schedule"):
         check_computable(SamplerInputs(tensor, tensor), SamplingSettings(guidance_schedule="constant"))
     with pytest.raises(ValueError, match="does not compute region_self_attention, text_length"):

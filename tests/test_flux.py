@@ -70,6 +70,34 @@ def test_unguided_sampling_equals_flux_pipeline(tiny_flux, tmp_path, schnell):
     assert np.abs(ours[0].astype(int) - ours[1].astype(int)).max() > 10  # the seeds differ: the check can fail
 
 
+def test_true_cfg_equals_flux_pipeline(tiny_flux, tmp_path):
+    """true_cfg_scale (an unconditional branch of the negative prompt) against FluxPipeline's own true CFG, on a
+    schnell-like FLUX; at 1 it is no branch at all, bit for bit."""
+    from diffusers import FluxPipeline
+
+    folder = build_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    sd = load_model(str(folder), torch.device("cpu"), torch.float32)
+    guidance = install_guidance(sd.unet)
+    pipe = FluxPipeline.from_pretrained(str(folder))
+    negative = "a blurry photo"
+    length = sd.tokenizer.model_max_length
+    cond, uncond, pooled = conditioning(sd, token_ids(sd.tokenizer, PROMPT, length),
+                                        token_ids(sd.tokenizer, negative, length), False, PROMPT, negative)
+    stock_states, stock_pooled, _ = pipe.encode_prompt(negative, None, max_sequence_length=512)
+    torch.testing.assert_close(uncond, stock_states[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pooled[1], stock_pooled[0], rtol=0, atol=0)
+    inputs = SamplerInputs(cond, uncond, pooled=pooled)
+    settings = SamplingSettings(num_inference_steps=4, guidance_steps=0, true_cfg_scale=4.0)
+    ours = generate(sd, inputs, settings, [3], (64, 64), guidance)
+    stock = pipe(PROMPT, negative_prompt=negative, true_cfg_scale=4.0, height=64, width=64, num_inference_steps=4,
+                 max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    assert np.abs(ours[0].astype(int) - (stock * 255).round().astype(int)).max() <= 1
+    plain = generate(sd, SamplerInputs(cond, None, pooled=(pooled[0], None)), SamplingSettings(
+        num_inference_steps=4, guidance_steps=0), [3], (64, 64), guidance)
+    at_one = generate(sd, inputs, SamplingSettings(num_inference_steps=4, guidance_steps=0), [3], (64, 64), guidance)
+    assert np.array_equal(plain, at_one) and np.abs(plain.astype(int) - ours.astype(int)).max() > 10
+
+
 def two_boxes(length, rows, size=64):
     layout = np.zeros((size, size, 3), np.uint8)
     layout[:, :size // 2] = (255, 0, 0)
@@ -124,6 +152,10 @@ def test_the_joint_attention_bias_by_hand(flux_sd):
     expected = 0.4 * layer_map * block_scores.std().item() * 0.25
     torch.testing.assert_close(mask[0, 0, text_length:, :text_length], expected, rtol=1e-5, atol=1e-6)
     assert mask[0, 0, :text_length].abs().sum() == 0 and mask[0, 0, :, text_length:].abs().sum() == 0
+    # with an unconditional branch ahead (true_cfg_scale): its rows get no bias, the conditional ones the same
+    both = joint_bias(torch.cat([query.flip(2), query]), torch.cat([key, key]), text_length, layer_map, 0.4, 0.25,
+                      num_uncond=1)
+    assert both[0].abs().sum() == 0 and torch.equal(both[1], mask[0])
 
 
 def test_the_template_residual_by_hand_on_the_tiny_t5(tiny_flux):
@@ -208,7 +240,9 @@ def test_train_then_compose_then_rerun(tiny_flux, tiny_model, tmp_path, capsys):
     for change, fragment in ((dict(residual_dict={"<dog>": str(sd_residual), "<cat>": str(tmp_path / "cat.safetensors")}),
                               "was trained on Stable Diffusion 1.x/2.x, but the model is FLUX.1"),
                              (dict(cfg_scale=5.0), "cfg_scale: applies to Stable Diffusion 1.x/2.x and SDXL models only"),
-                             (dict(text_length="words"), "text_length: 'words' is not for FLUX.1 models")):
+                             (dict(text_length="words"), "text_length: 'words' is not for FLUX.1 models"),
+                             (dict(negative_prompt="blurry"), "negative_prompt: a FLUX model has an unconditional "
+                                                              "branch only with true_cfg_scale above 1")):
         (tmp_path / "bad.json").write_text(json.dumps({**config, **change}))
         bad = ["--pretrained_model_name_or_path", str(tiny_flux), "--inference_config", str(tmp_path / "bad.json"),
                "--output_dir", str(tmp_path / "bad")]
