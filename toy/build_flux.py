@@ -99,9 +99,10 @@ def draw_sigmas(count, generator, kind="uniform"):
 
 
 def train_flow(transformer, t5, vae, tokenizer, steps, batch_size, seed, first_scene=0, lr=5e-4, checkpoint=None,
-               sigmas="uniform", log_every=50):
+               sigmas="uniform", drop_captions=0.0, log_every=50):
     """Flow matching on (scene, caption) pairs of world.many_scene. checkpoint: (every, save(step)) or None;
-    sigmas: how noise levels are drawn (draw_sigmas)."""
+    sigmas: how noise levels are drawn (draw_sigmas); drop_captions: the share of captions replaced by "" (the
+    unconditional branch of classifier-free guidance, true_cfg_scale)."""
     from flux import image_ids, pack
 
     params = list(transformer.parameters()) + list(t5.parameters())
@@ -114,6 +115,9 @@ def train_flow(transformer, t5, vae, tokenizer, steps, batch_size, seed, first_s
     start = time.time()
     for step in range(steps):
         pixels, captions = batch_of_scenes(first_scene + step * batch_size, batch_size, many_scene)
+        if drop_captions:
+            dropped = torch.rand(batch_size, generator=generator) < drop_captions
+            captions = ["" if d else c for d, c in zip(dropped.tolist(), captions)]
         ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=TEXT_LENGTH,
                                      truncation=True).input_ids)
         with torch.no_grad():
@@ -203,7 +207,7 @@ def main(args):
 
     train_flow(parts["transformer"], parts["t5"], parts["vae"], parts["tokenizer"], args.steps, args.batch_size,
                args.seed, first_scene, args.lr, (args.save_every, checkpoint) if args.save_every else None,
-               args.sigmas)
+               args.sigmas, args.drop_captions)
     built = settings(args.steps)
     save(args.output, parts, built)
     print(f"wrote {args.output} in {built['minutes']} min", flush=True)
@@ -219,6 +223,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="the peak learning rate (warm-up, then cosine)")
     p.add_argument("--sigmas", default="uniform", choices=("uniform", "logit_normal"),
                    help="how the noise levels of a batch are drawn (logit_normal: mostly mid-way, as SD3)")
+    p.add_argument("--drop_captions", type=float, default=0.0,
+                   help="the share of captions replaced by \"\" (for classifier-free guidance: 0.1 as the toy UNet)")
     p.add_argument("--width", type=int, default=128, help="the transformer's width (heads of 32)")
     p.add_argument("--double", type=int, default=3, help="double-stream blocks")
     p.add_argument("--single", type=int, default=6, help="single-stream blocks")

@@ -54,8 +54,9 @@ def share(values):
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 
 
-def check(model, out, seeds):
-    """{"N": {n: {exact, exact_se, missing, missing_se, wrong: {attribute: share}}}} of the model."""
+def check(model, out, seeds, overrides=None):
+    """{"N": {n: {exact, exact_se, missing, missing_se, wrong: {attribute: share}}}} of the model; overrides:
+    config keys set on top of the model's sampling settings (cfg_scale 1: no classifier-free guidance)."""
     import measure
     from many import layout_file, recipe
 
@@ -65,7 +66,7 @@ def check(model, out, seeds):
               for i, (caption, truth) in enumerate(captioned_scenes(n))}
     configs = {key: {"prompt": caption, "residual_dict": {"<none>": str(zero)},
                      "color_context": {"255,0,0": ["<none>", 2.5]}, "layout": str(layout_file(out, 1)),
-                     "subject_list": [["<none>", 1]], **measure.GUIDANCE, **model.sampling, "guidance_steps": 0}
+                     "subject_list": [["<none>", 1]], **measure.GUIDANCE, **model.sampling, **(overrides or {}), "guidance_steps": 0}
                for key, (caption, _) in scenes.items()}
     results = measure.sample(out, "check_base", configs, seeds, model.model, MANY_SIZE)
     report = {}
@@ -79,7 +80,8 @@ def check(model, out, seeds):
                           "wrong": {a: float(np.mean([w[i] for w in drawn])) if drawn else None
                                     for i, a in enumerate(ATTRIBUTES)},
                           "captions": [scenes[f"{n}_{i}"][0] for i in range(SCENES_PER_N)]}
-    return {"model": str(model.model), "seeds": seeds, "N": report}
+    return {"model": str(model.model), "seeds": seeds, "sampling": {**model.sampling, **(overrides or {})},
+            "N": report}
 
 
 def table(report):
@@ -97,10 +99,21 @@ def main(argv=None):
                                  "toy/build_flux.py)")
     p.add_argument("--seeds", type=int, default=16, help="samples per caption")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "runs" / "check_base"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config keys on top of the model's sampling settings, values as JSON (cfg_scale=1)")
     args = p.parse_args(argv)
-    report = check(args.model, args.out, args.seeds)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    report = check(args.model, args.out, args.seeds, overrides)
     (Path(args.out) / "check_base.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.model}, {args.seeds} samples per caption, {SCENES_PER_N} captions per N:")
+    print(f"{args.model}, {args.seeds} samples per caption, {SCENES_PER_N} captions per N, {report['sampling']}:")
     print(table(report))
     return report
 
