@@ -27,7 +27,7 @@ def test_the_toy_flux_builds_and_is_trained_further(tmp_path):
     small = ["--width", "32", "--double", "1", "--single", "1", "--batch_size", "2"]
     build_flux.main(build_flux.parse_args([*small, "--steps", "2", "--output", str(first)]))
     build_flux.main(build_flux.parse_args(["--init", str(first), "--steps", "2", "--batch_size", "2", "--seed", "1",
-                                           "--save_every", "1", "--output", str(second)]))
+                                           "--save_every", "1", "--drop_captions", "0.5", "--output", str(second)]))
     built = json.loads((second / "build.json").read_text())
     assert built["continued_from"] == json.loads((first / "build.json").read_text())
     assert built["scenes_seen"] == 2 * 2 + 2 * 2 and "planned_steps" not in built
@@ -128,3 +128,19 @@ def test_a_base_run_writes_under_its_models_name_and_keeps_the_rest(tmp_path, mo
     assert text.count("## base_toy (flux) in the richer world") == 1 and text.endswith("## Analysis\nkept by hand\n")
     assert text.index("tables") < text.index("## base_toy") < text.index("## Analysis")
     assert (out / "examples_base_toy.png").is_file()
+
+
+def test_t5_puts_a_noun_on_every_row_and_the_toy_clip_on_its_own():
+    """toy/noun_rows.py's rows: from "a circle" to "a berry", the toy UNet's visible rows (CLIP is causal, the
+    mask hides EOS) change on the noun's row alone; the toy FLUX's T5 (bidirectional, no mask) changes every one
+    of its 40 rows by a large part of a row's norm, which is why a residual on one row moves it little."""
+    import noun_rows
+
+    unet = load_model(str(many.BASE_MANY), torch.device("cpu"), torch.float32)
+    for noun, r in noun_rows.row_changes(unet, "sd").items():
+        change, row = np.array(r["change"]), r["row"]
+        assert len(change) == row + 1 and change[:row].max() < 1e-5 and change[row] > 0.5 * r["norm"][row], noun
+    flux = load_model(str(BASE_FLUX), torch.device("cpu"), torch.float32)
+    for noun, r in noun_rows.row_changes(flux, "flux").items():
+        change = np.array(r["change"])
+        assert r["row"] == 1 and len(change) == 40 and change.min() > 0.3 * np.mean(r["norm"]), noun
