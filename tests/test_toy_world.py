@@ -127,11 +127,17 @@ def test_the_base_model_check_reads_its_own_scenes_right_and_sees_a_wrong_patter
             assert caption.count(" a ") + caption.startswith("a ") == count
             for obj, place in zip(found, world.PLACES[world.LAYOUTS[count]]):
                 assert f"{world.describe(obj, 'noun')} {place}" in caption
-            [(exact, missing, wrong)] = check_base.score([image], truth)
-            assert exact and not missing and not any(any(w) for w in wrong)
+            [(exact, missing, wrong, borrowed)] = check_base.score([image], truth)
+            assert exact and not missing and not any(any(w) for w in wrong) and not any(any(b) for b in borrowed)
             changed = [world.Shape(**{**vars(o)}) for o in found]
             changed[0].pattern = "hollow" if changed[0].pattern != "hollow" else "plain"
-            [(exact, _, wrong)] = check_base.score([world.render(changed, world.MANY_SIZE)], truth)
+            [(exact, _, wrong, borrowed)] = check_base.score([world.render(changed, world.MANY_SIZE)], truth)
             assert not exact and wrong[0] == [False, False, True]
+            assert borrowed[0] == [False, False, any(o.pattern == changed[0].pattern for o in found[1:])]
+            if count >= 2 and found[0].colour != found[1].colour:  # two colours traded: each borrowed
+                traded = [world.Shape(**{**vars(o)}) for o in found]
+                traded[0].colour, traded[1].colour = found[1].colour, found[0].colour
+                [(_, _, wrong, borrowed)] = check_base.score([world.render(traded, world.MANY_SIZE)], truth)
+                assert wrong[:2] == borrowed[:2] == [[False, True, False]] * 2
     blank = np.full((96, 96, 3), world.BACKGROUND, dtype=np.uint8)
-    assert check_base.score([blank], truth) == [(False, True, [None] * 4)]
+    assert check_base.score([blank], truth) == [(False, True, [None] * 4, [None] * 4)]

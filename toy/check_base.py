@@ -7,7 +7,8 @@ For N = 1 .. 4 objects, four scenes of world.many_scene each, captioned with the
 as in its training ("a striped berry on the left and a dotted butter on the right"), sampled with measure.py's
 settings (a toy FLUX's: toy/many.py FLUX_SAMPLING) without layout guidance or residual and read back by analyze.py. Per N: the share of samples with every
 place's largest object right (shape, colour and pattern), the share with a place empty, and per attribute the
-share of the drawn objects that have it wrong. Nothing of the method is involved: this is what any composition on
+share of the drawn objects that have it wrong, and the share of the wrong attributes that another place's
+object has (a binding failure: the model drew the caption's words in the wrong places). Nothing of the method is involved: this is what any composition on
 the model is bounded by. Writes {out}/check_base.json and prints a table.
 """
 import argparse
@@ -39,13 +40,16 @@ def captioned_scenes(count, scenes=SCENES_PER_N):
 
 
 def score(images, truth):
-    """(every place right, a place empty, [per place: the attributes drawn wrong or None]) per image."""
+    """(every place right, a place empty, [per place: the attributes drawn wrong or None], [per place: the
+    attributes drawn wrong that another place's object has, or None]) per image."""
     rows = []
     for image in images:
         places = by_place(objects(image, patterns=True), LAYOUTS[len(truth)])
         drawn = [identity(p[0]) if p else None for p in places]
         wrong = [None if d is None else [a != b for a, b in zip(d, t)] for d, t in zip(drawn, truth)]
-        rows.append((all(d == t for d, t in zip(drawn, truth)), any(d is None for d in drawn), wrong))
+        borrowed = [None if d is None else [a != t[i] and any(o[i] == a for o in truth if o is not t)
+                                            for i, a in enumerate(d)] for d, t in zip(drawn, truth)]
+        rows.append((all(d == t for d, t in zip(drawn, truth)), any(d is None for d in drawn), wrong, borrowed))
     return rows
 
 
@@ -73,23 +77,27 @@ def check(model, out, seeds, overrides=None):
     for n in range(1, 5):
         rows = [row for key, (images, _) in results.items() if key.startswith(f"{n}_")
                 for row in score(images, scenes[key][1])]
-        drawn = [w for _, _, wrong in rows for w in wrong if w is not None]
+        drawn = [w for _, _, wrong, _ in rows for w in wrong if w is not None]
+        borrowed = [b for *_, places in rows for b in places if b is not None]
+        wrong_count = sum(map(sum, drawn))
         exact, exact_se = share([r[0] for r in rows])
         missing, missing_se = share([r[1] for r in rows])
         report[str(n)] = {"exact": exact, "exact_se": exact_se, "missing": missing, "missing_se": missing_se,
                           "wrong": {a: float(np.mean([w[i] for w in drawn])) if drawn else None
                                     for i, a in enumerate(ATTRIBUTES)},
+                          "wrong_from_another": sum(map(sum, borrowed)) / wrong_count if wrong_count else None,
                           "captions": [scenes[f"{n}_{i}"][0] for i in range(SCENES_PER_N)]}
     return {"model": str(model.model), "seeds": seeds, "sampling": {**model.sampling, **(overrides or {})},
             "N": report}
 
 
 def table(report):
-    lines = ["| N | every place right | a place empty | wrong shape | wrong colour | wrong pattern |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| N | every place right | a place empty | wrong shape | wrong colour | wrong pattern | wrong ones "
+             "another place's |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, r in report["N"].items():
+        borrowed = "-" if r["wrong_from_another"] is None else f"{r['wrong_from_another']:.2f}"
         lines.append(f"| {n} | {r['exact']:.2f} ({r['exact_se']:.2f}) | {r['missing']:.2f} | " +
-                     " | ".join(f"{r['wrong'][a]:.2f}" for a in ATTRIBUTES) + " |")
+                     " | ".join(f"{r['wrong'][a]:.2f}" for a in ATTRIBUTES) + f" | {borrowed} |")
     return "\n".join(lines)
 
 
