@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
+import many  # noqa: E402
 from analyze import by_place, identity, objects  # noqa: E402
 from world import LAYOUTS, MANY_SIZE, PLACES, describe, many_scene  # noqa: E402
 
@@ -107,19 +108,9 @@ def main(argv=None):
                                  "toy/build_flux.py)")
     p.add_argument("--seeds", type=int, default=16, help="samples per caption")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "runs" / "check_base"))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config keys on top of the model's sampling settings, values as JSON (cfg_scale=1)")
+    many.add_overrides(p)
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    report = check(args.model, args.out, args.seeds, overrides)
+    report = check(args.model, args.out, args.seeds, many.overrides(p, args.overrides))
     (Path(args.out) / "check_base.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.model}, {args.seeds} samples per caption, {SCENES_PER_N} captions per N, {report['sampling']}:")
     print(table(report))

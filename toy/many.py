@@ -17,6 +17,7 @@ base model composing its own specific nouns with their patterns ("a striped berr
 noun rows guided, no residual): the ceiling.
 """
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,26 @@ def recipe(model=BASE_MANY):
     family = model_family(str(model))
     sampling, training = (FLUX_SAMPLING, FLUX_TRAINING) if family == "flux" else (SAMPLING, TRAINING)
     return Recipe(Path(model), family, sampling, training, model_sizes(str(model))[0])
+
+
+def add_overrides(parser):
+    """The scripts' --set KEY=VALUE: config keys on top of a toy model's sampling settings (values as JSON)."""
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config keys on top of the model's sampling settings, values as JSON (cfg_scale=1)")
+
+
+def overrides(parser, items):
+    """{key: value} of --set's items; a malformed one is the parser's error (one line, exit status 2)."""
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            result[key] = json.loads(value)
+        except json.JSONDecodeError:
+            result[key] = value
+    return result
 
 
 def concept_photos(folder, name, count=5, seed=0):

@@ -2,6 +2,7 @@
 
     python toy/noun_rows.py toy/base_flux          # the toy FLUX (T5, bidirectional): about 3 minutes
     python toy/noun_rows.py toy/base_many          # the toy UNet (CLIP, causal)
+    python toy/noun_rows.py toy/base_flux --set true_cfg_scale=1   # config keys on top of the sampling settings
 
 Cones 2's residual lives on one row of the text states, the subject's noun. For four (shape, colour) pairs the
 generic caption "a {shape}" is set against the specific one "a {noun}" (world.NOUNS: the noun the base model
@@ -61,8 +62,9 @@ def row_changes(sd, family):
     return result
 
 
-def sample_kinds(sd, model, out, seeds):
-    """{noun: {kind: {"colour": share, "shape": share}}} of the three kinds of KINDS, `seeds` samples each."""
+def sample_kinds(sd, model, out, seeds, overrides=None):
+    """{noun: {kind: {"colour": share, "shape": share}}} of the three kinds of KINDS, `seeds` samples each;
+    overrides: config keys on top of the model's sampling settings."""
     import measure
     from many import layout_file, recipe
 
@@ -81,7 +83,7 @@ def sample_kinds(sd, model, out, seeds):
             configs[f"{noun}_{kind}"] = {"prompt": prompt, "residual_dict": {name: str(residual)},
                                          "subject_list": [[name, row]], "color_context": {"255,0,0": [name, 2.5]},
                                          "layout": str(layout_file(out, 1)), **measure.GUIDANCE, **recipe.sampling,
-                                         "guidance_steps": 0}
+                                         **(overrides or {}), "guidance_steps": 0}
             truth[f"{noun}_{kind}"] = (noun, kind, shape, colour)
     results = measure.sample(out, "noun_rows", configs, seeds, recipe.model, MANY_SIZE)
     report = {}
@@ -111,19 +113,22 @@ def tables(rows, samples):
 
 
 def main(argv=None):
+    import many
     from pipeline_utils import load_model, model_family
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a toy base model of the richer world (toy/base_many, toy/base_flux)")
     p.add_argument("--seeds", type=int, default=16, help="samples per caption (0: the rows only)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "runs" / "noun_rows"))
+    many.add_overrides(p)
     args = p.parse_args(argv)
+    settings = many.overrides(p, args.overrides)
     out = Path(args.out)
     sd = load_model(args.model, torch.device("cpu"), torch.float32)
     rows = row_changes(sd, model_family(args.model))
-    samples = sample_kinds(sd, Path(args.model), out, args.seeds) if args.seeds else None
+    samples = sample_kinds(sd, Path(args.model), out, args.seeds, settings) if args.seeds else None
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "seeds": args.seeds, "rows": rows, "samples": samples}
+    report = {"model": args.model, "seeds": args.seeds, "overrides": settings, "rows": rows, "samples": samples}
     (out / "noun_rows.json").write_text(json.dumps(report, indent=2) + "\n")
     print(tables(rows, samples))
     return report
